@@ -1,0 +1,34 @@
+"""Denoising pre-training (Frad / Coord) entry point.
+
+    python -m experiments.pretrain --config experiments/configs/pretrain_frad.py --workdir runs/frad
+    python -m experiments.pretrain --config experiments/configs/pretrain_frad.py:tiny \
+        --workdir runs/tiny --config.optim.lr=1e-4
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an experiments/configs/*.py file, optionally with ':variant'.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        # orbax and TFDS log every file operation at INFO; progress lines come from mspec itself.
+        logging.set_verbosity(logging.WARNING)
+    from mspec.training import train  # Imported after flag parsing: JAX starts here.
+
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

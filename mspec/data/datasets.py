@@ -1,0 +1,119 @@
+"""Opens prepared TFDS datasets (array_record, no TensorFlow), building them on first use.
+
+A dataset is named ``"<name>/<config>"`` (e.g. ``"qm9/full"``, ``"qm9/sample"``). Datasets live in
+``data_dir`` (default ``$MSPEC_DATA_DIR`` or ``~/tensorflow_datasets``). A missing dataset is
+built automatically (with a progress bar) when its builder needs no user files; TFDS writes into
+an ``incomplete.*`` directory and renames it only when complete, so an interrupted build never
+leaves a dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, incomplete or corrupt."""
+
+
+def default_data_dir() -> str:
+    return os.path.expanduser(os.environ.get("MSPEC_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def _builder_class(name: str):
+    # Imported lazily so that importing mspec does not import RDKit.
+    if name == "qm9":
+        from data_pipelines.qm9 import QM9
+
+        return QM9
+    raise DatasetError(f"unknown dataset {name!r}; known datasets: ['qm9']")
+
+
+def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
+    """Returns a prepared TFDS builder for ``dataset`` ("name/config"), building it if needed.
+
+    Raises:
+      DatasetError: the name is unknown, the dataset is missing and ``build`` is False, or the
+        prepared directory is corrupt (unreadable metadata or missing record files).
+    """
+    data_dir = os.path.expanduser(data_dir or default_data_dir())
+    name, _, config = dataset.partition("/")
+    cls = _builder_class(name)
+    kwargs = {"data_dir": data_dir, "file_format": "array_record"}
+    if config:
+        known = [c.name for c in cls.BUILDER_CONFIGS]
+        if config not in known:
+            raise DatasetError(f"unknown config {config!r} for dataset {name!r}; known: {known}")
+        kwargs["config"] = config
+    try:
+        builder = cls(**kwargs)
+    except Exception as e:  # noqa: BLE001  (TFDS raises many types on a corrupt info file)
+        raise DatasetError(
+            f"dataset {dataset!r} in {data_dir} is corrupt: cannot read its metadata ({e}). "
+            "Delete that directory to rebuild it."
+        ) from e
+    if not builder.is_prepared():
+        if not build:
+            raise DatasetError(
+                f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
+            )
+        print(f"Building dataset {dataset!r} in {builder.data_dir} (first use) ...", file=sys.stderr)
+        builder.download_and_prepare()
+        report = getattr(__import__(cls.__module__, fromlist=["x"]), "write_build_report", None)
+        if report is not None:
+            path = report(builder)
+            if path:
+                print(f"Build report: {path}", file=sys.stderr)
+    _check_files(builder, dataset)
+    return builder
+
+
+def _check_files(builder, dataset: str) -> None:
+    """Fails with a clear message if record files listed in the metadata are absent or empty."""
+    for split, info in builder.info.splits.items():
+        for path in info.filepaths:
+            path = os.fspath(path)
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise DatasetError(
+                    f"dataset {dataset!r} in {builder.data_dir} is corrupt: split {split!r} "
+                    f"record file {path} is missing or empty. Delete {builder.data_dir} to rebuild."
+                )
+
+
+def open_split(builder, split: str) -> Any:
+    """Random-access data source (``len``, ``[i]``) of one split, with a clear error if absent."""
+    if split not in builder.info.splits:
+        raise DatasetError(
+            f"split {split!r} not in dataset {builder.info.full_name}; "
+            f"available: {sorted(builder.info.splits)}"
+        )
+    try:
+        source = builder.as_data_source(split=split)
+        if len(source):
+            source[0]  # Decode one record now, so corruption fails here and not mid-training.
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError(
+            f"cannot read split {split!r} of {builder.info.full_name} in {builder.data_dir}: {e}. "
+            "Delete that directory to rebuild it."
+        ) from e
+    return source
+
+
+def log_metadata(builder) -> None:
+    """Logs the build-time counts (e.g. molecules falling back to Coord noise) once."""
+    meta = dict(builder.info.metadata or {})
+    if meta:
+        logging.info("dataset %s metadata: %s", builder.info.full_name, meta)
+        if "coord_noise_fallback" in meta:
+            print(
+                f"{builder.info.full_name}: {meta['coord_noise_fallback']} molecules have no "
+                f"usable torsion and get Coord noise: {meta.get('torsion_status_counts')}",
+                file=sys.stderr,
+            )

@@ -1,0 +1,228 @@
+"""Input pipeline: TFDS source -> grain (shuffle, per-host shard, featurise) -> greedy packing.
+
+Each global batch is ``D`` device batches (layout of :mod:`mspec.types`) stacked on a leading
+axis. The iterator position is one integer (the index, in the shuffled and repeated grain
+dataset, of the first molecule not yet delivered), so a checkpoint can store it and a resumed run
+sees exactly the batches an uninterrupted one would.
+
+Neighbour lists are built here, per molecule, with radius ``cutoff + skin`` (see
+:mod:`mspec.types`), never inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Any, Iterator, Mapping
+
+import grain
+import numpy as np
+
+from mspec import graph
+
+
+class BadRecordError(ValueError):
+    """A record cannot be used by the model (e.g. an element outside the embedding table)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Featurizer:
+    """Turns a decoded TFDS example into the per-molecule arrays that :func:`graph.pack` takes.
+
+    Attributes:
+      radius: neighbour-list radius in Å (model cutoff + skin).
+      max_z: size of the model's element embedding table; atomic numbers must be in [1, max_z).
+      dataset: dataset name, used in error messages.
+    """
+
+    radius: float
+    max_z: int
+    dataset: str = "dataset"
+
+    def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        z = np.asarray(example["atomic_numbers"], np.int32)
+        pos = np.asarray(example["positions"], np.float32)
+        record = example.get("index", "?")
+        if z.ndim != 1 or pos.shape != (len(z), 3):
+            raise BadRecordError(
+                f"{self.dataset} record {record}: atomic_numbers {z.shape} and positions "
+                f"{pos.shape} disagree"
+            )
+        bad = z[(z < 1) | (z >= self.max_z)]
+        if bad.size:
+            raise BadRecordError(
+                f"{self.dataset} record {record}: element Z={int(bad[0])} is outside the model's "
+                f"embedding table (1 <= Z < max_z={self.max_z}); raise config.model.max_z or "
+                "remove the molecule"
+            )
+        if not np.all(np.isfinite(pos)):
+            raise BadRecordError(f"{self.dataset} record {record}: non-finite coordinates")
+        senders, receivers = graph.radius_graph(pos, self.radius)
+        tors = np.asarray(example.get("torsions", np.zeros((0, 4))), np.int32).reshape(-1, 4)
+        moving = np.asarray(
+            example.get("torsion_moving", np.zeros((0, len(z)))), bool
+        ).reshape(len(tors), len(z))
+        return {
+            "atomic_numbers": z,
+            "positions": pos,
+            "senders": senders,
+            "receivers": receivers,
+            "torsions": tors,
+            "moving": moving,
+        }
+
+
+def molecule_stats(featurized: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Mean/max atoms, edges and torsions over featurised molecules (for choosing budgets)."""
+    nodes = np.array([len(m["atomic_numbers"]) for m in featurized])
+    edges = np.array([len(m["senders"]) for m in featurized])
+    tors = np.array([len(m["torsions"]) for m in featurized])
+    return {
+        "mean_nodes": float(nodes.mean()),
+        "max_nodes": int(nodes.max()),
+        "mean_edges": float(edges.mean()),
+        "max_edges": int(edges.max()),
+        "max_torsions": int(tors.max()),
+    }
+
+
+def make_grain_dataset(
+    source,
+    featurizer: Featurizer,
+    *,
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    limit: int | None = None,
+) -> grain.MapDataset:
+    """Random-access dataset of featurised molecules: optional limit, host shard, shuffle, repeat."""
+    ds = grain.MapDataset.source(source)
+    if limit is not None:
+        ds = ds[: min(limit, len(ds))]
+    ds = ds[process_index::process_count]
+    if shuffle:
+        ds = ds.seed(seed).shuffle()  # a global index permutation, re-drawn every epoch
+    if repeat:
+        ds = ds.repeat(None)
+    return ds.map(featurizer)
+
+
+class PackedBatchIterator:
+    """Iterates global batches ``[D, ...]`` packed greedily into a static :class:`graph.Budget`.
+
+    A background thread reads and packs ahead (``prefetch`` batches). ``state()`` after receiving
+    a batch is the position to resume from to get the batches that follow it.
+
+    Args:
+      dataset: a grain ``MapDataset`` of featurised molecules (see :func:`make_grain_dataset`).
+      budget: per-device static shapes.
+      num_devices: device batches per global batch (local devices of this process).
+      start: iterator position to start from (from a checkpoint).
+      prefetch: packed global batches to prepare ahead.
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        budget: graph.Budget,
+        num_devices: int,
+        start: int = 0,
+        prefetch: int = 4,
+    ):
+        self._dataset = dataset
+        self._budget = budget
+        self._num_devices = num_devices
+        self._position = start
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _length(self) -> int | None:
+        try:
+            return len(self._dataset)
+        except (OverflowError, TypeError):
+            return None
+
+    def _produce(self, index: int) -> None:
+        try:
+            length = self._length()
+            budget = self._budget
+            pending = None  # A molecule read but not yet placed (it did not fit the last batch).
+            while not self._stop.is_set():
+                devices = []
+                for _ in range(self._num_devices):
+                    mols, nodes, edges = [], 0, 0
+                    while True:
+                        if pending is None:
+                            if length is not None and index >= length:
+                                break
+                            pending = (index, self._dataset[index])
+                            index += 1
+                        mol = pending[1]
+                        n, e = len(mol["atomic_numbers"]), len(mol["senders"])
+                        if not budget.fits(nodes + n, edges + e, len(mols) + 1):
+                            if not mols:
+                                raise ValueError(
+                                    f"molecule at dataset position {pending[0]} ({n} atoms, {e} "
+                                    f"edges) does not fit an empty device batch {budget}; increase "
+                                    "the node/edge budgets"
+                                )
+                            break
+                        mols.append(mol)
+                        nodes, edges = nodes + n, edges + e
+                        pending = None
+                    devices.append(graph.pack(mols, budget))
+                if not any(d["graph_mask"].any() for d in devices):
+                    break  # A finite dataset is exhausted.
+                resume_at = pending[0] if pending is not None else index
+                self._put((graph.stack(devices), resume_at))
+            self._put(None)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the consumer thread)
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self._queue.get()
+        if item is None:
+            self._queue.put(None)  # Stay exhausted.
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._position = item
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """JSON-serialisable position: the batches after the last one received start here."""
+        return {"next_index": int(self._position)}
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+
+def fill(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Packing fill of one global batch: real / budgeted nodes and edges, molecules per batch."""
+    return {
+        "node_fill": float(batch["node_mask"].mean()),
+        "edge_fill": float(batch["edge_mask"].mean()),
+        "molecules": float(batch["graph_mask"].sum()),
+    }

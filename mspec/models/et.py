@@ -1,0 +1,501 @@
+"""TorchMD-Net Equivariant Transformer (ET) encoder, as used by Frad and MolSpectra.
+
+Written from ``shared/docs/frad-et-spec.md`` §4 and ``shared/docs/molspectra-spec.md`` §3.
+
+Notation: N atoms, E directed edges, F hidden width, H heads, D = F / H head width, K radial basis
+functions. Edges are directed ``j -> i`` with ``j = senders[e]`` (source) and ``i = receivers[e]``
+(target); messages are summed at the target with ``jax.ops.segment_sum``.
+
+Scalar features are ``x [N, F]``; vector features are ``vec [N, 3, F]`` (spatial axis before the
+channel axis, as in torchmd-net), so every Linear acts on the last (channel) axis and commutes with
+rotations of the spatial axis.
+
+Padding and masking contract (see :mod:`mspec.types`):
+
+* An edge is *active* iff ``edge_mask`` is True **and** its length is below the cutoff. The pipeline
+  builds edges with a skin beyond the cutoff, so the model applies the cutoff itself.
+* Inactive edges contribute exactly 0 to every message: the messages are multiplied by the mask,
+  because neither the cosine cutoff (which does not touch the vector messages) nor the RBF (whose
+  ``SiLU(bias)`` terms are non-zero even for a zero basis) would zero them.
+* Self-loops (and any zero-length edge, e.g. padding self-loops at the origin) get ``r = 0`` and a
+  zero unit vector through a "double where", so no NaN reaches any gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# PyTorch semantics for every Linear of the ET, the neighbour embedding and the heads
+# (frad-et-spec §4.10): Xavier-uniform weights (gain 1) and zero biases. Flax's default
+# LeCun-normal differs, so the initialisers are always passed explicitly.
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+# nn.Embedding in torch is N(0, 1).
+normal_embedding = nn.initializers.normal(stddev=1.0)
+
+INTERLAYER_NORMS = ("none", "affine", "shared_noaffine")
+VECTOR_NORMS = ("whitened", "none")
+
+
+def dense(features: int, *, use_bias: bool = True, name: str | None = None) -> nn.Dense:
+    """A torch-initialised ``nn.Linear``: Xavier-uniform kernel, zero bias."""
+    return nn.Dense(
+        features, use_bias=use_bias, kernel_init=xavier_uniform, bias_init=zeros, name=name
+    )
+
+
+def layer_norm(*, affine: bool = True, name: str | None = None) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm(F, eps=1e-5)``; weight 1, bias 0.
+
+    ``use_fast_variance=False`` computes ``E[(x - mean)^2]`` like torch, rather than
+    ``E[x^2] - mean^2``, which loses precision in float32.
+    """
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        use_scale=affine,
+        use_bias=affine,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Radial features
+# -------------------------------------------------------------------------------------------------
+
+
+def cosine_cutoff(r: Array, cutoff: float) -> Array:
+    """Cosine cutoff ``C(r) = 0.5 (cos(pi r / r_c) + 1)`` for ``r < r_c``, else 0.
+
+    Args:
+        r: distances, any shape ``[...]``.
+        cutoff: the upper cutoff ``r_c`` in Å (the lower cutoff is 0).
+
+    Returns:
+        ``[...]`` values in [0, 1]; ``C(0) = 1``.
+    """
+    c = 0.5 * (jnp.cos(r * (math.pi / cutoff)) + 1.0)
+    return jnp.where(r < cutoff, c, 0.0)
+
+
+def expnorm_rbf_params(num_rbf: int, cutoff: float) -> tuple[Array, Array, float]:
+    """The fixed (non-trainable) constants of the ExpNormal RBF.
+
+    Args:
+        num_rbf: number K of basis functions.
+        cutoff: upper cutoff in Å (lower cutoff 0).
+
+    Returns:
+        ``(means [K], betas [K], alpha)``: ``mu_k = linspace(e^-5, 1, K)``,
+        ``beta_k = (2 / K (1 - e^-5))^-2`` (1037.94 for K = 64, 259.485 for K = 32) and
+        ``alpha = 5 / cutoff``.
+    """
+    alpha = 5.0 / cutoff
+    start = math.exp(-5.0)  # exp(-alpha * (cutoff - lower)) with lower = 0
+    means = jnp.linspace(start, 1.0, num_rbf, dtype=jnp.float32)
+    beta = (2.0 / num_rbf * (1.0 - start)) ** -2
+    betas = jnp.full((num_rbf,), beta, dtype=jnp.float32)
+    return means, betas, alpha
+
+
+def expnorm_rbf(r: Array, num_rbf: int, cutoff: float) -> Array:
+    """ExpNormal radial basis ``f_k(r) = C(r) exp(-beta_k (exp(-alpha r) - mu_k)^2)``.
+
+    The cutoff is built into the basis (and the neighbour embedding applies it once more, as in
+    torchmd-net). A self-loop (``r = 0``) peaks in the last basis function.
+
+    Args:
+        r: distances ``[E]`` in Å.
+        num_rbf: number K of basis functions.
+        cutoff: upper cutoff in Å.
+
+    Returns:
+        ``[E, K]`` basis values.
+    """
+    means, betas, alpha = expnorm_rbf_params(num_rbf, cutoff)
+    r = r[..., None]
+    return cosine_cutoff(r, cutoff) * jnp.exp(-betas * (jnp.exp(-alpha * r) - means) ** 2)
+
+
+def edge_geometry(
+    positions: Array, senders: Array, receivers: Array
+) -> tuple[Array, Array, Array]:
+    """Edge lengths and unit vectors with NaN-free gradients at zero length.
+
+    Args:
+        positions: ``[N, 3]`` coordinates.
+        senders: ``[E]`` source atoms j.
+        receivers: ``[E]`` target atoms i.
+
+    Returns:
+        ``(r [E], unit [E, 3], nonzero [E] bool)``. The edge vector is ``pos[j] - pos[i]`` (source
+        minus target). Zero-length edges (self-loops, padding self-loops) get ``r = 0`` and
+        ``unit = 0``; the "double where" feeds a safe value into ``sqrt`` so that the gradient of
+        the discarded branch is finite and multiplied by 0 instead of producing ``0 * inf``.
+    """
+    rel = positions[senders] - positions[receivers]  # [E, 3]
+    r2 = jnp.sum(rel * rel, axis=-1)  # [E]
+    nonzero = (senders != receivers) & (r2 > 0.0)
+    safe_r2 = jnp.where(nonzero, r2, 1.0)
+    safe_r = jnp.sqrt(safe_r2)
+    r = jnp.where(nonzero, safe_r, 0.0)
+    unit = jnp.where(nonzero[:, None], rel / safe_r[:, None], 0.0)
+    return r, unit, nonzero
+
+
+# -------------------------------------------------------------------------------------------------
+# Equivariant (whitened) vector layer norm
+# -------------------------------------------------------------------------------------------------
+
+# Added to the singular values inside the inverse square root (frad-et-spec §4.6 step 4).
+_EQLN_ROOT_EPS = 1e-5
+# Regulariser of the 3x3 covariance: 1e-5 * diag(1, 2, 3) (frad-et-spec §4.6 step 3).
+_EQLN_COV_EPS = 1e-5
+
+
+@jax.custom_jvp
+def _inv_sqrt_psd(cov: Array) -> Array:
+    """``Q diag(1 / sqrt(s + 1e-5)) Q^T`` for symmetric PSD ``cov [..., 3, 3]`` via ``eigh``.
+
+    The eigenvalues are clamped at 0 because torch uses an SVD, whose singular values of a PSD
+    matrix are the (non-negative) eigenvalues; the clamp only matters for round-off.
+    """
+    w, q = jnp.linalg.eigh(cov)
+    f = jax.lax.rsqrt(jnp.maximum(w, 0.0) + _EQLN_ROOT_EPS)
+    return jnp.einsum("...ik,...k,...jk->...ij", q, f, q)
+
+
+@_inv_sqrt_psd.defjvp
+def _inv_sqrt_psd_jvp(primals, tangents):
+    """Daleckii-Krein derivative of the matrix function ``g(C) = (C + eps)^-1/2``.
+
+    ``dg = Q (L o (Q^T dC Q)) Q^T`` with the divided differences
+    ``L_ab = (f_a - f_b) / (w_a - w_b) = -f_a f_b / (sqrt(w_a + eps) + sqrt(w_b + eps))``,
+    whose closed form is also the correct limit ``f'(w)`` on the diagonal. Unlike the gradient
+    through the eigenvectors of ``eigh`` (and torch's SVD), this has no ``1 / (w_a - w_b)`` term, so
+    it stays finite when eigenvalues are (near-)degenerate; elsewhere it is the same derivative.
+    """
+    (cov,), (dcov,) = primals, tangents
+    w, q = jnp.linalg.eigh(cov)
+    a = jnp.maximum(w, 0.0) + _EQLN_ROOT_EPS  # [..., 3]
+    sqrt_a = jnp.sqrt(a)
+    f = 1.0 / sqrt_a
+    out = jnp.einsum("...ik,...k,...jk->...ij", q, f, q)
+    divided = -(f[..., :, None] * f[..., None, :]) / (sqrt_a[..., :, None] + sqrt_a[..., None, :])
+    dcov = 0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))  # eigh assumes a symmetric input
+    dcov_eig = jnp.einsum("...ki,...kl,...lj->...ij", q, dcov, q)  # Q^T dC Q
+    dout = jnp.einsum("...ik,...kl,...jl->...ij", q, divided * dcov_eig, q)
+    return out, dout
+
+
+def _eqln_compute_dtype() -> jnp.dtype:
+    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
+class EquivariantLayerNorm(nn.Module):
+    """Whitened equivariant layer norm of vector features (``layernorm_on_vec = "whitened"``).
+
+    For each atom, with ``V [3, F]``:
+
+    1. centre over channels: ``V <- V - mean_F(V)`` (removes the mean 3-vector);
+    2. covariance ``C = (1/F) V V^T + 1e-5 diag(1, 2, 3)``;
+    3. ``C^-1/2 = Q diag(1 / sqrt(s + 1e-5)) Q^T`` from ``jnp.linalg.eigh`` (torch uses an SVD,
+       identical for this symmetric positive-definite matrix; its rank filter never triggers);
+    4. output ``w * (C^-1/2 V)`` with a per-channel weight ``w [F]`` (init 1) and no bias.
+
+    Deviations from the torch code:
+
+    * **Precision.** Torch casts to float64. Here the computation runs in float64 only when
+      ``jax_enable_x64`` is on and in float32 otherwise (JAX would silently downcast anyway). In
+      float32 the whitening of a direction with a tiny eigenvalue amplifies round-off by about
+      ``1 / sqrt(1e-5) ~ 300``.
+    * **Gradient.** The inverse square root has a custom JVP (Daleckii-Krein), which equals the
+      eigendecomposition gradient wherever that is finite but stays finite for degenerate
+      eigenvalues, where torch's SVD gradient blows up. The forward pass is unchanged.
+
+    Note that the ``diag(1, 2, 3)`` regulariser is fixed in the lab frame, so the layer (like the
+    torch original) is equivariant only up to ``O(1e-5 / lambda)`` for covariance eigenvalues
+    ``lambda``; for planar or rank-deficient ``V`` the error is ``O(sqrt(1e-5))``.
+
+    All-zero ``V`` (padding atoms, first-layer vectors) gives ``C = 1e-5 diag(1, 2, 3)``, a
+    well-conditioned matrix, so the output is 0 and every gradient is finite.
+    """
+
+    @nn.compact
+    def __call__(self, vec: Array) -> Array:
+        """Whiten vector features.
+
+        Args:
+            vec: ``[N, 3, F]`` vector features.
+
+        Returns:
+            ``[N, 3, F]`` whitened features, in the input dtype.
+        """
+        features = vec.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (features,), jnp.float32)
+        v = vec.astype(_eqln_compute_dtype())
+        v = v - jnp.mean(v, axis=-1, keepdims=True)
+        cov = jnp.einsum("nif,njf->nij", v, v) / features  # [N, 3, 3]
+        cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=v.dtype))
+        out = jnp.einsum("nij,njf->nif", _inv_sqrt_psd(cov), v)
+        return out.astype(vec.dtype) * weight.astype(vec.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Embedding and attention
+# -------------------------------------------------------------------------------------------------
+
+
+class NeighborEmbedding(nn.Module):
+    """Neighbour embedding: ``x_i = W_c [x0_i || sum_{j != i} Emb2(z_j) * (W_d f(r_ij) + b_d) C(r_ij)]``.
+
+    Self-loops are excluded. There is no nonlinearity. ``Emb2`` is a separate table from the
+    atom embedding.
+
+    Attributes:
+        hidden: width F.
+        cutoff: cutoff r_c in Å (the RBF already contains ``C(r)``; it is applied a second time
+            here, as in torchmd-net).
+        max_z: size of the embedding table.
+    """
+
+    hidden: int
+    cutoff: float
+    max_z: int = 100
+
+    @nn.compact
+    def __call__(
+        self,
+        atomic_numbers: Array,
+        x: Array,
+        r: Array,
+        rbf: Array,
+        senders: Array,
+        receivers: Array,
+        mask: Array,
+    ) -> Array:
+        """Mix the embeddings of the neighbours into ``x``.
+
+        Args:
+            atomic_numbers: ``[N]`` int.
+            x: ``[N, F]`` atom embeddings ``x0``.
+            r: ``[E]`` edge lengths.
+            rbf: ``[E, K]`` radial basis.
+            senders: ``[E]`` sources j.
+            receivers: ``[E]`` targets i.
+            mask: ``[E]`` bool, active non-self-loop edges.
+
+        Returns:
+            ``[N, F]`` features.
+        """
+        n = x.shape[0]
+        emb = nn.Embed(
+            self.max_z, self.hidden, embedding_init=normal_embedding, name="embedding"
+        )(atomic_numbers)  # [N, F]
+        w = dense(self.hidden, name="distance_proj")(rbf) * cosine_cutoff(r, self.cutoff)[:, None]
+        msg = emb[senders] * w * mask[:, None]  # [E, F]
+        agg = jax.ops.segment_sum(msg, receivers, num_segments=n)  # [N, F]
+        return dense(self.hidden, name="combine")(jnp.concatenate([x, agg], axis=-1))
+
+
+class EquivariantMultiHeadAttention(nn.Module):
+    """One ET attention layer (distance influence "both", SiLU attention, no softmax).
+
+    Layouts (they matter for loading torch weights):
+
+    * ``v_proj`` (F -> 3F) and ``dv_proj`` (K -> 3F) are reshaped to ``[.., H, 3D]``: inside each
+      head the 3D block is ``[s | g | t]``.
+    * ``vec_proj`` (F -> 3F, no bias) and ``o_proj`` (F -> 3F) are split into three contiguous
+      F-blocks (not per head).
+    * The aggregated scalar message is reshaped to ``[N, F]`` with channel ``h * D + d``.
+
+    Attributes:
+        hidden: width F.
+        num_heads: number of heads H (must divide F).
+        cutoff: cutoff r_c in Å.
+        activation: activation of ``dk`` and ``dv`` (SiLU).
+        attn_activation: activation of the attention logits (SiLU).
+    """
+
+    hidden: int
+    num_heads: int
+    cutoff: float
+    activation: Callable[[Array], Array] = nn.silu
+    attn_activation: Callable[[Array], Array] = nn.silu
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        vec: Array,
+        r: Array,
+        rbf: Array,
+        unit: Array,
+        senders: Array,
+        receivers: Array,
+        mask: Array,
+    ) -> tuple[Array, Array]:
+        """Compute the residual updates of one layer.
+
+        Args:
+            x: ``[N, F]`` scalar features.
+            vec: ``[N, 3, F]`` vector features.
+            r: ``[E]`` edge lengths.
+            rbf: ``[E, K]`` radial basis.
+            unit: ``[E, 3]`` unit vectors ``(pos_j - pos_i) / r`` (0 for self-loops).
+            senders: ``[E]`` sources j.
+            receivers: ``[E]`` targets i.
+            mask: ``[E]`` bool, active edges (self-loops included).
+
+        Returns:
+            ``(dx [N, F], dvec [N, 3, F])``.
+        """
+        n, f = x.shape
+        e = senders.shape[0]
+        h = self.num_heads
+        if f != self.hidden or f % h:
+            raise ValueError(f"hidden={f} must equal {self.hidden} and be divisible by {h} heads")
+        d = f // h
+        assert vec.shape == (n, 3, f), vec.shape
+
+        x = layer_norm(name="layernorm")(x)
+        q = dense(f, name="q_proj")(x).reshape(n, h, d)
+        k = dense(f, name="k_proj")(x).reshape(n, h, d)
+        u = dense(3 * f, name="v_proj")(x).reshape(n, h, 3 * d)  # per head [s | g | t]
+
+        # Contiguous F-blocks, applied on the channel axis of each spatial component.
+        vec1, vec2, vec3 = jnp.split(dense(3 * f, use_bias=False, name="vec_proj")(vec), 3, axis=-1)
+        vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
+
+        dk = self.activation(dense(f, name="dk_proj")(rbf)).reshape(e, h, d)
+        dv = self.activation(dense(3 * f, name="dv_proj")(rbf)).reshape(e, h, 3 * d)
+
+        # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D).
+        attn = jnp.sum(q[receivers] * k[senders] * dk, axis=-1)  # [E, H]
+        attn = self.attn_activation(attn) * cosine_cutoff(r, self.cutoff)[:, None]
+
+        s, g, t = jnp.split(u[senders] * dv, 3, axis=-1)  # each [E, H, D]
+        # Multiplying by the mask zeroes inactive edges exactly, including the SiLU(bias)
+        # contributions of dk / dv, which the cutoff does not reach in the vector message.
+        m = mask.astype(x.dtype)
+        x_msg = s * (attn * m[:, None])[:, :, None]  # [E, H, D]
+        # The vector message is not weighted by attention or cutoff (it only fades through dv).
+        vec_j = vec[senders].reshape(e, 3, h, d)
+        vec_msg = vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]  # [E, 3, H, D]
+        vec_msg = vec_msg * m[:, None, None, None]
+
+        x_agg = jax.ops.segment_sum(x_msg, receivers, num_segments=n).reshape(n, f)
+        vec_agg = jax.ops.segment_sum(vec_msg, receivers, num_segments=n).reshape(n, 3, f)
+
+        o1, o2, o3 = jnp.split(dense(3 * f, name="o_proj")(x_agg), 3, axis=-1)  # each [N, F]
+        dx = vec_dot * o2 + o3
+        dvec = vec3 * o1[:, None, :] + vec_agg
+        return dx, dvec
+
+
+class EquivariantTransformer(nn.Module):
+    """TorchMD-Net Equivariant Transformer representation model.
+
+    Per layer: ``x <- x + dx``, ``vec <- vec + dvec``, then the optional inter-layer norms; after
+    the last layer an affine LayerNorm on ``x`` and (unless ``vector_norm="none"``) a whitened
+    :class:`EquivariantLayerNorm` on ``vec``.
+
+    Attributes:
+        hidden: width F.
+        num_layers: number of attention layers L.
+        num_heads: number of heads H.
+        num_rbf: number K of ExpNormal basis functions.
+        cutoff: cutoff r_c in Å.
+        max_z: size of the atom embedding tables.
+        interlayer_norm: norms applied after each layer's residual:
+            ``"none"`` (original ET, the MD17 track);
+            ``"affine"`` (MolSpectra: per-layer affine LayerNorm on x + per-layer EqLN on vec);
+            ``"shared_noaffine"`` (Frad fork: one shared non-affine LayerNorm on x + per-layer EqLN
+            on vec).
+        vector_norm: final norm on ``vec``: ``"whitened"`` (EqLN) or ``"none"``.
+    """
+
+    hidden: int = 256
+    num_layers: int = 8
+    num_heads: int = 8
+    num_rbf: int = 64
+    cutoff: float = 5.0
+    max_z: int = 100
+    interlayer_norm: str = "affine"
+    vector_norm: str = "whitened"
+
+    @nn.compact
+    def __call__(
+        self,
+        atomic_numbers: Array,
+        positions: Array,
+        senders: Array,
+        receivers: Array,
+        edge_mask: Array,
+    ) -> tuple[Array, Array]:
+        """Encode a (padded) batch of molecules.
+
+        Args:
+            atomic_numbers: ``[N] int32`` (0 for padding).
+            positions: ``[N, 3]`` coordinates in Å.
+            senders: ``[E] int32`` sources j (messages flow j -> i).
+            receivers: ``[E] int32`` targets i.
+            edge_mask: ``[E] bool``, True for real edges (self-loops included). Edges with
+                ``r >= cutoff`` are additionally treated as inactive.
+
+        Returns:
+            ``(x [N, F], vec [N, 3, F])``. Rows of padding atoms are not zeroed here.
+        """
+        if self.interlayer_norm not in INTERLAYER_NORMS:
+            raise ValueError(
+                f"Unknown interlayer_norm {self.interlayer_norm!r}; expected one of "
+                f"{INTERLAYER_NORMS} ('none': original ET / MD17, 'affine': MolSpectra, "
+                "'shared_noaffine': Frad fork)."
+            )
+        if self.vector_norm not in VECTOR_NORMS:
+            raise ValueError(
+                f"Unknown vector_norm {self.vector_norm!r}; expected one of {VECTOR_NORMS}."
+            )
+        n = atomic_numbers.shape[0]
+        f = self.hidden
+
+        r, unit, nonzero = edge_geometry(positions, senders, receivers)
+        # The pipeline's edge lists carry a skin beyond the cutoff: drop those edges here.
+        mask = edge_mask & (r < self.cutoff)  # [E]
+        rbf = expnorm_rbf(r, self.num_rbf, self.cutoff)  # [E, K]
+
+        x = nn.Embed(self.max_z, f, embedding_init=normal_embedding, name="embedding")(
+            atomic_numbers
+        )  # [N, F]
+        x = NeighborEmbedding(f, self.cutoff, self.max_z, name="neighbor_embedding")(
+            atomic_numbers, x, r, rbf, senders, receivers, mask & (senders != receivers)
+        )
+        vec = jnp.zeros((n, 3, f), x.dtype)
+
+        if self.interlayer_norm == "shared_noaffine":
+            shared_norm = layer_norm(affine=False, name="shared_layernorm")
+        for layer in range(self.num_layers):
+            dx, dvec = EquivariantMultiHeadAttention(
+                f, self.num_heads, self.cutoff, name=f"attention_layers_{layer}"
+            )(x, vec, r, rbf, unit, senders, receivers, mask)
+            x = x + dx
+            vec = vec + dvec
+            if self.interlayer_norm == "affine":
+                x = layer_norm(name=f"layer_norms_{layer}")(x)
+            elif self.interlayer_norm == "shared_noaffine":
+                x = shared_norm(x)
+            if self.interlayer_norm != "none":
+                vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec)
+
+        x = layer_norm(name="out_norm")(x)
+        if self.vector_norm == "whitened":
+            vec = EquivariantLayerNorm(name="out_norm_vec")(vec)
+        assert x.shape == (n, f) and vec.shape == (n, 3, f)
+        return x, vec

@@ -1,0 +1,124 @@
+"""Equivariant output heads of the ET (torchmd-net ``output_modules``).
+
+Written from ``shared/docs/frad-et-spec.md`` §4.8 and ``shared/docs/molspectra-spec.md`` §3.5.
+Inputs are the encoder outputs ``x [N, F]`` and ``vec [N, 3, F]``; outputs are per atom.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mspec.models.et import dense
+
+Array = jax.Array
+
+
+def safe_norm(v: Array, axis: int) -> Array:
+    """Euclidean norm whose gradient at 0 is 0 (torch's subgradient) instead of NaN.
+
+    The "double where" feeds 1 into ``sqrt`` where the squared norm is 0, so the discarded branch
+    has a finite gradient that the outer ``where`` multiplies by 0.
+
+    Args:
+        v: any array.
+        axis: axis to reduce.
+
+    Returns:
+        ``v`` with ``axis`` reduced.
+    """
+    n2 = jnp.sum(v * v, axis=axis)
+    positive = n2 > 0.0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, n2, 1.0)), 0.0)
+
+
+class GatedEquivariantBlock(nn.Module):
+    """Gated equivariant block ``G(F_in -> F_out, F_mid)`` (Schütt et al., PaiNN).
+
+    * ``a = ||vec W1||`` over xyz (``W1: F_in -> F_in``, no bias), ``[N, F_in]``;
+    * ``b = vec W2`` (``W2: F_in -> F_out``, no bias), ``[N, 3, F_out]``;
+    * ``[x' | g] = Lin2(SiLU(Lin1([x || a])))`` (``Lin1: 2F_in -> F_mid``,
+      ``Lin2: F_mid -> 2F_out``);
+    * ``vec' = g * b`` (broadcast over xyz); ``x' = SiLU(x')`` if ``scalar_activation``.
+
+    Attributes:
+        out_channels: F_out.
+        intermediate_channels: F_mid; defaults to F_in.
+        scalar_activation: apply SiLU to the scalar output.
+    """
+
+    out_channels: int
+    intermediate_channels: int | None = None
+    scalar_activation: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, vec: Array) -> tuple[Array, Array]:
+        """Apply the block.
+
+        Args:
+            x: ``[N, F_in]`` scalars.
+            vec: ``[N, 3, F_in]`` vectors.
+
+        Returns:
+            ``(x' [N, F_out], vec' [N, 3, F_out])``.
+        """
+        f_in = x.shape[-1]
+        f_mid = self.intermediate_channels or f_in
+        a = safe_norm(dense(f_in, use_bias=False, name="vec1_proj")(vec), axis=-2)  # [N, F_in]
+        b = dense(self.out_channels, use_bias=False, name="vec2_proj")(vec)  # [N, 3, F_out]
+        h = jnp.concatenate([x, a], axis=-1)
+        h = nn.silu(dense(f_mid, name="update_net_0")(h))
+        x_out, gate = jnp.split(dense(2 * self.out_channels, name="update_net_2")(h), 2, axis=-1)
+        vec_out = gate[:, None, :] * b
+        if self.scalar_activation:
+            x_out = nn.silu(x_out)
+        return x_out, vec_out
+
+
+class _TwoGatedBlocks(nn.Module):
+    """``G(F -> F/2, F_mid=F, SiLU)`` followed by ``G(F/2 -> 1, F_mid=F/2)``."""
+
+    @nn.compact
+    def __call__(self, x: Array, vec: Array) -> tuple[Array, Array]:
+        f = x.shape[-1]
+        x, vec = GatedEquivariantBlock(f // 2, scalar_activation=True, name="output_network_0")(
+            x, vec
+        )
+        return GatedEquivariantBlock(1, name="output_network_1")(x, vec)
+
+
+class EquivariantScalar(nn.Module):
+    """Per-atom scalar head (``output_model = "Scalar"`` for the ET)."""
+
+    @nn.compact
+    def __call__(self, x: Array, vec: Array) -> Array:
+        """Per-atom scalars.
+
+        Args:
+            x: ``[N, F]`` scalar features.
+            vec: ``[N, 3, F]`` vector features.
+
+        Returns:
+            ``[N]`` per-atom scalars (before std / mean / prior).
+        """
+        x, _ = _TwoGatedBlocks(name="blocks")(x, vec)
+        return x[:, 0]
+
+
+class EquivariantVectorOutput(nn.Module):
+    """Per-atom vector head (``output_model = "VectorOutput"``), the denoising (noise) head."""
+
+    @nn.compact
+    def __call__(self, x: Array, vec: Array) -> Array:
+        """Per-atom vectors.
+
+        Args:
+            x: ``[N, F]`` scalar features.
+            vec: ``[N, 3, F]`` vector features.
+
+        Returns:
+            ``[N, 3]`` per-atom vectors.
+        """
+        _, vec = _TwoGatedBlocks(name="blocks")(x, vec)
+        return vec[:, :, 0]

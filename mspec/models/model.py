@@ -1,0 +1,91 @@
+"""The full per-device model: ET encoder plus output heads on one padded device batch.
+
+Batch layout: :mod:`mspec.types`. Molecule-level readouts (sum over atoms, std / mean, priors,
+forces) are left to the losses; this module returns per-atom quantities only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from mspec.models.et import EquivariantTransformer
+from mspec.models.heads import EquivariantScalar, EquivariantVectorOutput
+
+Array = jax.Array
+
+HEADS = ("scalar", "noise")
+
+
+class Model(nn.Module):
+    """ET encoder + optional scalar and noise heads.
+
+    Attributes:
+        hidden, num_layers, num_heads, num_rbf, cutoff, max_z, interlayer_norm, vector_norm:
+            encoder sizes, see :class:`mspec.models.et.EquivariantTransformer`.
+        heads: which heads to build: ``"scalar"`` (:class:`EquivariantScalar`, per-atom property
+            contributions) and/or ``"noise"`` (:class:`EquivariantVectorOutput`, denoising).
+    """
+
+    hidden: int = 256
+    num_layers: int = 8
+    num_heads: int = 8
+    num_rbf: int = 64
+    cutoff: float = 5.0
+    max_z: int = 100
+    interlayer_norm: str = "affine"
+    vector_norm: str = "whitened"
+    heads: tuple[str, ...] = ("scalar", "noise")
+
+    @nn.compact
+    def __call__(self, batch: dict[str, Array]) -> dict[str, Array]:
+        """Run the encoder and heads on one device batch.
+
+        Args:
+            batch: a device batch (see :mod:`mspec.types`); reads ``atomic_numbers [N]``,
+                ``positions [N, 3]``, ``senders [E]``, ``receivers [E]``, ``edge_mask [E]`` and
+                ``node_mask [N]``.
+
+        Returns:
+            ``{"node_features": [N, F], "vectors": [N, 3, F], "scalar": [N], "noise": [N, 3]}``
+            (heads only when requested), with every padding-atom row exactly 0.
+        """
+        unknown = set(self.heads) - set(HEADS)
+        if unknown:
+            raise ValueError(f"Unknown heads {sorted(unknown)}; expected a subset of {HEADS}.")
+        x, vec = EquivariantTransformer(
+            hidden=self.hidden,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_rbf=self.num_rbf,
+            cutoff=self.cutoff,
+            max_z=self.max_z,
+            interlayer_norm=self.interlayer_norm,
+            vector_norm=self.vector_norm,
+            name="representation",
+        )(
+            batch["atomic_numbers"],
+            batch["positions"],
+            batch["senders"],
+            batch["receivers"],
+            batch["edge_mask"],
+        )
+        node_mask = batch["node_mask"].astype(x.dtype)  # [N]
+        out = {"node_features": x * node_mask[:, None], "vectors": vec * node_mask[:, None, None]}
+        # Heads read the unmasked features; padding atoms never feed real atoms (their edges are
+        # masked), and their own outputs are zeroed below.
+        if "scalar" in self.heads:
+            out["scalar"] = EquivariantScalar(name="scalar_head")(x, vec) * node_mask
+        if "noise" in self.heads:
+            out["noise"] = EquivariantVectorOutput(name="noise_head")(x, vec) * node_mask[:, None]
+        return out
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct``s)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+

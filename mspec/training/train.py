@@ -1,0 +1,399 @@
+"""Denoising pre-training: ``train_and_evaluate(config, workdir)``.
+
+One jitted ``update_fn(state, batch)`` runs noise, model, loss and AdamW for a global batch
+``[D, ...]`` sharded over a 1-D ``Mesh`` axis ``"data"`` (parameters replicated); XLA inserts the
+gradient all-reduce, so the same code runs on 1 CPU, 8 GPUs or a TPU pod slice. Batches have
+static shapes, so the step compiles once per run.
+
+Resume order: the latest checkpoint in ``workdir/checkpoints`` if any, else a fresh start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mspec import graph, losses, noise
+from mspec.data import datasets, pipeline
+from mspec.models import Model, count_params
+from mspec.training import checkpoint, metrics, optimizers
+
+BUDGET_SAMPLE = 1000  # molecules used to estimate mean atoms / edges for the static budgets
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def make_model(config: ml_collections.ConfigDict) -> Model:
+    m = config.model
+    return Model(
+        hidden=m.hidden,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_rbf=m.num_rbf,
+        cutoff=m.cutoff,
+        max_z=m.max_z,
+        interlayer_norm=m.interlayer_norm,
+        heads=tuple(m.heads),
+    )
+
+
+def choose_budget(config, builder, featurizer, train_source) -> graph.Budget:
+    """Static per-device budgets from dataset statistics (mean of a sample, dataset maxima)."""
+    n = min(BUDGET_SAMPLE, len(train_source))
+    sample = [featurizer(train_source[i]) for i in range(n)]
+    stats = pipeline.molecule_stats(sample)
+    meta = dict(builder.info.metadata or {})
+    max_nodes = int(meta.get("num_atoms_max", stats["max_nodes"]))
+    max_torsions = int(meta.get("num_torsions_max", stats["max_torsions"]))
+    per_device = max(1, math.ceil(config.batch_size / jax.device_count()))
+    return graph.budget_from_stats(
+        mean_nodes=stats["mean_nodes"],
+        mean_edges=stats["mean_edges"],
+        max_nodes=max_nodes,
+        # Every pair of the largest molecule may be within the radius.
+        max_edges=max_nodes * max_nodes,
+        max_torsions=max_torsions,
+        molecules_per_device=per_device,
+        slack=config.data.budget_slack,
+    )
+
+
+def perturb(config, rng: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Noisy positions and the regression target (Å) for one device batch."""
+    nz = config.noise
+    if nz.type == "coord":
+        return noise.coord_noise(rng, batch["positions"], batch["node_mask"], nz.tau)
+    if nz.type == "frad":
+        return noise.frad_noise(
+            rng,
+            batch["positions"],
+            batch["node_mask"],
+            batch["node_graph"],
+            batch["torsion_atoms"],
+            batch["torsion_mask"],
+            batch["node_moving"],
+            sigma_deg=nz.sigma_deg,
+            tau=nz.tau,
+            fractional=nz.fractional,
+        )
+    raise ValueError(f"unknown noise type {nz.type!r}; use 'frad' or 'coord'")
+
+
+def check_config(config) -> None:
+    """Fails early with a clear message on values the step would otherwise reject late."""
+    if config.noise.type not in ("frad", "coord"):
+        raise ValueError(f"config.noise.type must be 'frad' or 'coord', got {config.noise.type!r}")
+    if config.loss.target_normalization not in ("tau", "running", "none"):
+        raise ValueError(
+            "config.loss.target_normalization must be 'tau', 'running' or 'none', got "
+            f"{config.loss.target_normalization!r}"
+        )
+    if "noise" not in config.model.heads:
+        raise ValueError("denoising pre-training needs the 'noise' head in config.model.heads")
+    if config.total_steps <= 0 or config.batch_size <= 0:
+        raise ValueError("config.total_steps and config.batch_size must be positive")
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Builds the jitted train/eval steps for one config and mesh."""
+
+    config: ml_collections.ConfigDict
+    model: Model
+    mesh: jax.sharding.Mesh
+    traces: int = 0
+
+    def __post_init__(self):
+        self.tx, self.schedule = optimizers.make_optimizer(self.config.optim, self.config.total_steps)
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.update_fn = jax.jit(self._update, donate_argnums=(0,))
+        self.eval_fn = jax.jit(self._eval)
+
+    # The model is vmapped over the leading device axis so node indices stay device-local.
+    def _apply(self, params, batch, positions, edge_mask):
+        def one(b, pos, em):
+            return self.model.apply({"params": params}, {**b, "positions": pos, "edge_mask": em})
+
+        return jax.vmap(one)(batch, positions, edge_mask)
+
+    def _noisy_inputs(self, rng, batch):
+        n_dev = batch["node_mask"].shape[0]
+        keys = jax.random.split(rng, n_dev)
+        noisy, target = jax.vmap(lambda k, b: perturb(self.config, k, b))(keys, batch)
+        edge_mask = jax.vmap(
+            lambda pos, b: graph.active_edges(
+                pos,
+                b["senders"],
+                b["receivers"],
+                b["edge_mask"],
+                self.config.model.cutoff,
+                self.config.data.max_neighbors,
+            )
+        )(noisy, batch)
+        return noisy, target, edge_mask
+
+    def _loss(self, params, rng, batch, stats):
+        noisy, target_a, edge_mask = self._noisy_inputs(rng, batch)
+        mode = self.config.loss.target_normalization
+        if mode == "running":
+            stats = losses.running_stats_update(stats, target_a, batch["node_mask"])
+        target = losses.denoising_target(target_a, mode, tau=self.config.noise.tau, stats=stats)
+        out = self._apply(params, batch, noisy, edge_mask)
+        mse = losses.denoising_mse(out["noise"], target, batch["node_mask"])
+        return self.config.loss.denoising_weight * mse, (mse, stats)
+
+    def _update(self, state, batch):
+        self.traces += 1  # Runs at trace time only: counts compilations of the step.
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+        (loss, (mse, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state["params"], rng, batch, losses.RunningStats(*state["normalizer"])
+        )
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        measurements = {
+            "loss": loss,
+            "denoising_mse": mse,
+            "lr": self.schedule(state["step"]),
+            "grad_norm": _global_norm(grads),
+            "param_norm": _global_norm(params),
+            "update_norm": _global_norm(updates),
+        }
+        new_state = {
+            "params": params,
+            "opt": opt,
+            "step": state["step"] + 1,
+            "normalizer": tuple(stats),
+        }
+        return new_state, measurements
+
+    def _eval(self, params, normalizer, batch, rng):
+        """Summed squared error and count, so the validation mean is exact over all batches."""
+        noisy, target_a, edge_mask = self._noisy_inputs(rng, batch)
+        target = losses.denoising_target(
+            target_a,
+            self.config.loss.target_normalization,
+            tau=self.config.noise.tau,
+            stats=losses.RunningStats(*normalizer),
+        )
+        out = self._apply(params, batch, noisy, edge_mask)
+        w = batch["node_mask"].astype(jnp.float32)[..., None]
+        return jnp.sum(w * jnp.square(out["noise"] - target)), 3.0 * jnp.sum(w)
+
+    def init_state(self, rng, device_batch: dict) -> dict:
+        params = jax.jit(self.model.init)(rng, device_batch)["params"]
+        state = {
+            "params": params,
+            "opt": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "normalizer": tuple(losses.running_stats_init()),
+        }
+        return jax.device_put(state, self.replicated)
+
+    def global_batch(self, local_batch: dict) -> dict:
+        """Per-process rows ``[D_local, ...]`` -> one global array ``[D, ...]`` sharded on "data"."""
+        return {
+            k: jax.make_array_from_process_local_data(self.data_sharding, v)
+            for k, v in local_batch.items()
+        }
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d{h:02d}h" if d else (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s")
+
+
+def note(msg: str) -> None:
+    """Prints a line on process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate(trainer: Trainer, state, eval_source, featurizer, budget) -> dict[str, float]:
+    """Denoising loss over the validation molecules, with fixed noise (comparable across evals)."""
+    cfg = trainer.config
+    limit = cfg.data.eval_max_molecules or None
+    ds = pipeline.make_grain_dataset(
+        eval_source,
+        featurizer,
+        seed=cfg.seed,
+        shuffle=False,
+        repeat=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        limit=limit,
+    )
+    it = pipeline.PackedBatchIterator(ds, budget, jax.local_device_count())
+    sq, count = 0.0, 0.0
+    base = jax.random.key(cfg.seed + 1_000_003)
+    try:
+        for i, local in enumerate(it):
+            s, c = trainer.eval_fn(
+                state["params"],
+                state["normalizer"],
+                trainer.global_batch(local),
+                jax.random.fold_in(base, i),
+            )
+            sq, count = sq + float(s), count + float(c)
+    finally:
+        it.close()
+    return {"eval/denoising_mse": sq / max(count, 1.0), "eval/atoms": count / 3.0}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) denoising pre-training; returns a summary of the run."""
+    check_config(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
+    model = make_model(config)
+    trainer = Trainer(config, model, mesh)
+
+    builder = datasets.get_builder(config.data.dataset, config.data.data_dir or None)
+    datasets.log_metadata(builder)
+    train_source = datasets.open_split(builder, "train")
+    eval_source = datasets.open_split(builder, config.data.eval_split)
+    featurizer = pipeline.Featurizer(
+        radius=config.model.cutoff + config.data.skin,
+        max_z=config.model.max_z,
+        dataset=config.data.dataset,
+    )
+    budget = choose_budget(config, builder, featurizer, train_source)
+    note(
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: "
+        f"{jax.process_count()}; per-device budget: {budget}"
+    )
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    # Initialise from a batch-shaped dummy (the budget fixes every shape).
+    dummy = graph.pack([], budget)
+    state = trainer.init_state(jax.random.key(config.seed), dummy)
+    note(f"model parameters: {count_params(state['params']):,}")
+    start_step, data_position = 0, 0
+    if ckpt.latest_step() is not None:
+        start_step, state, saved_config, data = ckpt.restore(checkpoint.abstract_like(state))
+        data_position = int(data["next_index"])
+        if saved_config.get("model") != json.loads(config.to_json_best_effort()).get("model"):
+            raise ValueError(
+                f"checkpoint in {ckpt.directory} was written with a different model config "
+                f"({saved_config.get('model')}); use a new --workdir"
+            )
+        note(f"resumed from step {start_step} (data position {data_position})")
+    config_json = json.loads(config.to_json_best_effort())
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_json, f, indent=1)
+
+    writer = metrics.MetricWriter(workdir)
+    if start_step == 0:
+        writer.write_text("config", "```\n" + config.to_json_best_effort(indent=1) + "\n```")
+    train_ds = pipeline.make_grain_dataset(
+        train_source,
+        featurizer,
+        seed=config.seed,
+        shuffle=True,
+        repeat=True,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train_iter = pipeline.PackedBatchIterator(
+        train_ds, budget, jax.local_device_count(), start=data_position, prefetch=config.data.prefetch
+    )
+
+    total = config.total_steps
+    pending: list[dict] = []
+    molecules, fills = 0.0, []
+    last_log_time, last_log_step = time.time(), start_step
+    summary: dict[str, Any] = {"start_step": start_step}
+    step = start_step
+    try:
+        while step < total:
+            local = next(train_iter)
+            f = pipeline.fill(local)
+            molecules += f["molecules"]
+            fills.append(f["node_fill"])
+            state, measurements = trainer.update_fn(state, trainer.global_batch(local))
+            pending.append(measurements)
+            step += 1
+
+            if step % config.log_every == 0 or step == total:
+                host = jax.device_get(pending)
+                means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(
+                        f"non-finite training measurements at step {step}: {means}; the last "
+                        f"checkpoint in {ckpt.directory} is intact"
+                    )
+                now = time.time()
+                rate = molecules * jax.process_count() / max(now - last_log_time, 1e-9)
+                eta = (total - step) * (now - last_log_time) / max(step - last_log_step, 1)
+                means["train/molecules_per_s"] = rate
+                means["train/node_fill"] = float(np.mean(fills))
+                writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in means.items()})
+                note(
+                    f"step {step}/{total} | loss {means['loss']:.4f} | lr {means['lr']:.2e} | "
+                    f"{rate:.1f} mol/s | node fill {means['train/node_fill']:.2f} | "
+                    f"ETA {_format_eta(eta)}"
+                )
+                summary["train_loss"] = means["loss"]
+                pending, molecules, fills = [], 0.0, []
+                last_log_time, last_log_step = now, step
+
+            if step % config.eval_every == 0 or step == total:
+                ev = evaluate(trainer, state, eval_source, featurizer, budget)
+                writer.write(step, ev)
+                note(f"step {step} | validation denoising MSE {ev['eval/denoising_mse']:.4f}")
+                summary.update(ev)
+                last_log_time = time.time()  # Evaluation time is not training throughput.
+
+            if step % config.checkpoint_every == 0 or step == total:
+                ckpt.save(step, state, config_json, train_iter.state())
+    finally:
+        train_iter.close()
+        ckpt.close()
+        writer.close()
+    summary.update(
+        {"final_step": step, "compilations": trainer.traces, "budget": dataclasses.asdict(budget)}
+    )
+    note(f"done: step {step}; the train step compiled {trainer.traces} time(s)")
+    logging.info("summary: %s", summary)
+    return summary

@@ -1,0 +1,40 @@
+"""Installs the `mspec` library (plus the `experiments` and `data_pipelines` packages).
+
+Versions are pinned to releases verified together on CPU (see ../shared/docs/jax-notes.md §1).
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "e3nn-jax==0.21.0",
+    "ml-collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=2.0",
+    "rdkit==2026.9.1",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "qm9pack==1.0.3",
+    "tensorboardX==2.6.5",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "tensorboard==2.21.0"],
+}
+
+setup(
+    name="mspec",
+    version="0.1.0",
+    description="JAX/Flax pretraining of 3D molecular representations (Frad, MolSpectra).",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mspec", "mspec.*", "experiments", "experiments.*",
+                                    "data_pipelines", "data_pipelines.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
