@@ -63,8 +63,6 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         tfds.core.BuilderConfig(name="sample", description="2,000-molecule subset of the splits."),
     ]
     DEFAULT_CONFIG_NAME = "full"
-    # Keep each split in the order of the seed-1 permutation (reproducible, torchmd-net order).
-    disable_shuffling = True
 
     def __init__(self, *args, num_workers: int | None = None, **kwargs):
         self._num_workers = num_workers
@@ -91,6 +89,8 @@ class QM9(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             metadata=tfds.core.MetadataDict(),
+            # Keep each split in seed-1 permutation order (reproducible, torchmd-net order).
+            disable_shuffling=True,
             homepage="https://pypi.org/project/qm9pack/",
             citation="Ramakrishnan et al., Quantum chemistry structures and properties of 134 "
             "kilo molecules, Sci. Data 1, 140022 (2014).",
@@ -172,8 +172,9 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, items):
-        for pos, rec in items:
-            yield pos, {
+        # With shuffling disabled TFDS orders examples by key: the rank keeps permutation order.
+        for rank, (pos, rec) in enumerate(items):
+            yield rank, {
                 "index": rec["index"],
                 "pyg_idx": pos,
                 "smiles": rec["smiles"],

@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # mean/std, carried in the train state and checkpoint) or "none" (Å). See mspec.losses.
     c.loss = ml_collections.ConfigDict(dict(denoising_weight=1.0, target_normalization="tau"))
     c.batch_size = 70  # molecules per step, over all devices (approximate under packing)
-    c.total_steps = 400_000
+    c.total_steps = 400_000  # sets the schedule length
+    c.stop_after_step = 0  # > 0: stop (and checkpoint) at this step; resume later with the same workdir
     c.optim = ml_collections.ConfigDict(
         dict(
             lr=4e-4,

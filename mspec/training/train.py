@@ -340,13 +340,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     total = config.total_steps
+    # Stop early (with a checkpoint) without changing the schedule, e.g. to fit a job time limit.
+    stop = min(total, config.stop_after_step) if config.stop_after_step > 0 else total
     pending: list[dict] = []
     molecules, fills = 0.0, []
     last_log_time, last_log_step = time.time(), start_step
     summary: dict[str, Any] = {"start_step": start_step}
     step = start_step
     try:
-        while step < total:
+        while step < stop:
             local = next(train_iter)
             f = pipeline.fill(local)
             molecules += f["molecules"]
@@ -355,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending.append(measurements)
             step += 1
 
-            if step % config.log_every == 0 or step == total:
+            if step % config.log_every == 0 or step == stop:
                 host = jax.device_get(pending)
                 means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 if not all(math.isfinite(v) for v in means.values()):
@@ -378,14 +380,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending, molecules, fills = [], 0.0, []
                 last_log_time, last_log_step = now, step
 
-            if step % config.eval_every == 0 or step == total:
+            if step % config.eval_every == 0 or step == stop:
                 ev = evaluate(trainer, state, eval_source, featurizer, budget)
                 writer.write(step, ev)
                 note(f"step {step} | validation denoising MSE {ev['eval/denoising_mse']:.4f}")
                 summary.update(ev)
                 last_log_time = time.time()  # Evaluation time is not training throughput.
 
-            if step % config.checkpoint_every == 0 or step == total:
+            if step % config.checkpoint_every == 0 or step == stop:
                 ckpt.save(step, state, config_json, train_iter.state())
     finally:
         train_iter.close()
