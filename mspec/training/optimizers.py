@@ -13,12 +13,15 @@ def frad_cosine_schedule(lr: float, warmup_steps: int, total_steps: int) -> opta
     i.e. a cosine measured from step 0 (not from the end of warm-up), rescaled to be continuous
     at the switch, with no floor.
     """
-    warmup = optax.linear_schedule(lr / warmup_steps, lr, max(warmup_steps - 1, 1))
+    # Written out rather than with optax.linear_schedule, whose (init - end) * (1 - s/n) + end
+    # form loses the tiny early learning rates to float32 cancellation.
     scale = 1.0 + jnp.cos(jnp.pi * (warmup_steps - 1) / total_steps)
 
     def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = lr * (step + 1.0) / warmup_steps
         cosine = lr * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, total_steps) / total_steps)) / scale
-        return jnp.where(step < warmup_steps, warmup(step), cosine)
+        return jnp.where(step < warmup_steps, warmup, cosine)
 
     return schedule
 
