@@ -87,5 +87,3 @@ class Model(nn.Module):
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct``s)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
-
-

@@ -1,0 +1,218 @@
+"""Train-step throughput of mspec vs the PyTorch reference (torchmd-net 3.1.0), same molecules.
+
+    python -m benchmarks.train_step                       # QM9-track config + tiny, batch 128
+    python -m benchmarks.train_step --configs qm9 --malloc both --record
+
+Protocol (../shared/docs/perf-notes.md): real QM9 molecules (deterministic sample, seed 0) in
+batches of 128; both implementations train on the same batches; the Coord denoising step
+(σ = 0.04 Å noise, MSE on the predicted per-atom noise, AdamW); compilation / warm-up excluded and
+reported separately; the median over the timed steps; peak RSS of each run's own process. Every
+run is a separate subprocess, so memory and allocator settings do not leak between runs. The
+reference is skipped with a message when its interpreter (``/root/torchref-venv`` or
+``$MSPEC_TORCH_PYTHON``) is not installed.
+
+mspec runs its real training path: pipeline neighbour lists with radius cutoff + skin, the
+in-step cutoff / 32-neighbour filter, the jitted update of :mod:`mspec.training.train`. Its
+model is the papers' ET variant (per-layer norms, 7.2 M parameters); torchmd-net's upstream ET
+(6.9 M) has no per-layer norms, so it does slightly less work per molecule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one mspec measurement in this process
+# --------------------------------------------------------------------------------------------------
+
+
+def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+
+    from benchmarks.qm9_molecules import load_batches_npz
+    from experiments.configs import pretrain_coord
+    from mspec import graph
+    from mspec.data import pipeline
+    from mspec.models import count_params
+    from mspec.training import train
+
+    c = pretrain_coord.get_config("tiny" if config_name == "tiny" else None)
+    c.total_steps = 400_000
+    c.optim.warmup_steps = 10  # a non-trivial learning rate from the first steps
+    feat = pipeline.Featurizer(radius=c.model.cutoff + c.data.skin, max_z=c.model.max_z)
+    mols_per_batch = []
+    for z, pos, seg in load_batches_npz(batches_path):
+        mols = []
+        for g in range(int(seg.max()) + 1):
+            sel = seg == g
+            mols.append(feat({"atomic_numbers": z[sel], "positions": pos[sel]}))
+        mols_per_batch.append(mols)
+    n_mol = len(mols_per_batch[0])
+    nodes = max(sum(len(m["atomic_numbers"]) for m in b) for b in mols_per_batch)
+    edges = max(sum(len(m["senders"]) for m in b) for b in mols_per_batch)
+    budget = graph.Budget(
+        n_node=8 * ((nodes + 8) // 8) + 1, n_edge=8 * ((edges + 7) // 8), n_graph=n_mol + 1,
+        max_torsions=1,
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    trainer = train.Trainer(c, train.make_model(c), mesh)
+    batches = [trainer.global_batch(graph.stack([graph.pack(b, budget)])) for b in mols_per_batch]
+    state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
+    n_params = count_params(state["params"])
+
+    t0 = time.perf_counter()
+    state, m = trainer.update_fn(state, batches[0])
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, m = trainer.update_fn(state, batches[(i + 1) % len(batches)])
+    jax.block_until_ready(m["loss"])
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        state, m = trainer.update_fn(state, batches[(warmup + 1 + i) % len(batches)])
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    rates = [n_mol / t for t in times]
+    return {
+        "impl": f"mspec (jax {jax.__version__})",
+        "config": config_name,
+        "threads": os.cpu_count(),
+        "mol_per_s_median": statistics.median(rates),
+        "mol_per_s_min": min(rates),
+        "mol_per_s_max": max(rates),
+        "step_s_median": statistics.median(times),
+        "compile_s": compile_s,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "n_params": n_params,
+        "batch_size": n_mol,
+        "node_fill": float(np.mean([sum(len(m["atomic_numbers"]) for m in b) for b in mols_per_batch]) / budget.n_node),
+        "compilations": trainer.traces,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------------
+
+
+def _mspec_subprocess(batches, config, steps, warmup, malloc) -> dict | None:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    if malloc == "tuned":
+        env["GLIBC_TUNABLES"] = TUNED
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", config, "--batches", batches,
+           "--steps", str(steps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        print(f"mspec run failed ({config}, {malloc} malloc):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["malloc"] = malloc
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| implementation | config | malloc | train mol/s median (min–max) | step s | compile/warm-up s | peak RSS GB | params |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['impl']} | {r.get('config_name', r.get('config'))} | {r['malloc']} | "
+            f"{r['mol_per_s_median']:.1f} ({r['mol_per_s_min']:.1f}–{r['mol_per_s_max']:.1f}) | "
+            f"{r['step_s_median']:.2f} | {r.get('compile_s', r.get('warmup_s', float('nan'))):.1f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['n_params']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="qm9,tiny", help="comma list of: qm9 (H=256 ET), tiny")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="reference torch threads")
+    p.add_argument("--malloc", choices=["tuned", "default", "both"], default="tuned")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--batches", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_mspec_worker(args.batches, args.worker, args.steps, args.warmup)))
+        return 0
+
+    from benchmarks.qm9_molecules import load_qm9_sample, save_batches_npz
+    from benchmarks.reference_runner import run_reference
+
+    n_batches = max(4, min(args.steps + args.warmup + 1, 12))
+    tmp = tempfile.mkdtemp(prefix="mspec_bench_")
+    batches = os.path.join(tmp, f"qm9_b{args.batch_size}.npz")
+    save_batches_npz(batches, load_qm9_sample(n_batches * args.batch_size, seed=0), args.batch_size)
+    mallocs = ["tuned", "default"] if args.malloc == "both" else [args.malloc]
+    rows = []
+    for config in args.configs.split(","):
+        for malloc in mallocs:
+            print(f"mspec {config} ({malloc} malloc) ...", file=sys.stderr, flush=True)
+            r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc)
+            if r:
+                rows.append(r)
+                print(json.dumps(r), file=sys.stderr)
+            if config != "qm9" or args.no_reference:
+                continue
+            print(f"torchmd-net reference ({malloc} malloc, {args.threads} threads) ...", file=sys.stderr, flush=True)
+            ref = run_reference(batches, args.threads, args.steps, args.warmup, malloc == "tuned")
+            if ref:
+                ref["config_name"] = "qm9 (upstream ET)"
+                ref["impl"] = f"{ref['impl']} ({ref['threads']} thr)"
+                rows.append(ref)
+                print(json.dumps(ref), file=sys.stderr)
+    table = _table(rows)
+    ratios = []
+    for malloc in mallocs:
+        ours = [r for r in rows if r["malloc"] == malloc and r.get("config") == "qm9"]
+        ref = [r for r in rows if r["malloc"] == malloc and "torchmd" in r["impl"]]
+        if ours and ref:
+            ratios.append(
+                f"- {malloc} malloc: mspec / torchmd-net = "
+                f"{ours[0]['mol_per_s_median'] / ref[0]['mol_per_s_median']:.2f}x"
+            )
+    print(table)
+    print("\n".join(ratios))
+    if args.record:
+        import jax
+
+        header = (
+            f"\n### train_step — {datetime.date.today().isoformat()}\n\n"
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"Python {platform.python_version()}, jax {jax.__version__}. Command: "
+            f"`python -m benchmarks.train_step {' '.join(argv or sys.argv[1:])}`; "
+            f"batch {args.batch_size} QM9 molecules (seed 0), median of {args.steps} steps after "
+            f"{args.warmup} warm-up.\n\n"
+        )
+        with open(os.path.join(REPO, "BENCHMARKS.md"), "a") as f:
+            f.write(header + table + "\n" + "\n".join(ratios) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
