@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "rdkit==2026.9.1",
     "tensorflow-datasets==4.9.10",
+    # TFDS (through etils) imports it when a builder lives in an installed package.
+    "importlib-resources>=6.0",
     "array-record==0.8.6",
     "grain==0.2.18",
     "qm9pack==1.0.3",
