@@ -107,7 +107,7 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         print(f"QM9 ({self.builder_config.name}): reading qm9pack CSV files ...", file=sys.stderr)
         records = {}
         for pos, rec in enumerate(
-            tqdm.tqdm(_raw_rows(), total=qm9pack_source.NUM_MOLECULES, desc="parse", unit="mol")
+            tqdm.tqdm(qm9pack_source.raw_rows(), total=qm9pack_source.NUM_MOLECULES, desc="parse", unit="mol")
         ):
             if pos in wanted:
                 records[pos] = qm9pack_source.parse_row(rec[0], rec[1])
@@ -185,17 +185,6 @@ class QM9(tfds.core.GeneratorBasedBuilder):
                 "torsion_moving": rec["moving"].astype(bool).reshape(-1),
                 "torsion_status": rec["status"],
             }
-
-
-def _raw_rows():
-    """(csv row dict, 'file:line') pairs of all qm9pack rows, without parsing the geometries."""
-    import csv
-
-    csv.field_size_limit(sys.maxsize)
-    for path in qm9pack_source.qm9pack_files():
-        with open(path, newline="") as f:
-            for line, row in enumerate(csv.DictReader(f), start=2):
-                yield row, f"{path}:{line}"
 
 
 def write_build_report(builder: QM9) -> str | None:

@@ -103,17 +103,21 @@ def parse_row(row: dict, where: str) -> dict:
     }
 
 
-def read_qm9pack(limit: int | None = None) -> Iterator[dict]:
-    """Yields QM9 records in qm9pack order (ascending QM9 index), optionally only the first ``limit``."""
+def raw_rows() -> Iterator[tuple[dict, str]]:
+    """``(csv row dict, "file:line")`` for every qm9pack row, in order, without parsing geometry."""
     csv.field_size_limit(sys.maxsize)
-    count = 0
     for path in qm9pack_files():
         with open(path, newline="") as f:
             for line, row in enumerate(csv.DictReader(f), start=2):
-                yield parse_row(row, f"{path}:{line}")
-                count += 1
-                if limit is not None and count >= limit:
-                    return
+                yield row, f"{path}:{line}"
+
+
+def read_qm9pack(limit: int | None = None) -> Iterator[dict]:
+    """Yields QM9 records in qm9pack order (ascending QM9 index), optionally only the first ``limit``."""
+    for count, (row, where) in enumerate(raw_rows(), start=1):
+        yield parse_row(row, where)
+        if limit is not None and count >= limit:
+            return
 
 
 def split_indices(n: int = NUM_MOLECULES, seed: int = 1, train: int = 110_000, val: int = 10_000):
