@@ -11,7 +11,6 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
-    "e3nn-jax==0.21.0",
     "ml-collections==1.1.0",
     "absl-py>=2.1",
     "numpy>=2.0",
@@ -27,7 +26,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "tensorboard==2.21.0"],
+    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0"],  # e3nn: equivariance tests
 }
 
 setup(

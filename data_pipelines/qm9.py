@@ -96,6 +96,13 @@ class QM9(tfds.core.GeneratorBasedBuilder):
             "kilo molecules, Sci. Data 1, 140022 (2014).",
         )
 
+    def download_and_prepare(self, *args, **kwargs):
+        """Builds the dataset (if needed), then writes ``build_report.json`` beside it."""
+        super().download_and_prepare(*args, **kwargs)
+        path = write_build_report(self)
+        if path:
+            print(f"Build report: {path}", file=sys.stderr)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
         splits = dict(zip(SPLIT_NAMES, qm9pack_source.split_indices()))
@@ -213,8 +220,7 @@ def main(argv=None):
         file_format="array_record",
     )
     builder.download_and_prepare()
-    path = write_build_report(builder)
-    print(f"prepared {builder.data_dir}" + (f"; report: {path}" if path else ""))
+    print(f"prepared {builder.data_dir}")
 
 
 if __name__ == "__main__":

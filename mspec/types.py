@@ -40,8 +40,3 @@ For data parallelism over ``D`` devices, the global batch stacks ``D`` device ba
 axis (``[D, N]``, ``[D, E]``, ...), sharded as ``P("data")``; the train step ``vmap``s the model over
 it, so node indices stay device-local.
 """
-
-NODE_KEYS = ("atomic_numbers", "positions", "node_mask", "node_graph", "node_moving")
-EDGE_KEYS = ("senders", "receivers", "edge_mask")
-GRAPH_KEYS = ("graph_mask", "n_node", "torsion_atoms", "torsion_mask")
-BATCH_KEYS = NODE_KEYS + EDGE_KEYS + GRAPH_KEYS

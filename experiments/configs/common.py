@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -70,6 +69,3 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
         )
     )
 
-
-def placeholder_str() -> config_dict.FieldReference:
-    return config_dict.placeholder(str)

@@ -64,11 +64,6 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
             )
         print(f"Building dataset {dataset!r} in {builder.data_dir} (first use) ...", file=sys.stderr)
         builder.download_and_prepare()
-        report = getattr(__import__(cls.__module__, fromlist=["x"]), "write_build_report", None)
-        if report is not None:
-            path = report(builder)
-            if path:
-                print(f"Build report: {path}", file=sys.stderr)
     _check_files(builder, dataset)
     return builder
 
