@@ -8,11 +8,21 @@ Build (automatic on first use by the training code; or by hand)::
     python -m data_pipelines.qm9 --data_dir ~/tensorflow_datasets            # config "full"
     python -m data_pipelines.qm9 --data_dir ~/tensorflow_datasets --config sample
 
-Configs:
-  * ``full``   : all 130,831 molecules, split 110,000 / 10,000 / 10,831 by
+Configs (all give the same molecules, order, targets and splits; only the source differs):
+  * ``full``   : all 130,831 molecules from qm9pack, split 110,000 / 10,000 / 10,831 by
     ``numpy.random.default_rng(1).permutation`` (the torchmd-net / PyG split).
   * ``sample`` : 2,000 molecules, the first 1,600 / 200 / 200 of those same three splits (so a
     sample split is a subset of the full split), for quick runs and tests.
+  * ``xyz``    : the original release ``dsgdb9nsd.xyz.tar.bz2`` + ``uncharacterized.txt``
+    (``--source_dir``; see :mod:`data_pipelines.qm9_raw`).
+  * ``pyg``    : the PyG / MoleculeNet raw layout ``gdb9.sdf`` + ``gdb9.sdf.csv`` +
+    ``uncharacterized.txt`` (``--source_dir``; SDF coordinates have 4 decimals).
+
+    python -m data_pipelines.qm9 --config xyz --source_dir ~/downloads/qm9
+
+The raw sources must hold the whole release (133,885 molecules, 3,054 uncharacterised) unless
+``allow_partial=True`` (``--allow_partial``, used for fixtures): a partial source is split by the
+same seed-1 permutation of its own size, 80 / 10 / 10 %.
 
 Features per molecule (examples in each split are stored in split-permutation order):
   * ``index``: QM9 index (1-based, as in ``dsgdb9nsd_NNNNNN``); ``pyg_idx``: 0-based position in
@@ -39,7 +49,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_pipelines import qm9pack_source, torsions
+from data_pipelines import qm9_raw, qm9pack_source, torsions
 
 SAMPLE_SIZES = {"train": 1600, "validation": 200, "test": 200}
 SPLIT_NAMES = ("train", "validation", "test")
@@ -61,11 +71,17 @@ class QM9(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="full", description="All 130,831 molecules."),
         tfds.core.BuilderConfig(name="sample", description="2,000-molecule subset of the splits."),
+        tfds.core.BuilderConfig(name="xyz", description="From dsgdb9nsd.xyz.tar.bz2."),
+        tfds.core.BuilderConfig(name="pyg", description="From gdb9.sdf + gdb9.sdf.csv."),
     ]
     DEFAULT_CONFIG_NAME = "full"
+    RAW_CONFIGS = ("xyz", "pyg")
 
-    def __init__(self, *args, num_workers: int | None = None, **kwargs):
+    def __init__(self, *args, num_workers: int | None = None, source_dir: str | None = None,
+                 allow_partial: bool = False, **kwargs):
         self._num_workers = num_workers
+        self._source_dir = source_dir
+        self._allow_partial = allow_partial
         super().__init__(*args, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -103,42 +119,57 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         if path:
             print(f"Build report: {path}", file=sys.stderr)
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing to download.
-        splits = dict(zip(SPLIT_NAMES, qm9pack_source.split_indices()))
-        if self.builder_config.name == "sample":
-            splits = {k: v[: SAMPLE_SIZES[k]] for k, v in splits.items()}
-        wanted = set(np.concatenate(list(splits.values())).tolist())
-
-        # Parse only the needed rows, then perceive bonds / torsions in parallel processes.
-        print(f"QM9 ({self.builder_config.name}): reading qm9pack CSV files ...", file=sys.stderr)
-        records = {}
-        for pos, rec in enumerate(
-            tqdm.tqdm(qm9pack_source.raw_rows(), total=qm9pack_source.NUM_MOLECULES, desc="parse", unit="mol")
-        ):
-            if pos in wanted:
-                records[pos] = qm9pack_source.parse_row(rec[0], rec[1])
-        if len(records) != len(wanted):
+    def _read_raw_source(self, dl_manager) -> list[dict]:
+        """Records of the ``xyz`` / ``pyg`` release in ascending QM9 index."""
+        directory = self._source_dir or _manual_dir(dl_manager)
+        if not directory:
             raise qm9pack_source.QM9SourceError(
-                f"qm9pack holds fewer molecules than expected ({pos + 1} rows, need "
-                f"{qm9pack_source.NUM_MOLECULES}); reinstall qm9pack==1.0.3"
+                f"QM9 config {self.builder_config.name!r} reads the raw release: pass source_dir= "
+                "(--source_dir) or a TFDS manual_dir holding "
+                + (f"{qm9_raw.XYZ_TARBALL} and {qm9_raw.UNCHARACTERIZED}"
+                   if self.builder_config.name == "xyz" else
+                   f"{qm9_raw.PYG_SDF}, {qm9_raw.PYG_CSV} and {qm9_raw.UNCHARACTERIZED}")
             )
+        full = not self._allow_partial
+        if self.builder_config.name == "xyz":
+            records = qm9_raw.read_xyz_tarball(directory, expect_full=full)
+        else:
+            records = list(tqdm.tqdm(qm9_raw.read_pyg_raw(directory, expect_full=full),
+                                     desc="gdb9.sdf", unit="mol"))
+        if full and len(records) != qm9pack_source.NUM_MOLECULES:
+            raise qm9pack_source.QM9SourceError(
+                f"{directory}: {len(records)} characterised molecules, expected "
+                f"{qm9pack_source.NUM_MOLECULES}"
+            )
+        indices = [r["index"] for r in records]
+        if len(set(indices)) != len(indices):
+            raise qm9pack_source.QM9SourceError(f"{directory}: duplicate QM9 indices")
+        return records
+
+    def _split_generators(self, dl_manager):
+        if self.builder_config.name in self.RAW_CONFIGS:
+            raw = self._read_raw_source(dl_manager)
+            records = dict(enumerate(raw))
+            if len(raw) == qm9pack_source.NUM_MOLECULES:
+                splits = dict(zip(SPLIT_NAMES, qm9pack_source.split_indices()))
+            else:
+                n = len(raw)
+                splits = dict(zip(SPLIT_NAMES, qm9pack_source.split_indices(
+                    n, train=int(round(0.8 * n)), val=int(round(0.1 * n)))))
+        else:
+            splits = dict(zip(SPLIT_NAMES, qm9pack_source.split_indices()))
+            if self.builder_config.name == "sample":
+                splits = {k: v[: SAMPLE_SIZES[k]] for k, v in splits.items()}
+            records = _read_qm9pack_positions(set(np.concatenate(list(splits.values())).tolist()))
         order = sorted(records)
-        workers = self._num_workers or max(1, (os.cpu_count() or 1))
-        with multiprocessing.get_context("spawn" if workers > 1 else "fork").Pool(workers) as pool:
-            processed = list(
-                tqdm.tqdm(
-                    pool.imap(_with_torsions, (records[p] for p in order), chunksize=64),
-                    total=len(order),
-                    desc="torsions",
-                    unit="mol",
-                )
-            )
+        processed = with_torsions_parallel([records[p] for p in order], self._num_workers)
         by_pos = dict(zip(order, processed))
 
         statuses = [r["status"] for r in processed]
         report = {
             "config": self.builder_config.name,
+            "source": (self._source_dir or "downloads/manual")
+            if self.builder_config.name in self.RAW_CONFIGS else "qm9pack 1.0.3",
             "num_molecules": len(processed),
             "torsion_status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
             "coord_noise_fallback": sum(s != "ok" for s in statuses),
@@ -194,6 +225,49 @@ class QM9(tfds.core.GeneratorBasedBuilder):
             }
 
 
+def _manual_dir(dl_manager) -> str | None:
+    try:
+        path = dl_manager.manual_dir
+    except (AssertionError, AttributeError, ValueError):  # TFDS asserts when none was given
+        return None
+    return os.fspath(path) if path and os.path.isdir(os.fspath(path)) else None
+
+
+def _read_qm9pack_positions(wanted: set[int]) -> dict[int, dict]:
+    """qm9pack records at the given positions of the 130,831-molecule ordering."""
+    print("QM9: reading qm9pack CSV files ...", file=sys.stderr)
+    records = {}
+    pos = -1
+    for pos, rec in enumerate(
+        tqdm.tqdm(qm9pack_source.raw_rows(), total=qm9pack_source.NUM_MOLECULES, desc="parse", unit="mol")
+    ):
+        if pos in wanted:
+            records[pos] = qm9pack_source.parse_row(rec[0], rec[1])
+    if len(records) != len(wanted):
+        raise qm9pack_source.QM9SourceError(
+            f"qm9pack holds fewer molecules than expected ({pos + 1} rows, need "
+            f"{qm9pack_source.NUM_MOLECULES}); reinstall qm9pack==1.0.3"
+        )
+    return records
+
+
+def with_torsions_parallel(records: list[dict], num_workers: int | None = None) -> list[dict]:
+    """Adds Frad torsion metadata (``torsions``, ``moving``, ``status``) to each record, in order."""
+    workers = num_workers or max(1, (os.cpu_count() or 1))
+    workers = min(workers, max(1, len(records) // 64))  # process start-up dominates tiny builds
+    if workers == 1:
+        return [_with_torsions(r) for r in tqdm.tqdm(records, desc="torsions", unit="mol")]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(
+            tqdm.tqdm(
+                pool.imap(_with_torsions, records, chunksize=64),
+                total=len(records),
+                desc="torsions",
+                unit="mol",
+            )
+        )
+
+
 def write_build_report(builder: QM9) -> str | None:
     """Writes ``build_report.json`` (fallback counts and indices) next to the prepared dataset."""
     report = getattr(builder, "_report", None)
@@ -210,13 +284,19 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="Build the QM9 TFDS dataset from qm9pack.")
     parser.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
-    parser.add_argument("--config", default="full", choices=["full", "sample"])
+    parser.add_argument("--config", default="full", choices=["full", "sample", "xyz", "pyg"])
+    parser.add_argument("--source_dir", default=None,
+                        help="directory with the raw release files (configs xyz and pyg)")
+    parser.add_argument("--allow_partial", action="store_true",
+                        help="accept a raw source with fewer than all molecules")
     parser.add_argument("--num_workers", type=int, default=None)
     args = parser.parse_args(argv)
     builder = QM9(
         config=args.config,
         data_dir=args.data_dir,
         num_workers=args.num_workers,
+        source_dir=args.source_dir,
+        allow_partial=args.allow_partial,
         file_format="array_record",
     )
     builder.download_and_prepare()

@@ -25,17 +25,33 @@ def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("MSPEC_DATA_DIR", "~/tensorflow_datasets"))
 
 
+# name -> (module, class). Imported lazily so that importing mspec does not import RDKit.
+BUILDERS = {
+    "qm9": ("data_pipelines.qm9", "QM9"),
+    "qm9s": ("data_pipelines.qm9s", "QM9S"),
+    "pcqm4mv2": ("data_pipelines.pcqm4mv2", "PCQM4Mv2"),
+    "md17": ("data_pipelines.md17", "MD17"),
+}
+
+
 def _builder_class(name: str):
-    # Imported lazily so that importing mspec does not import RDKit.
-    if name == "qm9":
-        from data_pipelines.qm9 import QM9
+    if name not in BUILDERS:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {sorted(BUILDERS)}")
+    import importlib
 
-        return QM9
-    raise DatasetError(f"unknown dataset {name!r}; known datasets: ['qm9']")
+    module, cls = BUILDERS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise DatasetError(f"dataset {name!r}: cannot import its builder {module}.{cls} ({e})") from e
 
 
-def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
+def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
+                **builder_kwargs):
     """Returns a prepared TFDS builder for ``dataset`` ("name/config"), building it if needed.
+
+    ``builder_kwargs`` go to the builder's constructor, e.g. ``source_dir=`` (the directory holding
+    the user's raw files, for builders that need them) or ``num_workers=``.
 
     Raises:
       DatasetError: the name is unknown, the dataset is missing and ``build`` is False, or the
@@ -44,7 +60,7 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
     data_dir = os.path.expanduser(data_dir or default_data_dir())
     name, _, config = dataset.partition("/")
     cls = _builder_class(name)
-    kwargs = {"data_dir": data_dir, "file_format": "array_record"}
+    kwargs = {"data_dir": data_dir, "file_format": "array_record", **builder_kwargs}
     if config:
         known = [c.name for c in cls.BUILDER_CONFIGS]
         if config not in known:

@@ -1,0 +1,215 @@
+"""Reads ``torch.save`` files (``.pt``) with numpy and the standard library only; torch is not needed.
+
+Layout (``../shared/docs/data-notes.md`` §6.6): a zip archive whose single top-level folder holds
+``data.pkl`` (a pickle whose tensor storages are persistent ids
+``('storage', <torch.XStorage>, key, location, numel)``), ``data/<key>`` (raw little-endian storage
+bytes) and ``byteorder``. Tensors are rebuilt by ``torch._utils._rebuild_tensor_v2``; here that
+becomes a strided numpy view. Storages are memory-mapped when the zip entry is stored uncompressed
+(torch always writes them so), so a multi-GB file costs no RAM until a slice is read.
+
+Only an allow-list of globals can be unpickled (tensors, storages, PyG classes as plain dicts, numpy
+arrays, a few builtins), which also makes loading safe against code in the pickle.
+
+Public API: :func:`load` (any object) and :func:`pyg_collated` (PyG ``InMemoryDataset`` files,
+both the PyG >= 2.4 ``(dict, slices, cls)`` layout and the legacy ``(Data, slices)`` layout).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class TorchFileError(ValueError):
+    """The file is not a readable torch zip file; the message names the file and the fault."""
+
+
+class PygObject(dict):
+    """Stand-in for any pickled ``torch_geometric`` object: a dict of its pickled state."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.update(state)
+        else:
+            self["__state__"] = state
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) -> np.ndarray:
+    """[size] array = the strided view of ``storage`` starting at element ``offset``."""
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    n = int(np.prod(size)) if size else 1
+    contiguous = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
+    if n == 0:
+        return np.zeros(size, storage.dtype)
+    if stride == contiguous or n == 1:
+        return storage[offset : offset + n].reshape(size)  # a view (lazy for memory maps)
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride]
+    )
+    return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *_unused):
+    return data
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "bytearray"): bytearray,
+    ("_codecs", "encode"): __import__("codecs").encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str, mmap: bool):
+        super().__init__(file)
+        self._archive, self._prefix, self._path, self._mmap = archive, prefix, path, mmap
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if module.startswith("torch_geometric"):
+            return type(name, (PygObject,), {"__module__": module})
+        raise TorchFileError(
+            f"{self._path}: refusing to unpickle {module}.{name} (not a tensor, storage, PyG or "
+            "numpy object)"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise TorchFileError(f"{self._path}: unknown persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            if not isinstance(storage_type, _StorageType):
+                raise TorchFileError(f"{self._path}: unsupported storage type {storage_type!r}")
+            self._storages[key] = self._read_storage(str(key), storage_type.dtype, int(numel))
+        return self._storages[key]
+
+    def _read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        name = f"{self._prefix}data/{key}"
+        try:
+            info = self._archive.getinfo(name)
+        except KeyError:
+            raise TorchFileError(f"{self._path}: tensor storage {name} is missing") from None
+        if info.file_size != numel * dtype.itemsize:
+            raise TorchFileError(
+                f"{self._path}: storage {name} has {info.file_size} bytes, expected "
+                f"{numel} x {dtype.itemsize} (truncated or corrupt file)"
+            )
+        if self._mmap and info.compress_type == zipfile.ZIP_STORED and numel > 0:
+            with open(self._path, "rb") as f:  # locate the data after the local file header
+                f.seek(info.header_offset)
+                header = f.read(30)
+                if header[:4] != b"PK\x03\x04":
+                    raise TorchFileError(f"{self._path}: corrupt zip header for {name}")
+                start = (
+                    info.header_offset + 30
+                    + int.from_bytes(header[26:28], "little")
+                    + int.from_bytes(header[28:30], "little")
+                )
+            return np.memmap(self._path, dtype=dtype.newbyteorder("<"), mode="r",
+                             offset=start, shape=(numel,))
+        return np.frombuffer(self._archive.read(name), dtype=dtype.newbyteorder("<")).copy()
+
+
+def load(path: str, mmap: bool = True) -> Any:
+    """The object saved by ``torch.save`` at ``path``, with tensors as numpy arrays.
+
+    Raises:
+      TorchFileError: not a zip-format torch file (e.g. truncated, or the pre-1.6 legacy format),
+        big-endian, a storage is missing/short, or the pickle names a non-allowed global.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TorchFileError(
+            f"{path}: not a readable torch zip file ({e}); the file is truncated/corrupt or uses "
+            "the pre-1.6 legacy torch format (re-save it with a current torch)"
+        ) from None
+    with archive:
+        pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise TorchFileError(f"{path}: expected one */data.pkl entry, found {pkl}")
+        prefix = pkl[0][: -len("data.pkl")]
+        if prefix + "byteorder" in archive.namelist():
+            order = archive.read(prefix + "byteorder").decode().strip()
+            if order != "little":
+                raise TorchFileError(f"{path}: byteorder {order!r} is not supported")
+        try:
+            with archive.open(pkl[0]) as f:
+                return _Unpickler(f, archive, prefix, path, mmap).load()
+        except TorchFileError:
+            raise
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
+                AttributeError, KeyError) as e:
+            raise TorchFileError(f"{path}: corrupt pickle in {pkl[0]} ({type(e).__name__}: {e})") from None
+
+
+def pyg_collated(obj: Any, path: str = "<pt>") -> tuple[dict, dict]:
+    """``(arrays, slices)`` of a PyG ``InMemoryDataset`` file loaded with :func:`load`.
+
+    Graph ``g`` of key ``k`` is ``arrays[k][slices[k][g]:slices[k][g+1]]`` (along the last axis
+    for keys containing ``index`` or ``face``); see :func:`graph_item`.
+    """
+    if not (isinstance(obj, (tuple, list)) and len(obj) >= 2):
+        raise TorchFileError(f"{path}: not a PyG InMemoryDataset file (got {type(obj).__name__})")
+    data, slices = obj[0], obj[1]
+    if isinstance(data, PygObject):  # legacy layout: a collated Data object
+        store = data.get("_store", data)
+        data = dict(store.get("_mapping", store))
+    if not isinstance(data, dict) or not isinstance(slices, dict):
+        raise TorchFileError(f"{path}: unexpected PyG layout ({type(data).__name__}, "
+                             f"{type(slices).__name__})")
+    arrays = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    slices = {k: np.asarray(v, np.int64) for k, v in slices.items()}
+    return arrays, slices
+
+
+def graph_item(arrays: dict, slices: dict, key: str, g: int):
+    """Value of ``key`` for graph ``g`` (a numpy slice, or a list element for list-valued keys)."""
+    lo, hi = int(slices[key][g]), int(slices[key][g + 1])
+    value = arrays[key]
+    if isinstance(value, list):
+        return value[lo] if hi - lo == 1 else value[lo:hi]
+    if "index" in key or "face" in key:
+        return np.asarray(value[..., lo:hi])
+    return np.asarray(value[lo:hi])
