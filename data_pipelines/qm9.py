@@ -55,6 +55,25 @@ SAMPLE_SIZES = {"train": 1600, "validation": 200, "test": 200}
 SPLIT_NAMES = ("train", "validation", "test")
 
 
+def molecule_features() -> dict:
+    """TFDS features of one QM9 molecule (shared with the ``qm9s`` builder)."""
+    return {
+        "index": tfds.features.Scalar(np.int32),
+        "pyg_idx": tfds.features.Scalar(np.int32),
+        "smiles": tfds.features.Text(),
+        "atomic_numbers": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "positions": tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+        # BYTES: the default encoding goes through a float32 list and would round U0
+        # (~ -1e4 eV) to ~1 meV.
+        "targets": tfds.features.Tensor(shape=(len(qm9pack_source.TARGETS),), dtype=np.float64,
+                                        encoding=tfds.features.Encoding.BYTES),
+        "torsions": tfds.features.Tensor(shape=(None, 4), dtype=np.int32),
+        # [t * n] row-major: TFDS cannot decode empty 2-D "bytes" tensors.
+        "torsion_moving": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+        "torsion_status": tfds.features.Text(),
+    }
+
+
 def _with_torsions(record: dict) -> dict:
     meta = torsions.torsion_metadata(
         record["atomic_numbers"], record["positions"], smiles=record["smiles"]
@@ -66,8 +85,12 @@ class QM9(tfds.core.GeneratorBasedBuilder):
     """QM9 (130,831 molecules) from qm9pack, with Frad torsion metadata."""
 
     name = "qm9"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "qm9pack 1.0.3 geometries and labels, Frad torsions."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "qm9pack 1.0.3 geometries and labels, Frad torsions.",
+        "1.1.0": "targets stored as exact float64 (1.0.0 rounded them to float32); raw-release "
+        "configs xyz and pyg.",
+    }
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="full", description="All 130,831 molecules."),
         tfds.core.BuilderConfig(name="sample", description="2,000-molecule subset of the splits."),
@@ -88,22 +111,7 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "index": tfds.features.Scalar(np.int32),
-                    "pyg_idx": tfds.features.Scalar(np.int32),
-                    "smiles": tfds.features.Text(),
-                    "atomic_numbers": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                    "positions": tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
-                    "targets": tfds.features.Tensor(
-                        shape=(len(qm9pack_source.TARGETS),), dtype=np.float64
-                    ),
-                    "torsions": tfds.features.Tensor(shape=(None, 4), dtype=np.int32),
-                    # [t * n] row-major: TFDS cannot decode empty 2-D "bytes" tensors.
-                    "torsion_moving": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-                    "torsion_status": tfds.features.Text(),
-                }
-            ),
+            features=tfds.features.FeaturesDict(molecule_features()),
             metadata=tfds.core.MetadataDict(),
             # Keep each split in seed-1 permutation order (reproducible, torchmd-net order).
             disable_shuffling=True,

@@ -62,7 +62,7 @@ def test_sample_dataset_contents(qm9_sample_dir):
     ref = records[full_train[0]]
     assert ref["index"] == int(ex["index"])
     np.testing.assert_allclose(ex["positions"], ref["positions"], atol=1e-6)
-    np.testing.assert_allclose(ex["targets"], ref["targets"])
+    np.testing.assert_array_equal(ex["targets"], ref["targets"])  # exact float64
     # Energies are in eV (U0 of a QM9 molecule is thousands of eV below zero).
     u0 = ex["targets"][qm9pack_source.TARGET_NAMES.index("U0")]
     assert -30000 < u0 < -1000
@@ -95,7 +95,9 @@ def test_corrupt_dataset_directory_is_a_clear_error(qm9_sample_dir, tmp_path):
     src = os.path.join(qm9_sample_dir, "qm9")
     broken = tmp_path / "data"
     shutil.copytree(src, broken / "qm9")
-    version_dir = broken / "qm9" / "sample" / "1.0.0"
+    from data_pipelines.qm9 import QM9
+
+    version_dir = broken / "qm9" / "sample" / str(QM9.VERSION)
     record = version_dir / "qm9-train.array_record-00000-of-00001"
     record.write_bytes(b"")  # truncated record file
     with pytest.raises(datasets.DatasetError, match="qm9-train.array_record.*missing or empty"):

@@ -63,6 +63,8 @@ def test_builders_from_both_releases_agree(raw_dirs, tmp_path):
         built[cfg] = {s: datasets.open_split(b, s) for s in ("train", "validation", "test")}
         assert {k: v.num_examples for k, v in b.info.splits.items()} == {
             "train": 6, "validation": 1, "test": 1}
+    ref = {i: qm9pack_source.parse_row(r, f"qm9pack:{i}")
+           for i, r in _qm9_molecules.qm9pack_rows().items()}
     for split in ("train", "validation", "test"):
         x, p = built["xyz"][split], built["pyg"][split]
         assert len(x) == len(p)
@@ -70,6 +72,7 @@ def test_builders_from_both_releases_agree(raw_dirs, tmp_path):
             assert int(x[i]["index"]) == int(p[i]["index"])
             assert x[i]["positions"].dtype == np.float32 and x[i]["targets"].dtype == np.float64
             np.testing.assert_array_equal(x[i]["targets"], p[i]["targets"])
+            np.testing.assert_array_equal(x[i]["targets"], ref[int(x[i]["index"])]["targets"])
             np.testing.assert_allclose(x[i]["positions"], p[i]["positions"], atol=6e-5)
             np.testing.assert_array_equal(x[i]["torsions"], p[i]["torsions"])
     # Energies are stored in eV (converted from Hartree) like the qm9pack configs.

@@ -1,0 +1,101 @@
+"""QM9S builder: gfn2 stick spectra and the real-release layouts (.pt both PyG layouts, CSV), built
+from fixtures; spectra parity with the broadening formula, the QM9 join, splits, metadata."""
+
+import numpy as np
+import pytest
+
+from data_pipelines import qm9pack_source, torch_pickle
+from data_pipelines.fixtures import _qm9_molecules, qm9s as qm9s_fixture
+from data_pipelines.qm9s_source import QM9SSourceError
+from mspec.data import datasets
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qm9s")
+    qm9s_fixture.write(str(root / "src"))
+    out = {}
+    for key, cfg, sub in (("gfn2", "gfn2", "gfn2"), ("pt", "release", "release_pt"),
+                          ("legacy", "release", "release_pt_legacy"),
+                          ("csv", "release", "release_csv")):
+        b = datasets.get_builder(f"qm9s/{cfg}", str(root / f"tfds_{key}"),
+                                 source_dir=str(root / "src" / sub), num_workers=1)
+        out[key] = (b, {s: datasets.open_split(b, s) for s in ("train", "validation", "test")})
+    out["root"] = root
+    return out
+
+
+def _rows(split):
+    return [split[i] for i in range(len(split))]
+
+
+def test_gfn2_counts_dtypes_and_metadata(built):
+    builder, splits = built["gfn2"]
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 6, "validation": 1, "test": 1}
+    ex = splits["train"][0]
+    assert ex["uv"].shape == (701,) and ex["ir"].shape == (3501,) and ex["raman"].shape == (3501,)
+    assert ex["uv"].dtype == ex["ir"].dtype == ex["raman"].dtype == np.float32
+    assert ex["positions"].dtype == np.float32 and ex["targets"].shape == (15,)
+    meta = builder.info.metadata
+    assert meta["grids"]["uv"] == {"first": 1.0, "last": 15.0, "points": 701, "unit": "eV"}
+    assert meta["grids"]["ir"]["points"] == 3501 and meta["grids"]["ir"]["first"] == 500.0
+    assert "fixture" in meta["level_of_theory"]
+    assert meta["normalised"] is False and meta["skipped_not_in_qm9"] == 0
+    indices = sorted(int(e["index"]) for s in splits.values() for e in _rows(s))
+    assert indices == sorted(_qm9_molecules.CHARACTERISED)
+
+
+def test_gfn2_spectra_equal_broadened_sticks_and_qm9_geometry(built):
+    _, splits = built["gfn2"]
+    sticks = {r.qm9_index: r for r in qm9s_fixture.stick_records()}
+    rows = _qm9_molecules.qm9pack_rows()
+    for ex in _rows(splits["train"]):
+        rec = sticks[int(ex["index"])]
+        # Reference: peak-height Lorentzian (HWHM 8 cm^-1) written out in numpy.
+        grid = np.arange(500.0, 4001.0)
+        d = grid[:, None] - rec.vib_freq_cm1[None, :]
+        ir = (64.0 / (d**2 + 64.0)) @ rec.ir_intensity_km_mol
+        np.testing.assert_allclose(ex["ir"], ir, rtol=1e-5)
+        uv_grid = np.linspace(1.0, 15.0, 701)
+        uv = np.exp(-0.5 * ((uv_grid[:, None] - rec.uv_energy_ev) / 0.2) ** 2) @ rec.uv_osc_strength
+        np.testing.assert_allclose(ex["uv"], uv, rtol=1e-5, atol=1e-7)
+        # 3D positions are the QM9 B3LYP geometry joined by index, not the stick file's geometry.
+        ref = qm9pack_source.parse_row(rows[int(ex["index"])], "qm9pack")
+        np.testing.assert_allclose(ex["positions"], ref["positions"], atol=1e-6)
+        np.testing.assert_array_equal(ex["targets"], ref["targets"])
+
+
+def test_all_release_layouts_agree(built):
+    ref = {int(e["index"]): e for s in built["gfn2"][1].values() for e in _rows(s)}
+    for key in ("pt", "legacy", "csv"):
+        builder, splits = built[key]
+        assert builder.info.metadata["num_molecules"] == 8
+        for split in ("train", "validation", "test"):
+            for a, b in zip(_rows(splits[split]), _rows(built["gfn2"][1][split])):
+                assert int(a["index"]) == int(b["index"])  # same split order
+        for e in (e for s in splits.values() for e in _rows(s)):
+            for k in ("uv", "ir", "raman"):
+                np.testing.assert_array_equal(e[k], ref[int(e["index"])][k])
+            np.testing.assert_array_equal(e["torsions"], ref[int(e["index"])]["torsions"])
+
+
+def test_pt_reader_pyg_layout(built):
+    path = built["root"] / "src" / "release_pt" / "processed" / "data_with_uv_ir_raman.pt"
+    arrays, slices = torch_pickle.pyg_collated(torch_pickle.load(str(path)))
+    assert arrays["uv"].shape == (8, 701) and arrays["uv"].dtype == np.float32
+    ei = torch_pickle.graph_item(arrays, slices, "edge_index", 1)
+    z = torch_pickle.graph_item(arrays, slices, "z", 1)
+    assert ei.shape[0] == 2 and ei.max() == len(z) - 1  # graph-local indices
+    assert torch_pickle.graph_item(arrays, slices, "name", 3).startswith("gdb_")
+    import sys
+    assert "torch" not in sys.modules
+
+
+def test_builder_names_are_registered(tmp_path):
+    with pytest.raises(datasets.DatasetError, match="unknown config"):
+        datasets.get_builder("qm9s/b3lyp", str(tmp_path))
+    with pytest.raises(QM9SSourceError, match="no stick-spectra file"):
+        datasets.get_builder("qm9s/gfn2", str(tmp_path), source_dir=str(tmp_path))
+    with pytest.raises(QM9SSourceError, match="data_with_uv_ir_raman.pt.*boraden"):
+        datasets.get_builder("qm9s/release", str(tmp_path), source_dir=str(tmp_path))
