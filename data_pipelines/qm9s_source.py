@@ -247,7 +247,7 @@ class CsvRelease:
                 if header is None:
                     raise QM9SSourceError(f"{paths[k]}: empty file")
                 _csv_grid(header, k, f"{paths[k]}:line 1")
-            for row_id in tqdm.tqdm(range(rows + 1), desc="QM9S CSV", unit="row"):
+            for row_id in tqdm.tqdm(range(rows + 1), total=rows, desc="QM9S CSV", unit="row"):
                 lines = {k: next(r, None) for k, r in readers.items()}
                 ended = [k for k, v in lines.items() if v is None]
                 if ended:
