@@ -110,11 +110,24 @@ def make_grain_dataset(
     return ds.map(featurizer)
 
 
+def _ensure_absl_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags; outside ``absl.app.run`` they are unparsed."""
+    from absl import flags  # noqa: PLC0415
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 class PackedBatchIterator:
     """Iterates global batches ``[D, ...]`` packed greedily into a static :class:`graph.Budget`.
 
     A background thread reads and packs ahead (``prefetch`` batches). ``state()`` after receiving
     a batch is the position to resume from to get the batches that follow it.
+
+    Molecules are read and featurised (neighbour lists) either inline in that thread
+    (``num_threads = num_workers = 0``), by grain with ``num_threads`` reader threads, or by grain
+    with ``num_workers`` worker processes (``mp_prefetch``). The molecule order, and therefore
+    every batch and the resume position, are the same in all three modes.
 
     Args:
       dataset: a grain ``MapDataset`` of featurised molecules (see :func:`make_grain_dataset`).
@@ -122,6 +135,10 @@ class PackedBatchIterator:
       num_devices: device batches per global batch (local devices of this process).
       start: iterator position to start from (from a checkpoint).
       prefetch: packed global batches to prepare ahead.
+      num_threads: grain reader threads (0: read inline).
+      num_workers: grain worker processes (0: none). Each re-imports the dataset's code, so they
+        pay off only when featurisation dominates (large molecules, many cores).
+      read_buffer: featurised molecules grain keeps ready ahead of the packer.
     """
 
     def __init__(
@@ -131,10 +148,16 @@ class PackedBatchIterator:
         num_devices: int,
         start: int = 0,
         prefetch: int = 4,
+        num_threads: int = 0,
+        num_workers: int = 0,
+        read_buffer: int = 256,
     ):
         self._dataset = dataset
         self._budget = budget
         self._num_devices = num_devices
+        self._num_threads = num_threads
+        self._num_workers = num_workers
+        self._read_buffer = read_buffer
         self._position = start
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
@@ -147,10 +170,30 @@ class PackedBatchIterator:
         except (OverflowError, TypeError):
             return None
 
+    def _molecules(self, start: int) -> Iterator[dict]:
+        """Featurised molecules from dataset position ``start`` on, in dataset order."""
+        length = self._length()
+        if self._num_threads <= 0 and self._num_workers <= 0:
+            index = start
+            while length is None or index < length:
+                yield self._dataset[index]
+                index += 1
+            return
+        if length is not None and start >= length:
+            return
+        ds = self._dataset[start:].to_iter_dataset(
+            grain.ReadOptions(num_threads=max(1, self._num_threads),
+                              prefetch_buffer_size=self._read_buffer)
+        )
+        if self._num_workers > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+        yield from ds
+
     def _produce(self, index: int) -> None:
         try:
-            length = self._length()
             budget = self._budget
+            molecules = self._molecules(index)
             pending = None  # A molecule read but not yet placed (it did not fit the last batch).
             while not self._stop.is_set():
                 devices = []
@@ -158,9 +201,10 @@ class PackedBatchIterator:
                     mols, nodes, edges = [], 0, 0
                     while True:
                         if pending is None:
-                            if length is not None and index >= length:
+                            mol = next(molecules, None)
+                            if mol is None:
                                 break
-                            pending = (index, self._dataset[index])
+                            pending = (index, mol)
                             index += 1
                         mol = pending[1]
                         n, e = len(mol["atomic_numbers"]), len(mol["senders"])
