@@ -63,6 +63,10 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
             # slot is padding); nodes/edges get `budget_slack` x the mean molecule.
             budget_slack=1.1,
             prefetch=4,
+            # Featurisation (neighbour lists) in grain reader threads / worker processes; 0 = in
+            # the packing thread. The batches and resume position do not depend on these.
+            num_threads=0,
+            num_workers=0,
             # Validation uses the first `eval_max_molecules` molecules of the split (0 = all).
             eval_max_molecules=2000,
             eval_split="validation",

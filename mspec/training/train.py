@@ -353,7 +353,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_count=jax.process_count(),
     )
     train_iter = pipeline.PackedBatchIterator(
-        train_ds, budget, jax.local_device_count(), start=data_position, prefetch=config.data.prefetch
+        train_ds,
+        budget,
+        jax.local_device_count(),
+        start=data_position,
+        prefetch=config.data.prefetch,
+        num_threads=config.data.get("num_threads", 0),
+        num_workers=config.data.get("num_workers", 0),
     )
 
     total = config.total_steps
