@@ -130,6 +130,17 @@ def test_killed_build_resumes_to_the_same_dataset(source, built, tmp_path, capfd
             np.testing.assert_array_equal(x["torsion_moving"], y["torsion_moving"])
 
 
+def test_process_pool_gives_the_same_dataset(source, built, tmp_path):
+    b = datasets.get_builder("pcqm4mv2/sdf", str(tmp_path), source_dir=source, num_workers=2,
+                             chunk_size=2)
+    fresh, ref = _all(b), _all(built["sdf"])
+    for split in ref:
+        assert [int(e["index"]) for e in fresh[split]] == [int(e["index"]) for e in ref[split]]
+        for x, y in zip(fresh[split], ref[split]):
+            np.testing.assert_array_equal(x["positions"], y["positions"])
+            np.testing.assert_array_equal(x["torsions"], y["torsions"])
+
+
 def test_missing_files_name_the_release(tmp_path):
     with pytest.raises(pcqm4mv2_source.PCQMSourceError, match="data.csv.gz.*ogb"):
         datasets.get_builder("pcqm4mv2/sdf", str(tmp_path / "d"), source_dir=str(tmp_path))

@@ -55,6 +55,10 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
             dataset=dataset,
             # Where TFDS datasets live; empty means $MSPEC_DATA_DIR or ~/tensorflow_datasets.
             data_dir="",
+            # Directory with the user's raw release files, for builders that need them
+            # (qm9/xyz, qm9/pyg, qm9s/release, pcqm4mv2/*; see docs/datasets.md). Used only
+            # when the dataset is not prepared yet.
+            source_dir="",
             # Neighbour lists are built in the pipeline with cutoff + skin, so they stay valid
             # after the on-device noise; the step re-applies the exact cutoff.
             skin=0.5,

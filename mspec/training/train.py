@@ -306,7 +306,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = make_model(config)
     trainer = Trainer(config, model, mesh)
 
-    builder = datasets.get_builder(config.data.dataset, config.data.data_dir or None)
+    source_dir = config.data.get("source_dir", "")
+    builder = datasets.get_builder(
+        config.data.dataset,
+        config.data.data_dir or None,
+        **({"source_dir": os.path.expanduser(source_dir)} if source_dir else {}),
+    )
     datasets.log_metadata(builder)
     train_source = datasets.open_split(builder, "train")
     eval_source = datasets.open_split(builder, config.data.eval_split)
