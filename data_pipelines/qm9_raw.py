@@ -25,6 +25,7 @@ import tarfile
 from typing import Iterator
 
 import numpy as np
+import tqdm
 
 from data_pipelines.qm9pack_source import ELEMENT_TO_Z, QM9SourceError, TARGETS
 
@@ -105,12 +106,14 @@ def parse_xyz(text: str, where: str) -> dict:
         index = int(head[1])
         props = dict(zip(XYZ_PROPERTIES, (parse_float(t) for t in head[2:])))
         if len(lines) < n + 5:
-            raise ValueError(f"{n} atoms need {n + 5} lines, file has {len(lines)}")
+            raise ValueError(f"atom count {n} disagrees with the file: {n} atoms need {n + 5} "
+                             f"lines, the file has {len(lines)}")
         symbols, xyz = [], []
         for k in range(n):
             tok = lines[2 + k].split()
             if len(tok) != 5:
-                raise ValueError(f"atom line {k + 3} has {len(tok)} fields, expected 5")
+                raise ValueError(f"atom count {n} disagrees with the coordinate lines (line "
+                                 f"{k + 3} has {len(tok)} fields, expected 'El x y z q')")
             symbols.append(tok[0])
             xyz.append([parse_float(t) for t in tok[1:4]])
         if lines[2 + n].split() and not _is_number(lines[2 + n].split()[0]):
@@ -148,8 +151,6 @@ def read_xyz_tarball(directory: str, expect_full: bool = True) -> list[dict]:
     tar_path = require_file(directory, XYZ_TARBALL)
     skip = read_uncharacterized(require_file(directory, UNCHARACTERIZED), expect_full)
     records, seen = [], 0
-    import tqdm  # noqa: PLC0415
-
     try:
         with tarfile.open(tar_path, "r|bz2") as tar:
             for member in tqdm.tqdm(tar, desc="xyz tarball", unit="file", total=NUM_RAW if expect_full else None):

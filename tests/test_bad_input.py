@@ -51,6 +51,7 @@ def _rewrite_member(directory, member, edit):
 
 @pytest.mark.parametrize("edit, fault", [
     (lambda t: "14" + t[2:], "atom count 14 disagrees"),                 # 15 atoms in the file
+    (lambda t: "16" + t[2:], "atom count 16 disagrees"),
     (lambda t: t.replace("\nO\t", "\nSi\t", 1), r"unsupported element.*Si"),
     (lambda t: t.replace("\nC\t", "\nC\tnan", 1), "NaN or inf|cannot parse"),
     (lambda t: t.replace("gdb 81\t", "gdb 81\t1.0\t", 1), "15 properties"),
