@@ -257,7 +257,7 @@ class Stager:
         finally:
             csv_cursor.close()
 
-    def _jobs(self, bar):
+    def _jobs(self):
         chunk, c = [], 0
         for entry in self._entries():
             chunk.append(entry)
@@ -286,7 +286,7 @@ class Stager:
             pool = concurrent.futures.ProcessPoolExecutor(
                 self.num_workers, mp_context=multiprocessing.get_context("spawn"))
         try:
-            for c, entries in self._jobs(bar):
+            for c, entries in self._jobs():
                 n_chunks = c + 1
                 if os.path.isfile(self.chunk_path(c)):
                     resumed += 1

@@ -18,7 +18,6 @@ molecule.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import tarfile

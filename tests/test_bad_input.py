@@ -1,7 +1,6 @@
 """Bad input in every raw format: a clear error naming the file, the record and the fault (or a
 counted skip where that is the documented policy), and no dataset that looks complete."""
 
-import gzip
 import io
 import json
 import os
