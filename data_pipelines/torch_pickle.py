@@ -100,6 +100,7 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self._archive, self._prefix, self._path, self._mmap = archive, prefix, path, mmap
         self._storages: dict[str, np.ndarray] = {}
+        self._file_map: np.ndarray | None = None
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
@@ -135,18 +136,19 @@ class _Unpickler(pickle.Unpickler):
                 f"{numel} x {dtype.itemsize} (truncated or corrupt file)"
             )
         if self._mmap and info.compress_type == zipfile.ZIP_STORED and numel > 0:
-            with open(self._path, "rb") as f:  # locate the data after the local file header
-                f.seek(info.header_offset)
-                header = f.read(30)
-                if header[:4] != b"PK\x03\x04":
-                    raise TorchFileError(f"{self._path}: corrupt zip header for {name}")
-                start = (
-                    info.header_offset + 30
-                    + int.from_bytes(header[26:28], "little")
-                    + int.from_bytes(header[28:30], "little")
-                )
-            return np.memmap(self._path, dtype=dtype.newbyteorder("<"), mode="r",
-                             offset=start, shape=(numel,))
+            # One memory map of the whole file, sliced per storage: a file with millions of
+            # small tensors (e.g. a list of PyG Data objects) must not create one mapping each.
+            if self._file_map is None:
+                self._file_map = np.memmap(self._path, dtype=np.uint8, mode="r")
+            start = info.header_offset
+            header = bytes(self._file_map[start : start + 30])
+            if header[:4] != b"PK\x03\x04":
+                raise TorchFileError(f"{self._path}: corrupt zip header for {name}")
+            start += 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            nbytes = numel * dtype.itemsize
+            if start + nbytes > self._file_map.size:
+                raise TorchFileError(f"{self._path}: storage {name} runs past the end of the file")
+            return self._file_map[start : start + nbytes].view(dtype.newbyteorder("<"))
         return np.frombuffer(self._archive.read(name), dtype=dtype.newbyteorder("<")).copy()
 
 
