@@ -1,6 +1,8 @@
 """The raw QM9 releases (xyz tarball, PyG layout) give the same molecules, order and targets as
 qm9pack; built from fixtures generated from real qm9pack rows."""
 
+import os
+
 import numpy as np
 import pytest
 from rdkit import Chem
@@ -90,3 +92,19 @@ def test_missing_files_name_the_release(tmp_path):
 def test_full_release_expected_unless_partial(raw_dirs):
     with pytest.raises(qm9pack_source.QM9SourceError, match="lists 2 molecules, expected 3054"):
         qm9_raw.read_xyz_tarball(raw_dirs["xyz"])
+
+
+def test_fixture_cli_writes_every_format(tmp_path, capsys):
+    from data_pipelines import fixtures
+    from data_pipelines.fixtures.__main__ import main
+
+    assert main([str(tmp_path)]) == 0
+    names = fixtures.available_modules()
+    assert {"qm9_xyz", "qm9_pyg", "qm9s", "pcqm4mv2"} <= set(names)
+    printed = capsys.readouterr().out
+    for name in names:
+        assert f"{name}:" in printed
+        assert any(os.scandir(tmp_path / name))
+    for line in printed.splitlines():
+        if line.startswith("  "):
+            assert os.path.isfile(line.strip()), line
