@@ -1,0 +1,247 @@
+"""Command line: compute stick spectra for many molecules, in parallel, resumable.
+
+    # a seeded random sample of QM9 (the shipped dataset was made like this)
+    python -m data_pipelines.spectra.run compute --qm9-sample 2000 --seed 0 \
+        --out data_pipelines/spectra/data/qm9_gfn2 --workers 1
+    # your own molecules
+    python -m data_pipelines.spectra.run compute --sdf mols.sdf --out my_spectra --workers 2
+    python -m data_pipelines.spectra.run compute --smiles-file mols.smi --out my_spectra
+    # gzip the finished file (after checking every line) for shipping
+    python -m data_pipelines.spectra.run finalize --out data_pipelines/spectra/data/qm9_gfn2
+
+Output directory: `sticks.jsonl` (one record per finished molecule, see `sticks.py`),
+`failures.jsonl` (one line per failed molecule: index, smiles, kind, message), `meta.json` (level of
+theory, settings, versions, input description). Each result is appended and fsynced by the parent
+process as soon as a worker returns it, so a kill loses at most the molecules in flight; running the
+same command again skips every molecule already in `sticks.jsonl` or `failures.jsonl`
+(`--retry-failed` recomputes the failures).
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread per worker process; must be set before numpy/PySCF load their BLAS/OpenMP.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from data_pipelines.spectra import sticks  # noqa: E402
+from data_pipelines.spectra.compute import (MoleculeFailure, SpectraConfig,  # noqa: E402
+                                            compute_record, level_of_theory)
+from data_pipelines.spectra.inputs import (MoleculeInput, from_smiles,  # noqa: E402
+                                           qm9_sample_positions, read_qm9, read_sdf,
+                                           read_smiles_file, read_xyz)
+
+STICKS_FILE = "sticks.jsonl"
+FAILURES_FILE = "failures.jsonl"
+
+
+def _append_line(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_failures(path: str) -> list[dict]:
+    """Failure records; a torn last line (killed mid-write) is dropped and cut from the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    out = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise sticks.StickFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def _worker_init() -> None:
+    try:
+        from pyscf import lib  # noqa: PLC0415
+
+        lib.num_threads(1)
+    except ImportError:
+        pass
+
+
+def _work(args: tuple[MoleculeInput, SpectraConfig]) -> tuple[str, int, str, float]:
+    """Runs in a worker: ("ok", index, record JSON, seconds) or ("fail", index, failure JSON, s)."""
+    mol, config = args
+    start = time.perf_counter()
+    try:
+        line = compute_record(mol, config).to_json()
+        return "ok", mol.index, line, time.perf_counter() - start
+    except MoleculeFailure as e:
+        fail = {"index": mol.index, "smiles": mol.smiles, "kind": e.kind, "message": e.message}
+    except Exception as e:  # noqa: BLE001  (recorded, never swallowed silently)
+        fail = {"index": mol.index, "smiles": mol.smiles, "kind": "error",
+                "message": f"{mol.where}: {type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=5)}
+    fail["seconds"] = round(time.perf_counter() - start, 3)
+    return "fail", mol.index, json.dumps(fail), time.perf_counter() - start
+
+
+def prepare_output(out_dir: str, meta: dict) -> None:
+    """Creates the directory and meta.json, or checks that an existing run used the same setup."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(path):
+        old = sticks.read_meta(out_dir)
+        for key in ("level_of_theory", "input"):
+            if old.get(key) != meta.get(key):
+                raise SystemExit(
+                    f"{path} was written with a different {key}:\n  old: {old.get(key)}\n"
+                    f"  new: {meta.get(key)}\nuse another --out directory")
+        return
+    sticks.write_meta(out_dir, meta)
+
+
+def compute(molecules: list[MoleculeInput], out_dir: str, config: SpectraConfig,
+            input_description: dict, workers: int = 1, retry_failed: bool = False,
+            progress: bool = True) -> dict:
+    """Computes every molecule not yet finished in `out_dir`; returns a summary dict."""
+    prepare_output(out_dir, {"level_of_theory": level_of_theory(config),
+                             "input": input_description, "format": "sticks.py (JSON lines)"})
+    sticks_path = os.path.join(out_dir, STICKS_FILE)
+    fail_path = os.path.join(out_dir, FAILURES_FILE)
+    finished, torn = sticks.read_finished(sticks_path)
+    if torn:
+        print(f"{sticks_path}: dropped {torn} torn last line from an interrupted run", file=sys.stderr)
+    done = {r.qm9_index for r in finished}
+    failures = read_failures(fail_path)
+    if retry_failed and failures:
+        os.replace(fail_path, fail_path + ".previous")
+        failures = []
+    skip = done | {int(f["index"]) for f in failures}
+    seen, todo = set(), []
+    for m in molecules:
+        if m.index in seen:
+            raise ValueError(f"{m.where}: index {m.index} appears twice in the input")
+        seen.add(m.index)
+        if m.index not in skip:
+            todo.append(m)
+    summary = {"already_done": len(done), "already_failed": len(failures), "todo": len(todo),
+               "ok": 0, "failed": 0, "failure_kinds": {}}
+    if not todo:
+        return summary
+    jobs = [(m, config) for m in todo]
+    bar = tqdm(total=len(todo), disable=not progress, unit="mol", smoothing=0.05,
+               desc=os.path.basename(os.path.normpath(out_dir)))
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=200) as pool:
+        for status, _, payload, _ in pool.imap_unordered(_work, jobs, chunksize=1):
+            if status == "ok":
+                with open(sticks_path, "a", encoding="utf-8") as f:
+                    f.write(payload + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                summary["ok"] += 1
+            else:
+                _append_line(fail_path, payload)
+                kind = json.loads(payload)["kind"]
+                summary["failed"] += 1
+                summary["failure_kinds"][kind] = summary["failure_kinds"].get(kind, 0) + 1
+            bar.update(1)
+            bar.set_postfix(ok=summary["ok"], failed=summary["failed"])
+    bar.close()
+    return summary
+
+
+def finalize(out_dir: str) -> str:
+    """Validates every line of sticks.jsonl and writes sticks.jsonl.gz next to it."""
+    src = os.path.join(out_dir, STICKS_FILE)
+    n = sum(1 for _ in sticks.read(src))  # raises on any bad line
+    dst = src + ".gz"
+    tmp = dst + ".tmp"
+    with open(src, "rb") as fi, gzip.GzipFile(tmp, "wb", mtime=0) as fo:
+        shutil.copyfileobj(fi, fo)
+    os.replace(tmp, dst)
+    assert sum(1 for _ in sticks.read(dst)) == n
+    return f"{dst}: {n} molecules"
+
+
+def _collect(args) -> tuple[list[MoleculeInput], dict]:
+    if args.qm9_sample:
+        positions = qm9_sample_positions(args.qm9_sample, args.seed)
+        return read_qm9(positions=positions), {
+            "source": "qm9pack 1.0.3", "selection": "random sample",
+            "rule": "numpy.random.default_rng(seed).permutation(130831)[:n] row positions",
+            "seed": args.seed, "index_field": "qm9_index = QM9 index (1-based)"}
+    if args.qm9_index:
+        idx = [int(t) for t in args.qm9_index.split(",") if t.strip()]
+        return read_qm9(indices=idx), {"source": "qm9pack 1.0.3", "selection": "indices",
+                                       "index_field": "qm9_index = QM9 index (1-based)"}
+    rel = "qm9_index = 1-based record number in the input file"
+    if args.sdf:
+        return list(read_sdf(args.sdf)), {"source": os.path.abspath(args.sdf), "index_field": rel}
+    if args.xyz:
+        return list(read_xyz(args.xyz)), {"source": os.path.abspath(args.xyz), "index_field": rel}
+    if args.smiles_file:
+        return list(read_smiles_file(args.smiles_file, seed=args.seed)), {
+            "source": os.path.abspath(args.smiles_file), "conformer": "ETKDG + MMFF",
+            "seed": args.seed, "index_field": rel}
+    if args.smiles:
+        return list(from_smiles(args.smiles.split(","), seed=args.seed)), {
+            "source": "command line SMILES", "smiles": args.smiles, "conformer": "ETKDG + MMFF",
+            "seed": args.seed, "index_field": rel}
+    raise SystemExit("give one input: --qm9-sample, --qm9-index, --sdf, --xyz, --smiles-file or "
+                     "--smiles")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compute", help="compute stick spectra (resumes an existing --out)")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--qm9-sample", type=int, help="random sample of this many QM9 molecules")
+    src.add_argument("--qm9-index", help="comma-separated QM9 indices (1-based)")
+    src.add_argument("--sdf", help="SDF with 3D coordinates and explicit hydrogens")
+    src.add_argument("--xyz", help="multi-molecule XYZ file (Å)")
+    src.add_argument("--smiles-file", help="one SMILES per line")
+    src.add_argument("--smiles", help="comma-separated SMILES")
+    c.add_argument("--seed", type=int, default=0, help="QM9 sample / conformer seed")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--retry-failed", action="store_true")
+    c.add_argument("--skip-uv", action="store_true", help="IR/Raman only (fast)")
+    c.add_argument("--uv-max-ev", type=float, default=15.0)
+    c.add_argument("--stda-threshold-ev", type=float, default=16.0)
+    f = sub.add_parser("finalize", help="check sticks.jsonl and write sticks.jsonl.gz")
+    f.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "finalize":
+        print(finalize(args.out))
+        return
+    config = SpectraConfig(skip_uv=args.skip_uv, uv_max_ev=args.uv_max_ev,
+                           stda_threshold_ev=args.stda_threshold_ev)
+    molecules, description = _collect(args)
+    summary = compute(molecules, args.out, config, description, workers=args.workers,
+                      retry_failed=args.retry_failed)
+    print(json.dumps(summary, indent=1))
+    if summary["failed"]:
+        print(f"failures are listed in {os.path.join(args.out, FAILURES_FILE)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
