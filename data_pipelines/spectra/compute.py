@@ -40,13 +40,13 @@ class MoleculeFailure(RuntimeError):
 
 def level_of_theory(config: SpectraConfig) -> dict:
     """The description stored in meta.json; a run refuses to append to a file made otherwise."""
-    import pyscf  # noqa: PLC0415
-    import tblite  # noqa: PLC0415
+    from importlib.metadata import version  # noqa: PLC0415
 
     return {
-        "vibrational": "GFN2-xTB (tblite), harmonic; Hessian by central differences of analytic "
-                       "gradients (h = 0.005 bohr); Raman from 19 uniform-field gradients "
-                       "(F = 1e-3 au); translations/rotations projected out",
+        "vibrational": "GFN2-xTB (tblite, SCF accuracy 0.01), harmonic; Hessian by central "
+                       "differences of analytic gradients (h = 0.005 bohr); Raman from 19 "
+                       "uniform-field gradients (F = 1e-3 au, SCF accuracy 0.001); "
+                       "translations/rotations projected out; isotope masses",
         "electronic": ("none" if config.skip_uv else
                        f"{config.xc.upper()}/{config.basis} (PySCF, density fitting, grid level 0, "
                        f"conv 1e-6) + sTDA (Grimme 2013, published parameters, "
@@ -58,8 +58,7 @@ def level_of_theory(config: SpectraConfig) -> dict:
                   "raman_activity_a4_amu": "Å^4/amu (45 a'^2 + 7 g'^2)",
                   "uv_energy_ev": "eV", "uv_osc_strength": "dimensionless", "positions": "Å"},
         "config": dataclasses.asdict(config),
-        "versions": {"tblite": getattr(tblite, "__version__", "unknown"),
-                     "pyscf": pyscf.__version__},
+        "versions": {"tblite": version("tblite"), "pyscf": version("pyscf")},
         "not_qm9s": "NOT the DFT-level QM9S data (B3LYP/def2-TZVP Hessians and TDDFT)",
     }
 

@@ -26,6 +26,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
@@ -46,6 +47,10 @@ from data_pipelines.spectra.inputs import (MoleculeInput, from_smiles,  # noqa: 
 
 STICKS_FILE = "sticks.jsonl"
 FAILURES_FILE = "failures.jsonl"
+
+
+class MetaMismatchError(RuntimeError):
+    """An output directory holds results of another level of theory or input selection."""
 
 
 def _append_line(path: str, line: str) -> None:
@@ -101,6 +106,19 @@ def _work(args: tuple[MoleculeInput, SpectraConfig]) -> tuple[str, int, str, flo
     return "fail", mol.index, json.dumps(fail), time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _results(jobs: list, workers: int):
+    """Iterator over `_work` results: in this process for workers <= 1, else a process pool."""
+    if workers <= 1:
+        _worker_init()
+        yield map(_work, jobs)
+        return
+    # spawn, not fork: the parent may hold threads (JAX in tests, BLAS pools) that fork would copy.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=200) as pool:
+        yield pool.imap_unordered(_work, jobs, chunksize=1)
+
+
 def prepare_output(out_dir: str, meta: dict) -> None:
     """Creates the directory and meta.json, or checks that an existing run used the same setup."""
     os.makedirs(out_dir, exist_ok=True)
@@ -108,10 +126,16 @@ def prepare_output(out_dir: str, meta: dict) -> None:
     if os.path.exists(path):
         old = sticks.read_meta(out_dir)
         for key in ("level_of_theory", "input"):
-            if old.get(key) != meta.get(key):
-                raise SystemExit(
-                    f"{path} was written with a different {key}:\n  old: {old.get(key)}\n"
-                    f"  new: {meta.get(key)}\nuse another --out directory")
+            before, now = dict(old.get(key, {})), dict(meta.get(key, {}))
+            # Program versions may differ between sessions (reported, not refused).
+            old_versions, new_versions = before.pop("versions", None), now.pop("versions", None)
+            if before != now:
+                raise MetaMismatchError(
+                    f"{path} was written with a different {key}:\n  old: {before}\n"
+                    f"  new: {now}\nuse another --out directory")
+            if old_versions != new_versions:
+                print(f"warning: {path} was written with {old_versions}, this run uses "
+                      f"{new_versions}", file=sys.stderr)
         return
     sticks.write_meta(out_dir, meta)
 
@@ -147,9 +171,8 @@ def compute(molecules: list[MoleculeInput], out_dir: str, config: SpectraConfig,
     jobs = [(m, config) for m in todo]
     bar = tqdm(total=len(todo), disable=not progress, unit="mol", smoothing=0.05,
                desc=os.path.basename(os.path.normpath(out_dir)))
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=200) as pool:
-        for status, _, payload, _ in pool.imap_unordered(_work, jobs, chunksize=1):
+    with _results(jobs, workers) as results:
+        for status, _, payload, _ in results:
             if status == "ok":
                 with open(sticks_path, "a", encoding="utf-8") as f:
                     f.write(payload + "\n")
