@@ -9,12 +9,16 @@ import pytest
 pytest.importorskip("tblite")
 pytest.importorskip("pyscf")
 
-from data_pipelines.spectra import broadening, sticks, stda, vibrations  # noqa: E402
-from data_pipelines.spectra import run as spectra_run  # noqa: E402
-from data_pipelines.spectra.compute import (MoleculeFailure, SpectraConfig,  # noqa: E402
-                                            check_input, compute_record)
-from data_pipelines.spectra.inputs import MoleculeInput, from_smiles, read_xyz  # noqa: E402
-from data_pipelines.spectra.xtb import FIELD_ACCURACY, GFN2  # noqa: E402
+from data_pipelines.spectra import broadening, stda, sticks, vibrations
+from data_pipelines.spectra import run as spectra_run
+from data_pipelines.spectra.compute import (
+    MoleculeFailure,
+    SpectraConfig,
+    check_input,
+    compute_record,
+)
+from data_pipelines.spectra.inputs import MoleculeInput, from_smiles, read_xyz
+from data_pipelines.spectra.xtb import FIELD_ACCURACY, GFN2
 
 WATER_Z = np.array([8, 1, 1])
 WATER_XYZ = np.array([[0.0, 0.0, 0.12], [0.0, 0.76, -0.48], [0.0, -0.76, -0.48]])  # Å
@@ -177,7 +181,7 @@ def test_stda_close_to_full_tda_for_formaldehyde():
     s = stda.stda(mf, 0.2, max_energy_ev=15.0)
     assert s.energy_ev.max() <= 15.0 and s.energy_ev.size > 10
     td = tdscf.TDA(mf)
-    td.nstates = 6
+    td.nstates = 4  # S1 (dark n->pi*) and the first bright state are among them
     td.verbose = 0
     td.kernel()
     e_full, f_full = td.e * stda.HARTREE_EV, td.oscillator_strength()
@@ -231,8 +235,8 @@ def test_parallel_workers_give_the_serial_results(tmp_path):
     a = {r.qm9_index: r for r in sticks.read(str(tmp_path / "a" / spectra_run.STICKS_FILE))}
     b = {r.qm9_index: r for r in sticks.read(str(tmp_path / "b" / spectra_run.STICKS_FILE))}
     assert sorted(a) == sorted(b) == [1, 2, 3]
-    for k in a:
-        np.testing.assert_allclose(a[k].vib_freq_cm1, b[k].vib_freq_cm1, atol=1e-6)
+    for k, rec in a.items():
+        np.testing.assert_allclose(rec.vib_freq_cm1, b[k].vib_freq_cm1, atol=1e-6)
 
 
 def test_full_record_for_formaldehyde_round_trips(tmp_path):
@@ -282,3 +286,42 @@ def test_failures_file_with_torn_line_is_repaired(tmp_path):
     path.write_text(json.dumps({"index": 1, "kind": "bad input"}) + "\n" + '{"index": 2, "ki')
     assert [f["index"] for f in spectra_run.read_failures(str(path))] == [1]
     assert path.read_text().endswith("}\n")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_sdf_reader_keeps_3d_coordinates_and_rejects_2d(tmp_path):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from data_pipelines.spectra.inputs import read_sdf
+
+    mol3d = next(iter(from_smiles(["CCO"], seed=1)))
+    path = tmp_path / "m.sdf"
+    writer = Chem.SDWriter(str(path))
+    m = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    AllChem.EmbedMolecule(m, randomSeed=1)
+    conf = m.GetConformer()
+    for i, p in enumerate(mol3d.positions):
+        conf.SetAtomPosition(i, p.tolist())
+    writer.write(m)
+    flat = Chem.MolFromSmiles("CO")
+    AllChem.Compute2DCoords(flat)
+    writer.write(flat)
+    writer.close()
+    got = list(read_sdf(str(path)))
+    np.testing.assert_allclose(got[0].positions, mol3d.positions, atol=1e-4)
+    np.testing.assert_array_equal(got[0].numbers, mol3d.numbers)
+    with pytest.raises(MoleculeFailure, match=r"m\.sdf:record 2: the record has no 3D coordinates"):
+        check_input(got[1])
+
+
+def test_qm9_inputs_by_index_and_sample_prefix():
+    from data_pipelines.spectra.inputs import qm9_sample_positions, read_qm9
+
+    mols = read_qm9(indices=[6, 1])
+    assert [m.index for m in mols] == [6, 1]
+    assert sorted(mols[0].numbers.tolist()) == [1, 1, 6, 8]  # formaldehyde
+    np.testing.assert_array_equal(qm9_sample_positions(10, 0), qm9_sample_positions(50, 0)[:10])
+    with pytest.raises(ValueError, match="not in qm9pack"):
+        read_qm9(indices=[999_999])

@@ -13,8 +13,12 @@ import numpy as np
 from data_pipelines.spectra import sticks
 from data_pipelines.spectra.inputs import MoleculeInput
 from data_pipelines.spectra.stda import EXACT_EXCHANGE, UVError, uv_spectrum
-from data_pipelines.spectra.vibrations import (BOHR_ANGSTROM, MASSES, VibrationError,
-                                               vibrational_spectrum)
+from data_pipelines.spectra.vibrations import (
+    BOHR_ANGSTROM,
+    MASSES,
+    VibrationError,
+    vibrational_spectrum,
+)
 from data_pipelines.spectra.xtb import XTBError
 
 MIN_DISTANCE_ANGSTROM = 0.5
@@ -43,7 +47,7 @@ class MoleculeFailure(RuntimeError):
 
 def level_of_theory(config: SpectraConfig) -> dict:
     """The description stored in meta.json; a run refuses to append to a file made otherwise."""
-    from importlib.metadata import version  # noqa: PLC0415
+    from importlib.metadata import version
 
     return {
         "vibrational": "GFN2-xTB (tblite, SCF accuracy 0.01), harmonic; Hessian by central "

@@ -8,7 +8,7 @@ Every reader yields `MoleculeInput`s. A record that cannot be read becomes a `Mo
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def read_xyz(path: str) -> Iterator[MoleculeInput]:
 
 
 def _from_rdkit(mol, index: int, where: str, smiles: str | None = None) -> MoleculeInput:
-    from rdkit import Chem  # noqa: PLC0415
+    from rdkit import Chem
 
     conf = mol.GetConformer()
     if not conf.Is3D():
@@ -89,7 +89,7 @@ def _from_rdkit(mol, index: int, where: str, smiles: str | None = None) -> Molec
 
 def read_sdf(path: str) -> Iterator[MoleculeInput]:
     """SDF with explicit hydrogens and 3D coordinates (hydrogens are kept as written)."""
-    from rdkit import Chem  # noqa: PLC0415
+    from rdkit import Chem
 
     supplier = Chem.SDMolSupplier(path, removeHs=False, sanitize=True)
     for i, mol in enumerate(supplier, start=1):
@@ -103,8 +103,8 @@ def read_sdf(path: str) -> Iterator[MoleculeInput]:
 def from_smiles(smiles_list: Iterable[str], seed: int = 0, where: str = "smiles"
                 ) -> Iterator[MoleculeInput]:
     """3D molecules from SMILES: add hydrogens, ETKDG embedding (seeded), MMFF optimisation."""
-    from rdkit import Chem  # noqa: PLC0415
-    from rdkit.Chem import AllChem  # noqa: PLC0415
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
 
     for i, smi in enumerate(smiles_list, start=1):
         loc = f"{where}:{i}"
@@ -160,6 +160,8 @@ def read_qm9(positions: Iterable[int] | None = None, indices: Iterable[int] | No
         elif want_idx is not None and int(row["Index"]) in idx_set:
             rec = qm9pack_source.parse_row(row, where)
             by_idx[rec["index"]] = rec
+        if len(by_pos) + len(by_idx) == len(pos_set) + len(idx_set):
+            break  # everything found: skip the rest of the 130k rows
     if want_pos is not None:
         missing = sorted(pos_set - set(by_pos))
         if missing:

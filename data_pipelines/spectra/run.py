@@ -25,25 +25,34 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+import argparse
+import contextlib
+import gzip
+import json
+import multiprocessing
+import shutil
+import sys
+import time
+import traceback
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from data_pipelines.spectra import sticks  # noqa: E402
-from data_pipelines.spectra.compute import (MoleculeFailure, SpectraConfig,  # noqa: E402
-                                            compute_record, level_of_theory)
-from data_pipelines.spectra.inputs import (MoleculeInput, from_smiles,  # noqa: E402
-                                           qm9_sample_positions, read_qm9, read_sdf,
-                                           read_smiles_file, read_xyz)
+from data_pipelines.spectra import sticks
+from data_pipelines.spectra.compute import (
+    MoleculeFailure,
+    SpectraConfig,
+    compute_record,
+    level_of_theory,
+)
+from data_pipelines.spectra.inputs import (
+    MoleculeInput,
+    from_smiles,
+    qm9_sample_positions,
+    read_qm9,
+    read_sdf,
+    read_smiles_file,
+    read_xyz,
+)
 
 STICKS_FILE = "sticks.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -82,7 +91,7 @@ def read_failures(path: str) -> list[dict]:
 
 def _worker_init() -> None:
     try:
-        from pyscf import lib  # noqa: PLC0415
+        from pyscf import lib
 
         lib.num_threads(1)
     except ImportError:

@@ -59,7 +59,7 @@ def run_scf(numbers, positions_angstrom, charge: int = 0, xc: str = "b3lyp",
             basis: str = "def2-svp", grid_level: int = 0, conv_tol: float = 1e-6,
             max_cycle: int = 100):
     """Closed-shell Kohn-Sham SCF with density fitting. Raises UVError("SCF not converged")."""
-    from pyscf import dft, gto  # noqa: PLC0415  (heavy import; optional extra)
+    from pyscf import dft, gto
 
     atoms = [(int(z), tuple(map(float, p))) for z, p in zip(numbers, positions_angstrom)]
     try:

@@ -18,21 +18,21 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import time
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-from data_pipelines import qm9pack_source  # noqa: E402
-from data_pipelines.spectra import stda, vibrations  # noqa: E402
-from data_pipelines.spectra.inputs import qm9_sample_positions  # noqa: E402
+from data_pipelines import qm9pack_source
+from data_pipelines.spectra import stda, vibrations
+from data_pipelines.spectra.inputs import qm9_sample_positions
 
 
 def qm9_rows(positions=None, max_heavy: int | None = None, limit: int | None = None):
     """Parsed qm9pack records plus their B3LYP frequencies, by row position or by size."""
-    wanted = None if positions is None else set(int(p) for p in positions)
+    wanted = None if positions is None else {int(p) for p in positions}
     out = []
     for p, (row, where) in enumerate(qm9pack_source.raw_rows()):
         if wanted is not None and p not in wanted:
@@ -92,7 +92,7 @@ def _first_bright(energy, osc, threshold):
 
 
 def validate_tda(n: int, max_heavy: int, nstates: int, bright: float) -> dict:
-    from pyscf import tdscf  # noqa: PLC0415
+    from pyscf import tdscf
 
     rows = qm9_rows(max_heavy=max_heavy, limit=n)
     per_mol = []

@@ -43,8 +43,8 @@ class GFN2:
     """
 
     def __init__(self, numbers, positions, charge: int = 0, field=None, accuracy: float = 1.0):
-        from tblite.interface import Calculator  # noqa: PLC0415  (heavy import; optional extra)
-        from tblite.library import ffi  # noqa: PLC0415
+        from tblite.interface import Calculator
+        from tblite.library import ffi
 
         self.numbers = np.asarray(numbers, dtype=np.int32)
         pos = np.ascontiguousarray(positions, dtype=np.float64)
