@@ -325,3 +325,24 @@ def test_qm9_inputs_by_index_and_sample_prefix():
     np.testing.assert_array_equal(qm9_sample_positions(10, 0), qm9_sample_positions(50, 0)[:10])
     with pytest.raises(ValueError, match="not in qm9pack"):
         read_qm9(indices=[999_999])
+
+
+def test_second_run_on_a_busy_directory_is_refused(tmp_path):
+    import fcntl
+
+    out = str(tmp_path / "busy")
+    os.makedirs(out)
+    with open(os.path.join(out, spectra_run.LOCK_FILE), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands in for a running process
+        with pytest.raises(spectra_run.RunLockedError, match="in use by another run"):
+            spectra_run.compute(_smiles_inputs(["O"]), out, SpectraConfig(skip_uv=True), {},
+                                progress=False)
+        with pytest.raises(spectra_run.RunLockedError):
+            spectra_run.finalize(out)
+    # released: the run goes ahead, and finalize writes a gzip copy that reads back the same
+    spectra_run.compute(_smiles_inputs(["O"]), out, SpectraConfig(skip_uv=True), {},
+                        progress=False)
+    assert "1 molecules" in spectra_run.finalize(out)
+    (a,), (b,) = (list(sticks.read(os.path.join(out, spectra_run.STICKS_FILE + ext)))
+                  for ext in ("", ".gz"))
+    np.testing.assert_array_equal(a.vib_freq_cm1, b.vib_freq_cm1)

@@ -27,6 +27,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import contextlib
+import fcntl
 import gzip
 import json
 import multiprocessing
@@ -56,6 +57,11 @@ from data_pipelines.spectra.inputs import (
 
 STICKS_FILE = "sticks.jsonl"
 FAILURES_FILE = "failures.jsonl"
+LOCK_FILE = ".run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is computing into (or finalising) the same output directory."""
 
 
 class MetaMismatchError(RuntimeError):
@@ -149,10 +155,39 @@ def prepare_output(out_dir: str, meta: dict) -> None:
     sticks.write_meta(out_dir, meta)
 
 
+@contextlib.contextmanager
+def exclusive_run(out_dir: str):
+    """Holds an exclusive lock on `out_dir` so two runs (or a run and `finalize`) never mix.
+
+    Two writers would both compute the same molecules and append duplicates; finalising while a run
+    appends would ship a file that is still growing. The lock (flock on `.run.lock`) dies with the
+    process, so a killed run never leaves a stale lock behind.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_FILE)
+    with open(path, "w", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{out_dir} is in use by another run (lock {path}); wait for it "
+                                 "to finish or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def compute(molecules: list[MoleculeInput], out_dir: str, config: SpectraConfig,
             input_description: dict, workers: int = 1, retry_failed: bool = False,
             progress: bool = True) -> dict:
     """Computes every molecule not yet finished in `out_dir`; returns a summary dict."""
+    with exclusive_run(out_dir):
+        return _compute_locked(molecules, out_dir, config, input_description, workers,
+                               retry_failed, progress)
+
+
+def _compute_locked(molecules, out_dir, config, input_description, workers, retry_failed,
+                    progress) -> dict:
     prepare_output(out_dir, {"level_of_theory": level_of_theory(config),
                              "input": input_description, "format": "sticks.py (JSON lines)"})
     sticks_path = os.path.join(out_dir, STICKS_FILE)
@@ -201,6 +236,11 @@ def compute(molecules: list[MoleculeInput], out_dir: str, config: SpectraConfig,
 
 def finalize(out_dir: str) -> str:
     """Validates every line of sticks.jsonl and writes sticks.jsonl.gz next to it."""
+    with exclusive_run(out_dir):
+        return _finalize_locked(out_dir)
+
+
+def _finalize_locked(out_dir: str) -> str:
     src = os.path.join(out_dir, STICKS_FILE)
     n = sum(1 for _ in sticks.read(src))  # raises on any bad line
     dst = src + ".gz"
