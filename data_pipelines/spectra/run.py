@@ -218,10 +218,9 @@ def _compute_locked(molecules, out_dir, config, input_description, workers, retr
     with _results(jobs, workers) as results:
         for status, _, payload, _ in results:
             if status == "ok":
-                with open(sticks_path, "a", encoding="utf-8") as f:
-                    f.write(payload + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                # The worker already serialised the record (StickRecord.to_json); this is the same
+                # whole-line append + fsync as sticks.append.
+                _append_line(sticks_path, payload)
                 summary["ok"] += 1
             else:
                 _append_line(fail_path, payload)
