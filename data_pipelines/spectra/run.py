@@ -234,21 +234,32 @@ def _compute_locked(molecules, out_dir, config, input_description, workers, retr
 
 
 def finalize(out_dir: str) -> str:
-    """Validates every line of sticks.jsonl and writes sticks.jsonl.gz next to it."""
+    """Checks every line of sticks.jsonl (dropping a torn last line left by a kill) and writes
+    sticks.jsonl.gz next to it; returns a one-line summary including the failure counts."""
     with exclusive_run(out_dir):
         return _finalize_locked(out_dir)
 
 
 def _finalize_locked(out_dir: str) -> str:
     src = os.path.join(out_dir, STICKS_FILE)
-    n = sum(1 for _ in sticks.read(src))  # raises on any bad line
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"nothing to finalize: {src} does not exist")
+    # No writer can be active (we hold the lock), so a torn last line is a leftover of a kill.
+    records, torn = sticks.read_finished(src)  # raises on any other bad line
     dst = src + ".gz"
-    tmp = dst + ".tmp"
+    tmp = src + ".tmp.gz"  # ends in .gz so sticks.read decompresses it
     with open(src, "rb") as fi, gzip.GzipFile(tmp, "wb", mtime=0) as fo:
         shutil.copyfileobj(fi, fo)
+    n_back = sum(1 for _ in sticks.read(tmp))
+    if n_back != len(records):
+        raise sticks.StickFormatError(f"{tmp}: wrote {len(records)} records, read back {n_back}")
     os.replace(tmp, dst)
-    assert sum(1 for _ in sticks.read(dst)) == n
-    return f"{dst}: {n} molecules"
+    kinds: dict[str, int] = {}
+    for f in read_failures(os.path.join(out_dir, FAILURES_FILE)):
+        kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+    return (f"{dst}: {len(records)} molecules"
+            + (f" (dropped {torn} torn last line)" if torn else "")
+            + f"; failures: {sum(kinds.values())} {kinds if kinds else ''}".rstrip())
 
 
 def _collect(args) -> tuple[list[MoleculeInput], dict]:
