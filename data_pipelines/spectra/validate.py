@@ -3,7 +3,7 @@
     # GFN2-xTB harmonic frequencies vs the B3LYP/6-31G(2df,p) frequencies shipped by qm9pack
     python -m data_pipelines.spectra.validate freq --n 60 --seed 123 --out freq.json
     # sTDA vs full TDA (both B3LYP/def2-SVP, same SCF) on the smallest QM9 molecules
-    python -m data_pipelines.spectra.validate tda --max-heavy 3 --n 12 --nstates 12 --out tda.json
+    python -m data_pipelines.spectra.validate tda --max-heavy 4 --n 24 --nstates 12 --out tda.json
 
 `freq` re-optimises each QM9 molecule with GFN2 and compares the sorted lists of 3N-6 wavenumbers
 with QM9's (mean absolute deviation per molecule, then statistics over molecules). `tda` runs one
