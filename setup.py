@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0"],  # e3nn: equivariance tests
+    # Computing spectra (data_pipelines/spectra: GFN2-xTB IR/Raman, PySCF + sTDA UV, validation
+    # plots). Not needed to read or train on the shipped stick files.
+    "spectra": ["tblite==0.8.0", "pyscf==2.14.0", "matplotlib==3.11.2"],
 }
 
 setup(
