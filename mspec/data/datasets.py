@@ -31,7 +31,13 @@ def _builder_class(name: str):
         from data_pipelines.qm9 import QM9
 
         return QM9
-    raise DatasetError(f"unknown dataset {name!r}; known datasets: ['qm9']")
+    if name == "qm9_synthetic_spectra":
+        from data_pipelines.synthetic_spectra import QM9SyntheticSpectra
+
+        return QM9SyntheticSpectra
+    raise DatasetError(
+        f"unknown dataset {name!r}; known datasets: ['qm9', 'qm9_synthetic_spectra']"
+    )
 
 
 def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
