@@ -140,10 +140,17 @@ def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> j
     """``c_ij = a_i . b_j / (max(|a_i|, eps) max(|b_j|, eps))`` for ``a [B, D]``, ``b [B', D]``.
 
     The per-vector clamp at ``eps`` matches ``torch.nn.functional.cosine_similarity`` (recent
-    versions); a zero vector gives similarity 0 rather than NaN.
+    versions); a zero vector (e.g. a padding slot) gives similarity 0, and a zero gradient rather
+    than NaN (``jnp.linalg.norm`` has a NaN gradient at 0).
     """
-    an = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), eps)
-    bn = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), eps)
+
+    def safe_norm(x):
+        sq = jnp.sum(x * x, axis=-1, keepdims=True)
+        pos = sq > 0
+        return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+    an = a / jnp.maximum(safe_norm(a), eps)
+    bn = b / jnp.maximum(safe_norm(b), eps)
     return an @ bn.T
 
 
