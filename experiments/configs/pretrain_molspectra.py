@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.specformer.num_heads = 4
         c.specformer.d_ff = 64
         c.specformer.embed_dim = c.model.hidden
+        # Coarser patches (27 tokens per type instead of 69/139) keep the CPU run short.
+        c.spectra.patch_len = dict(uv=50, ir=250, raman=250)
+        c.spectra.stride = dict(uv=25, ir=125, raman=125)
         c.log_every = 10
         c.eval_every = 40
         c.checkpoint_every = 40

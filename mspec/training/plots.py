@@ -71,7 +71,7 @@ def save_reconstructions(
       directory: output folder (created).
       step: training step (in the file name and the title).
       example: host arrays of one validation molecule: ``spectrum_<t> [L]``,
-        ``recon_<t> [n, P]``, ``mask_<t> [n]``, and ``index`` (its dataset index, or -1).
+        ``recon_<t> [n, P]`` and ``mask_<t> [n]``.
       specs: the :class:`SpectrumSpec` of each type.
       normalization: the SpecFormer input normalisation.
       grids: optional ``{type: {"start", "step", "unit"}}`` from the dataset metadata.
