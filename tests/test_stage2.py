@@ -25,16 +25,21 @@ def spectra_data_dir(qm9_sample_dir):
     return qm9_sample_dir
 
 
-def write_stage1_checkpoint(directory, seed=123, **model_overrides):
-    """A stage-1 (Coord, tiny) checkpoint laid out as train.py writes it, with random weights
-    (drawn on the host: no compilation) and a non-trivial normaliser state."""
+def write_stage1_checkpoint(directory, seed=123, real_init=False, **model_overrides):
+    """A stage-1 (Coord, tiny) checkpoint laid out as train.py writes it, with a non-trivial
+    normaliser state. Weights: N(0, 1) drawn on the host (no compilation; fine for restore
+    tests), or the model's real initialisation (``real_init``; for training from it)."""
     c = pretrain_coord.get_config("tiny")
     for k, v in model_overrides.items():
         c.model[k] = v
     trainer = train.Trainer(c, train.make_model(c), train.make_mesh())
-    shapes = jax.eval_shape(trainer.model.init, jax.random.key(0), graph.pack([], SMALL_BUDGET))["params"]
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), shapes)
+    dummy = graph.pack([], SMALL_BUDGET)
+    if real_init:
+        params = trainer.init_state(jax.random.key(seed), dummy)["params"]
+    else:
+        shapes = jax.eval_shape(trainer.model.init, jax.random.key(0), dummy)["params"]
+        rng = np.random.default_rng(seed)
+        params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), shapes)
     state = {
         "params": params,
         "opt": trainer.tx.init(params),
@@ -205,7 +210,7 @@ def _train_rows(workdir):
 
 
 def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(spectra_data_dir, tmp_path):
-    write_stage1_checkpoint(str(tmp_path / "stage1"))
+    write_stage1_checkpoint(str(tmp_path / "stage1"), real_init=True)
     c = pretrain_molspectra.get_config("tiny")
     c.data.data_dir = spectra_data_dir
     c.init_from.checkpoint = str(tmp_path / "stage1")
