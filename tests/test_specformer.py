@@ -183,3 +183,20 @@ def test_eval_mode_is_per_molecule():
     full = model.apply(variables, x, gm, mask_rng=None, train=False)["embedding"]
     one = model.apply(variables, {k: v[2:3] for k, v in x.items()}, gm[:1], mask_rng=None, train=False)
     np.testing.assert_allclose(one["embedding"][0], full[2], rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_the_torch_code():
+    specs = official_specs()
+    model = SpecFormer(specs, embed_dim=256)
+    x = {s.name: jnp.zeros((2, s.length)) for s in specs}
+    params = jax.jit(
+        lambda: model.init(jax.random.key(0), x, jnp.ones(2, bool), mask_rng=None, train=True)
+    )()["params"]
+    pos = np.asarray(params["pos_ir"])
+    assert pos.shape == (139, 128) and -0.02 <= pos.min() < -0.019 and 0.019 < pos.max() <= 0.02
+    head = np.asarray(params["embed_proj"]["kernel"])  # Xavier bound sqrt(6 / (44416 + 256)) ~ 0.0116
+    assert 0.0110 < np.abs(head).max() <= np.sqrt(6 / (44416 + 256)) * (1 + 1e-6)
+    assert not np.asarray(params["embed_proj"]["bias"]).any()
+    out = params["layers_0"]["out_proj"]  # torch's default Linear init: U(+-1/sqrt(128)) incl. bias
+    assert 0.08 < np.abs(out["kernel"]).max() <= 1 / np.sqrt(128) * (1 + 1e-6)
+    assert 0.08 < np.abs(out["bias"]).max() <= 1 / np.sqrt(128) * (1 + 1e-6)

@@ -55,6 +55,15 @@ def _torch_default_dense(features: int, fan_in: int, name: str) -> nn.Dense:
     )
 
 
+def _uniform_pm(bound: float):
+    """Initialiser U(-bound, bound) (PatchTST's learnable positional table: bound 0.02)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class MaskedBatchNorm(nn.Module):
     """``torch.nn.BatchNorm1d`` over the channel axis, with padding rows excluded from the stats.
 
@@ -193,11 +202,7 @@ class SpecFormer(nn.Module):
                 m = spectra.random_patch_mask(key, (b,), spec)
             patches[spec.name], masks[spec.name] = p, m
             p_in = jnp.where(m[..., None], 0.0, p)  # masked patches are zero-filled (Q3)
-            pos = self.param(
-                f"pos_{spec.name}",
-                nn.initializers.uniform(scale=0.04),  # U(0, 0.04) shifted below to U(-0.02, 0.02)
-                (spec.num_patches, self.d_model),
-            ) - 0.02
+            pos = self.param(f"pos_{spec.name}", _uniform_pm(0.02), (spec.num_patches, self.d_model))
             tokens.append(dense(self.d_model, name=f"patch_proj_{spec.name}")(p_in) + pos)
         z = jnp.concatenate(tokens, axis=1)  # [B, T, d]
 
