@@ -136,7 +136,13 @@ class QM9SyntheticSpectra(tfds.core.GeneratorBasedBuilder):
             ),
             metadata=tfds.core.MetadataDict(
                 spectra={
-                    k: {"start": g[0], "stop": g[1], "step": g[2], "unit": g[3], "num_points": len(grid(k))}
+                    k: {
+                        "start": g[0],
+                        "stop": g[1],
+                        "step": g[2],
+                        "unit": g[3],
+                        "num_points": len(grid(k)),
+                    }
                     for k, g in GRIDS.items()
                 },
                 synthetic=True,
@@ -151,7 +157,11 @@ class QM9SyntheticSpectra(tfds.core.GeneratorBasedBuilder):
         source_builder = datasets.get_builder("qm9/sample", os.fspath(self._data_dir_root))
         meta = dict(source_builder.info.metadata or {})
         self.info.metadata.update(
-            {k: meta[k] for k in ("num_atoms_max", "num_torsions_max", "num_atoms_mean") if k in meta}
+            {
+                k: meta[k]
+                for k in ("num_atoms_max", "num_torsions_max", "num_atoms_mean")
+                if k in meta
+            }
         )
         return {
             split: self._generate_examples(datasets.open_split(source_builder, split), n)
@@ -163,13 +173,26 @@ class QM9SyntheticSpectra(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"qm9/sample split has {len(source)} molecules, need {n}")
         for rank in tqdm.trange(n, desc="synthetic spectra", unit="mol"):
             ex = source[rank]
-            yield rank, {
-                **{k: ex[k] for k in ("index", "pyg_idx", "atomic_numbers", "positions", "targets",
-                                      "torsions", "torsion_moving")},
-                "smiles": _text(ex["smiles"]),
-                "torsion_status": _text(ex["torsion_status"]),
-                **synthetic_spectra(ex["atomic_numbers"], ex["positions"]),
-            }
+            yield (
+                rank,
+                {
+                    **{
+                        k: ex[k]
+                        for k in (
+                            "index",
+                            "pyg_idx",
+                            "atomic_numbers",
+                            "positions",
+                            "targets",
+                            "torsions",
+                            "torsion_moving",
+                        )
+                    },
+                    "smiles": _text(ex["smiles"]),
+                    "torsion_status": _text(ex["torsion_status"]),
+                    **synthetic_spectra(ex["atomic_numbers"], ex["positions"]),
+                },
+            )
 
 
 def _text(value) -> str:

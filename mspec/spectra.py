@@ -48,7 +48,9 @@ class SpectrumSpec:
                 f"spectrum {self.name!r}: patch_len {self.patch_len} exceeds its length {self.length}"
             )
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"spectrum {self.name!r}: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise ValueError(
+                f"spectrum {self.name!r}: mask_ratio must be in [0, 1), got {self.mask_ratio}"
+            )
 
     @property
     def num_patches(self) -> int:
@@ -62,7 +64,9 @@ class SpectrumSpec:
         return n - int(n * (1.0 - self.mask_ratio))
 
 
-def normalize(spectrum: jax.Array, kind: str, minmax: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
+def normalize(
+    spectrum: jax.Array, kind: str, minmax: tuple[float, float] = (0.0, 1.0)
+) -> jax.Array:
     """Elementwise input normalisation (spec §2.4).
 
     * ``"log10"``: ``log10(1 + s)`` (the official default);
@@ -107,7 +111,9 @@ def patchify(spectrum: jax.Array, spec: SpectrumSpec) -> jax.Array:
     return spectrum[..., patch_indices(spec)]
 
 
-def random_patch_mask(rng: jax.Array, batch_shape: tuple[int, ...], spec: SpectrumSpec) -> jax.Array:
+def random_patch_mask(
+    rng: jax.Array, batch_shape: tuple[int, ...], spec: SpectrumSpec
+) -> jax.Array:
     """Random patch mask, ``True`` = masked, with exactly ``spec.num_masked`` per spectrum.
 
     Per spectrum: draw ``u ~ U(0, 1)^n``; the ``K = int(n (1 - r))`` patches with the smallest

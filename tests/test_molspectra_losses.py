@@ -39,7 +39,9 @@ def test_masked_patch_mse_matches_numpy_and_ignores_unmasked_patches():
     assert float(got) == pytest.approx(expected, rel=1e-5)
     # Changing unmasked predictions, or anything in padding slots, does not change the loss.
     pred2 = np.where(w[..., None], pred, 1e3)
-    assert float(losses.masked_patch_mse(pred2, target, mask, gm)) == pytest.approx(float(got), rel=1e-6)
+    assert float(losses.masked_patch_mse(pred2, target, mask, gm)) == pytest.approx(
+        float(got), rel=1e-6
+    )
     # Its gradient is zero on every unmasked / padding patch.
     g = jax.grad(losses.masked_patch_mse)(jnp.asarray(pred), target, mask, gm)
     assert np.all(np.asarray(g)[~w] == 0) and np.any(np.asarray(g)[w] != 0)
@@ -79,7 +81,9 @@ def test_info_nce_is_invariant_to_padding_slots(pair):
 def test_contrastive_gradient_pulls_the_positive_pair_together():
     """Toy pair: a gradient step raises c_ii and lowers c_ij (the loss falls)."""
     mol = jnp.array([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3]])
-    spec = jnp.array([[0.3, 1.0, 0.0], [1.0, 0.0, 0.2]])  # each spectrum closer to the *other* molecule
+    spec = jnp.array(
+        [[0.3, 1.0, 0.0], [1.0, 0.0, 0.2]]
+    )  # each spectrum closer to the *other* molecule
     gm = jnp.ones(2, bool)
     g = jax.grad(losses.info_nce)(mol, spec, gm)
     cos = lambda m: np.asarray(losses.cosine_similarity_matrix(m, spec))
@@ -91,7 +95,9 @@ def test_contrastive_gradient_pulls_the_positive_pair_together():
     assert float(losses.info_nce(moved, spec, gm)) < float(losses.info_nce(mol, spec, gm))
     # The learnable temperature: a perfectly aligned batch prefers a smaller temperature.
     aligned = jnp.eye(3)
-    dtau = jax.grad(lambda t: losses.info_nce(aligned, aligned, jnp.ones(3, bool), temperature=t))(0.5)
+    dtau = jax.grad(lambda t: losses.info_nce(aligned, aligned, jnp.ones(3, bool), temperature=t))(
+        0.5
+    )
     assert float(dtau) > 0
 
 

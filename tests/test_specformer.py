@@ -14,7 +14,10 @@ LENGTHS = dict(uv=701, ir=3501, raman=3501)
 
 def official_specs(mask_ratio=0.1):
     return make_specs(
-        ("uv", "ir", "raman"), LENGTHS, dict(uv=20, ir=50, raman=50), dict(uv=10, ir=25, raman=25),
+        ("uv", "ir", "raman"),
+        LENGTHS,
+        dict(uv=20, ir=50, raman=50),
+        dict(uv=10, ir=25, raman=25),
         dict(uv=mask_ratio, ir=mask_ratio, raman=mask_ratio),
     )
 
@@ -22,7 +25,10 @@ def official_specs(mask_ratio=0.1):
 def small_specs(mask_ratio=0.25):
     """Short synthetic spectra, so the model tests run in a second."""
     return make_specs(
-        ("a", "b"), dict(a=60, b=100), dict(a=10, b=20), dict(a=5, b=10),
+        ("a", "b"),
+        dict(a=60, b=100),
+        dict(a=10, b=20),
+        dict(a=5, b=10),
         dict(a=mask_ratio, b=mask_ratio),
     )
 
@@ -86,7 +92,9 @@ def test_official_parameter_count(embed_dim, expected):
     model = SpecFormer(specs, embed_dim=embed_dim)
     x = {s.name: jnp.zeros((2, s.length)) for s in specs}
     variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), x, jnp.ones(2, bool), mask_rng=jax.random.key(1), train=True)
+        lambda: model.init(
+            jax.random.key(0), x, jnp.ones(2, bool), mask_rng=jax.random.key(1), train=True
+        )
     )
     assert count_params(variables["params"]) == expected
     # BatchNorm running mean/var of 2 norms x 3 layers x 128 channels, outside the parameters.
@@ -108,7 +116,9 @@ def test_outputs_shapes_and_masks():
     x = _random_spectra(jax.random.key(0), specs, 6)
     gm = jnp.ones(6, bool)
     variables = model.init(jax.random.key(1), x, gm, mask_rng=jax.random.key(2), train=True)
-    out, _ = model.apply(variables, x, gm, mask_rng=jax.random.key(2), train=True, mutable=["batch_stats"])
+    out, _ = model.apply(
+        variables, x, gm, mask_rng=jax.random.key(2), train=True, mutable=["batch_stats"]
+    )
     assert out["embedding"].shape == (6, 16)
     for s in specs:
         assert out["reconstruction"][s.name].shape == (6, s.num_patches, s.patch_len)
@@ -142,7 +152,9 @@ def test_masked_patches_are_hidden_from_the_encoder():
     out2 = model.apply(variables, x2, gm, mask_rng=key, train=False)
     np.testing.assert_allclose(out2["embedding"], out["embedding"], rtol=1e-6, atol=1e-6)
     for s in specs:
-        np.testing.assert_allclose(out2["reconstruction"][s.name], out["reconstruction"][s.name], atol=1e-6)
+        np.testing.assert_allclose(
+            out2["reconstruction"][s.name], out["reconstruction"][s.name], atol=1e-6
+        )
 
 
 def test_batchnorm_statistics_exclude_padding_slots():
@@ -155,7 +167,9 @@ def test_batchnorm_statistics_exclude_padding_slots():
     x_junk = {k: v.at[4:].set(1e4) for k, v in x.items()}
 
     def run(inp):
-        return model.apply(variables, inp, gm, mask_rng=jax.random.key(2), train=True, mutable=["batch_stats"])
+        return model.apply(
+            variables, inp, gm, mask_rng=jax.random.key(2), train=True, mutable=["batch_stats"]
+        )
 
     (out_a, st_a), (out_b, st_b) = run(x), run(x_junk)
     np.testing.assert_allclose(out_a["embedding"][:4], out_b["embedding"][:4], rtol=1e-5, atol=1e-5)
@@ -163,7 +177,11 @@ def test_batchnorm_statistics_exclude_padding_slots():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # ... and the batch statistics are those of the real rows only: the same as a 4-row batch.
     out_c, st_c = model.apply(
-        variables, {k: v[:4] for k, v in x.items()}, gm[:4], mask_rng=jax.random.key(2), train=True,
+        variables,
+        {k: v[:4] for k, v in x.items()},
+        gm[:4],
+        mask_rng=jax.random.key(2),
+        train=True,
         mutable=["batch_stats"],
     )
     for a, c in zip(jax.tree.leaves(st_a), jax.tree.leaves(st_c)):
@@ -181,7 +199,9 @@ def test_eval_mode_is_per_molecule():
     gm = jnp.ones(5, bool)
     variables = model.init(jax.random.key(1), x, gm, mask_rng=None, train=True)
     full = model.apply(variables, x, gm, mask_rng=None, train=False)["embedding"]
-    one = model.apply(variables, {k: v[2:3] for k, v in x.items()}, gm[:1], mask_rng=None, train=False)
+    one = model.apply(
+        variables, {k: v[2:3] for k, v in x.items()}, gm[:1], mask_rng=None, train=False
+    )
     np.testing.assert_allclose(one["embedding"][0], full[2], rtol=1e-5, atol=1e-5)
 
 
@@ -194,7 +214,9 @@ def test_initialisation_follows_the_torch_code():
     )()["params"]
     pos = np.asarray(params["pos_ir"])
     assert pos.shape == (139, 128) and -0.02 <= pos.min() < -0.019 and 0.019 < pos.max() <= 0.02
-    head = np.asarray(params["embed_proj"]["kernel"])  # Xavier bound sqrt(6 / (44416 + 256)) ~ 0.0116
+    head = np.asarray(
+        params["embed_proj"]["kernel"]
+    )  # Xavier bound sqrt(6 / (44416 + 256)) ~ 0.0116
     assert 0.0110 < np.abs(head).max() <= np.sqrt(6 / (44416 + 256)) * (1 + 1e-6)
     assert not np.asarray(params["embed_proj"]["bias"]).any()
     out = params["layers_0"]["out_proj"]  # torch's default Linear init: U(+-1/sqrt(128)) incl. bias

@@ -15,7 +15,9 @@ from mspec.data import datasets, pipeline
 from mspec.training import checkpoint, metrics, molspectra, train
 
 LENGTHS = dict(uv=701, ir=3501, raman=3501)
-SMALL_BUDGET = graph.Budget(n_node=40, n_edge=1200, n_graph=3, max_torsions=8, spectra=tuple(LENGTHS.items()))
+SMALL_BUDGET = graph.Budget(
+    n_node=40, n_edge=1200, n_graph=3, max_torsions=8, spectra=tuple(LENGTHS.items())
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def write_stage1_checkpoint(directory, seed=123, real_init=False, **model_overri
     else:
         shapes = jax.eval_shape(trainer.model.init, jax.random.key(0), dummy)["params"]
         rng = np.random.default_rng(seed)
-        params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), shapes)
+        params = jax.tree.map(
+            lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), shapes
+        )
     state = {
         "params": params,
         "opt": trainer.tx.init(params),
@@ -75,14 +79,22 @@ def test_stage2_restores_encoder_and_noise_head_bit_identically(tmp_path, fresh_
     fresh = jax.device_get(fresh)
     assert sorted(state["params"]) == ["noise_head", "representation", "specformer"]
     for name in ("representation", "noise_head"):
-        for a, b in zip(jax.tree.leaves(state["params"][name]), jax.tree.leaves(s1["params"][name])):
+        for a, b in zip(
+            jax.tree.leaves(state["params"][name]), jax.tree.leaves(s1["params"][name])
+        ):
             np.testing.assert_array_equal(a, b)
     # The encoder really was overwritten (a fresh init differs), SpecFormer was not touched.
     assert not all(
         np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(fresh["params"]["representation"]), jax.tree.leaves(s1["params"]["representation"]))
+        for a, b in zip(
+            jax.tree.leaves(fresh["params"]["representation"]),
+            jax.tree.leaves(s1["params"]["representation"]),
+        )
     )
-    for a, b in zip(jax.tree.leaves(state["params"]["specformer"]), jax.tree.leaves(fresh["params"]["specformer"])):
+    for a, b in zip(
+        jax.tree.leaves(state["params"]["specformer"]),
+        jax.tree.leaves(fresh["params"]["specformer"]),
+    ):
         np.testing.assert_array_equal(a, b)
     # "running" target normalisation continues stage 1's accumulated statistics (quirk Q8).
     for a, b in zip(state["normalizer"], s1["normalizer"]):
@@ -101,8 +113,12 @@ def test_stage2_restore_fails_loudly_on_mismatch(tmp_path, fresh_stage2_state):
     with pytest.raises(checkpoint.RestoreError, match="no parameter subtree 'noise_head'"):
         trainer.start_from_pretrained(fresh)
 
-    trainer = stage2_trainer(checkpoint=str(tmp_path / "nonoise"), subtrees=("representation", "scalar_head"))
-    with pytest.raises(checkpoint.RestoreError, match="'scalar_head' is not a parameter of this model"):
+    trainer = stage2_trainer(
+        checkpoint=str(tmp_path / "nonoise"), subtrees=("representation", "scalar_head")
+    )
+    with pytest.raises(
+        checkpoint.RestoreError, match="'scalar_head' is not a parameter of this model"
+    ):
         trainer.start_from_pretrained(fresh)
 
     trainer = stage2_trainer(checkpoint=str(tmp_path / "missing"))
@@ -115,14 +131,18 @@ def test_spectra_ride_in_the_batch_and_bad_records_are_named(spectra_data_dir):
     source = datasets.open_split(builder, "train")
     lengths = molspectra.spectrum_lengths(pretrain_molspectra.get_config("tiny"), builder)
     assert lengths == LENGTHS
-    feat = pipeline.Featurizer(radius=5.5, max_z=100, dataset="synthetic", spectra=tuple(lengths.items()))
+    feat = pipeline.Featurizer(
+        radius=5.5, max_z=100, dataset="synthetic", spectra=tuple(lengths.items())
+    )
     mols = [feat(source[i]) for i in range(2)]
     batch = graph.pack(mols, SMALL_BUDGET)
     np.testing.assert_array_equal(batch["spectrum_ir"][0], source[0]["ir"])
     np.testing.assert_array_equal(batch["spectrum_uv"][1], source[1]["uv"])
     assert not batch["spectrum_raman"][2].any()  # the padding slot
     # The synthetic spectra are the documented deterministic function of the molecule.
-    expected = synthetic_spectra.synthetic_spectra(source[0]["atomic_numbers"], source[0]["positions"])
+    expected = synthetic_spectra.synthetic_spectra(
+        source[0]["atomic_numbers"], source[0]["positions"]
+    )
     np.testing.assert_allclose(source[0]["raman"], expected["raman"], rtol=1e-6)
 
     ex = dict(source[0])
@@ -145,19 +165,28 @@ def test_spectra_ride_in_the_batch_and_bad_records_are_named(spectra_data_dir):
 def test_configs_build_and_modalities_come_from_the_config():
     for variant in (None, "tiny"):
         c = pretrain_molspectra.get_config(variant)
-        t = molspectra.MolSpectraTrainer(c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS)
+        t = molspectra.MolSpectraTrainer(
+            c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+        )
         assert [s.name for s in t.spectrum_specs] == ["uv", "ir", "raman"]
     assert [s.num_patches for s in t.spectrum_specs] == [27, 27, 27]  # tiny's coarse patches
     c = pretrain_molspectra.get_config()
     c.spectra.types = ("ir", "raman")  # the paper's "without UV-Vis" ablation
-    t = molspectra.MolSpectraTrainer(c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS)
-    assert [(s.name, s.num_patches, s.num_masked) for s in t.spectrum_specs] == [("ir", 139, 14), ("raman", 139, 14)]
+    t = molspectra.MolSpectraTrainer(
+        c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+    )
+    assert [(s.name, s.num_patches, s.num_masked) for s in t.spectrum_specs] == [
+        ("ir", 139, 14),
+        ("raman", 139, 14),
+    ]
     with pytest.raises(ValueError, match="unknown variant"):
         pretrain_molspectra.get_config("huge")
     c = pretrain_molspectra.get_config("tiny")
     c.specformer.embed_dim = 32
     with pytest.raises(ValueError, match="must equal the ET width"):
-        molspectra.MolSpectraTrainer(c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS).check()
+        molspectra.MolSpectraTrainer(
+            c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+        ).check()
 
 
 def test_objective_is_the_same_on_one_and_four_devices(spectra_data_dir):
@@ -166,7 +195,9 @@ def test_objective_is_the_same_on_one_and_four_devices(spectra_data_dir):
     builder = datasets.get_builder("qm9_synthetic_spectra/sample", spectra_data_dir, build=False)
     source = datasets.open_split(builder, "train")
     feat = pipeline.Featurizer(radius=5.5, max_z=100, spectra=tuple(LENGTHS.items()))
-    budget = graph.Budget(n_node=97, n_edge=1800, n_graph=5, max_torsions=8, spectra=tuple(LENGTHS.items()))
+    budget = graph.Budget(
+        n_node=97, n_edge=1800, n_graph=5, max_torsions=8, spectra=tuple(LENGTHS.items())
+    )
     ds = pipeline.make_grain_dataset(source, feat, seed=0, shuffle=False, repeat=False)
     it = pipeline.PackedBatchIterator(ds, budget, num_devices=4)
     local = next(it)
@@ -175,15 +206,21 @@ def test_objective_is_the_same_on_one_and_four_devices(spectra_data_dir):
     for devices in (jax.devices(), jax.devices()[:1]):
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         c = pretrain_molspectra.get_config("tiny")
-        trainer = molspectra.MolSpectraTrainer(c, train.make_model(c), mesh, spectrum_lengths=LENGTHS)
+        trainer = molspectra.MolSpectraTrainer(
+            c, train.make_model(c), mesh, spectrum_lengths=LENGTHS
+        )
         if state is None:
             state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
         state = jax.device_put(jax.device_get(state), trainer.replicated)  # same values, this mesh
 
         def objective(params, batch, _t=trainer, _s=state):
             loss, (m, _, bs, _) = _t._objective(
-                params, _s["batch_stats"], jax.random.key(3), batch,
-                tuple(jnp.zeros(()) for _ in range(3)), True,
+                params,
+                _s["batch_stats"],
+                jax.random.key(3),
+                batch,
+                tuple(jnp.zeros(()) for _ in range(3)),
+                True,
             )
             return loss, (m, bs)
 
@@ -209,7 +246,9 @@ def _train_rows(workdir):
     return rows
 
 
-def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(spectra_data_dir, tmp_path):
+def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
+    spectra_data_dir, tmp_path
+):
     write_stage1_checkpoint(str(tmp_path / "stage1"), real_init=True)
     c = pretrain_molspectra.get_config("tiny")
     c.data.data_dir = spectra_data_dir
@@ -233,7 +272,13 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(spect
     first = np.mean([rows[s]["train/contrastive"] for s in range(1, 11)])
     last = np.mean([rows[s]["train/contrastive"] for s in range(51, 61)])
     assert last < first - 0.2, (first, last)
-    for term in ("train/mpr_uv", "train/mpr_ir", "train/mpr_raman", "train/denoising_mse", "train/retrieval_top1"):
+    for term in (
+        "train/mpr_uv",
+        "train/mpr_ir",
+        "train/mpr_raman",
+        "train/denoising_mse",
+        "train/retrieval_top1",
+    ):
         assert term in rows[60]
 
     # Pictures: one PNG per type and evaluation, also in TensorBoard.
@@ -243,13 +288,17 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(spect
 
     ea = EventAccumulator(os.path.join(full, "tensorboard"))
     ea.Reload()
-    assert {"reconstruction/uv", "reconstruction/ir", "reconstruction/raman"} <= set(ea.Tags()["images"])
+    assert {"reconstruction/uv", "reconstruction/ir", "reconstruction/raman"} <= set(
+        ea.Tags()["images"]
+    )
     assert [e.step for e in ea.Scalars("eval/retrieval_top1")] == [30, 60]
 
     # Resume from the step-30 checkpoint (BatchNorm statistics included): identical steps 31-60.
     resumed = str(tmp_path / "resumed")
     os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(os.path.join(full, "checkpoints", "30"), os.path.join(resumed, "checkpoints", "30"))
+    shutil.copytree(
+        os.path.join(full, "checkpoints", "30"), os.path.join(resumed, "checkpoints", "30")
+    )
     summary2 = train.train_and_evaluate(c, resumed)
     assert summary2["start_step"] == 30
     a, b = _train_rows(full), _train_rows(resumed)

@@ -63,7 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.specformer = ml_collections.ConfigDict(
-        dict(d_model=128, num_layers=3, num_heads=16, d_ff=256, bn_momentum=0.9, embed_dim=c.model.hidden)
+        dict(
+            d_model=128,
+            num_layers=3,
+            num_heads=16,
+            d_ff=256,
+            bn_momentum=0.9,
+            embed_dim=c.model.hidden,
+        )
     )
     c.loss.mpr_weight = 1.0
     c.loss.contrastive_weight = 1.0

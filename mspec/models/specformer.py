@@ -190,11 +190,15 @@ class SpecFormer(nn.Module):
             raise ValueError(f"SpecFormer needs spectra {missing}; got {sorted(spectra_in)}")
         b = graph_mask.shape[0]
         keys = (
-            jax.random.split(mask_rng, len(self.specs)) if mask_rng is not None else [None] * len(self.specs)
+            jax.random.split(mask_rng, len(self.specs))
+            if mask_rng is not None
+            else [None] * len(self.specs)
         )
         patches, masks, tokens = {}, {}, []
         for spec, key in zip(self.specs, keys):
-            x = spectra.normalize(spectra_in[spec.name].astype(jnp.float32), self.normalization, spec.minmax)
+            x = spectra.normalize(
+                spectra_in[spec.name].astype(jnp.float32), self.normalization, spec.minmax
+            )
             p = spectra.patchify(x, spec)  # [B, n, P]
             if key is None:
                 m = jnp.zeros((b, spec.num_patches), bool)
@@ -202,7 +206,9 @@ class SpecFormer(nn.Module):
                 m = spectra.random_patch_mask(key, (b,), spec)
             patches[spec.name], masks[spec.name] = p, m
             p_in = jnp.where(m[..., None], 0.0, p)  # masked patches are zero-filled (Q3)
-            pos = self.param(f"pos_{spec.name}", _uniform_pm(0.02), (spec.num_patches, self.d_model))
+            pos = self.param(
+                f"pos_{spec.name}", _uniform_pm(0.02), (spec.num_patches, self.d_model)
+            )
             tokens.append(dense(self.d_model, name=f"patch_proj_{spec.name}")(p_in) + pos)
         z = jnp.concatenate(tokens, axis=1)  # [B, T, d]
 
@@ -238,8 +244,12 @@ def make_specs(
     """
     out = []
     for name in names:
-        for what, table in (("length", lengths), ("patch_len", patch_len), ("stride", stride),
-                            ("mask_ratio", mask_ratio)):
+        for what, table in (
+            ("length", lengths),
+            ("patch_len", patch_len),
+            ("stride", stride),
+            ("mask_ratio", mask_ratio),
+        ):
             if name not in table:
                 raise ValueError(f"spectrum type {name!r} has no {what} (known: {sorted(table)})")
         mm = tuple(float(v) for v in (minmax or {}).get(name, (0.0, 1.0)))

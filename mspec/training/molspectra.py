@@ -60,7 +60,9 @@ def spectrum_lengths(config, builder) -> dict[str, int]:
             )
         shape = tuple(features[name].shape)
         if len(shape) != 1 or shape[0] is None:
-            raise ValueError(f"feature {name!r} of {builder.info.full_name} is not a fixed-length vector: {shape}")
+            raise ValueError(
+                f"feature {name!r} of {builder.info.full_name} is not a fixed-length vector: {shape}"
+            )
         out[name] = int(shape[0])
     return out
 
@@ -69,7 +71,9 @@ def dataset_grids(builder) -> dict:
     """``{type: {"start", "step", "unit"}}`` from the dataset metadata, when it has them."""
     meta = dict(getattr(getattr(builder, "info", None), "metadata", None) or {})
     grids = meta.get("spectra") or {}
-    return {k: v for k, v in grids.items() if isinstance(v, Mapping) and {"start", "step"} <= set(v)}
+    return {
+        k: v for k, v in grids.items() if isinstance(v, Mapping) and {"start", "step"} <= set(v)
+    }
 
 
 @dataclasses.dataclass
@@ -90,7 +94,11 @@ class MolSpectraTrainer(train.Trainer):
             raise ValueError("MolSpectraTrainer needs spectrum_lengths")
         sp = cfg.spectra
         self.spectrum_specs = make_specs(
-            tuple(sp.types), self.spectrum_lengths, sp.patch_len, sp.stride, sp.mask_ratio,
+            tuple(sp.types),
+            self.spectrum_lengths,
+            sp.patch_len,
+            sp.stride,
+            sp.mask_ratio,
             sp.get("minmax"),
         )
         sf = cfg.specformer
@@ -113,9 +121,13 @@ class MolSpectraTrainer(train.Trainer):
         if cfg.noise.type not in ("frad", "coord"):
             raise ValueError(f"config.noise.type must be 'frad' or 'coord', got {cfg.noise.type!r}")
         if cfg.loss.target_normalization not in ("tau", "running", "none"):
-            raise ValueError(f"bad config.loss.target_normalization {cfg.loss.target_normalization!r}")
+            raise ValueError(
+                f"bad config.loss.target_normalization {cfg.loss.target_normalization!r}"
+            )
         if "noise" not in cfg.model.heads:
-            raise ValueError("stage 2 needs the 'noise' head in config.model.heads (denoising term)")
+            raise ValueError(
+                "stage 2 needs the 'noise' head in config.model.heads (denoising term)"
+            )
         if not cfg.spectra.types:
             raise ValueError("config.spectra.types is empty: declare the spectra to train on")
         if cfg.specformer.embed_dim != cfg.model.hidden:
@@ -144,7 +156,9 @@ class MolSpectraTrainer(train.Trainer):
         params["specformer"] = variables["params"]
         if self.config.loss.contrastive.learnable_temperature:
             params["contrastive"] = {
-                "log_temperature": jnp.log(jnp.asarray(self.config.loss.contrastive.temperature, jnp.float32))
+                "log_temperature": jnp.log(
+                    jnp.asarray(self.config.loss.contrastive.temperature, jnp.float32)
+                )
             }
         state = {
             "params": params,
@@ -158,7 +172,9 @@ class MolSpectraTrainer(train.Trainer):
     def start_from_pretrained(self, state: dict) -> dict:
         init = self.config.init_from
         if not init.checkpoint:
-            train.note("init_from.checkpoint is empty: stage 2 starts from a random ET (no stage 1)")
+            train.note(
+                "init_from.checkpoint is empty: stage 2 starts from a random ET (no stage 1)"
+            )
             return state
         want_norm = self.config.loss.target_normalization == "running" and init.normalizer
         params, normalizer, step = checkpoint.restore_params_subtrees(
@@ -190,10 +206,16 @@ class MolSpectraTrainer(train.Trainer):
             key, b = args
             noisy, target = train.perturb(self.config, key, b)
             edge_mask = graph.active_edges(
-                noisy, b["senders"], b["receivers"], b["edge_mask"],
-                self.config.model.cutoff, self.config.data.max_neighbors,
+                noisy,
+                b["senders"],
+                b["receivers"],
+                b["edge_mask"],
+                self.config.model.cutoff,
+                self.config.data.max_neighbors,
             )
-            out = self.model.apply({"params": params}, {**b, "positions": noisy, "edge_mask": edge_mask})
+            out = self.model.apply(
+                {"params": params}, {**b, "positions": noisy, "edge_mask": edge_mask}
+            )
             g = b["graph_mask"].shape[0]
             # Sum of the final (LayerNorm-ed) scalar features; padding atoms are already 0.
             mol = jax.ops.segment_sum(out["node_features"], b["node_graph"], num_segments=g)
@@ -234,7 +256,8 @@ class MolSpectraTrainer(train.Trainer):
         d, g = batch["graph_mask"].shape
         gm = batch["graph_mask"].reshape(d * g)
         spec_in = {
-            s.name: batch[graph.spectrum_key(s.name)].reshape(d * g, s.length) for s in self.spectrum_specs
+            s.name: batch[graph.spectrum_key(s.name)].reshape(d * g, s.length)
+            for s in self.spectrum_specs
         }
         variables = {"params": params["specformer"], "batch_stats": batch_stats}
         if train_mode:
@@ -246,16 +269,26 @@ class MolSpectraTrainer(train.Trainer):
             out = self.specformer.apply(variables, spec_in, gm, mask_rng=k_mask, train=False)
 
         mpr_terms = {
-            t: losses.masked_patch_mse(out["reconstruction"][t], out["patches"][t], out["mask"][t], gm)
+            t: losses.masked_patch_mse(
+                out["reconstruction"][t], out["patches"][t], out["mask"][t], gm
+            )
             for t in out["patches"]
         }
         mpr = sum(mpr_terms.values())  # a sum over the types, as the paper (Q17)
         mol = mol.reshape(d * g, -1)
         tau = self.temperature(params)
-        con = losses.info_nce(mol, out["embedding"], gm, tau, symmetric=cfg.loss.contrastive.symmetric)
-        loss = cfg.loss.denoising_weight * den + cfg.loss.mpr_weight * mpr + cfg.loss.contrastive_weight * con
+        con = losses.info_nce(
+            mol, out["embedding"], gm, tau, symmetric=cfg.loss.contrastive.symmetric
+        )
+        loss = (
+            cfg.loss.denoising_weight * den
+            + cfg.loss.mpr_weight * mpr
+            + cfg.loss.contrastive_weight * con
+        )
 
-        hits = losses.retrieval_hits(jax.lax.stop_gradient(mol), jax.lax.stop_gradient(out["embedding"]), gm)
+        hits = losses.retrieval_hits(
+            jax.lax.stop_gradient(mol), jax.lax.stop_gradient(out["embedding"]), gm
+        )
         n_mol = jnp.maximum(jnp.sum(gm), 1)
         measurements = {
             "denoising_mse": den,
@@ -271,9 +304,15 @@ class MolSpectraTrainer(train.Trainer):
     def _update(self, state, batch):
         self.traces += 1  # trace-time only: counts compilations of the step
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
-        (loss, (meas, stats, batch_stats, _)), grads = jax.value_and_grad(self._objective, has_aux=True)(
-            state["params"], state["batch_stats"], rng, batch,
-            losses.RunningStats(*state["normalizer"]), True,
+        (loss, (meas, stats, batch_stats, _)), grads = jax.value_and_grad(
+            self._objective, has_aux=True
+        )(
+            state["params"],
+            state["batch_stats"],
+            rng,
+            batch,
+            losses.RunningStats(*state["normalizer"]),
+            True,
         )
         params, opt, norms = self.apply_gradients(state, grads)
         new_state = {
@@ -311,7 +350,9 @@ class MolSpectraTrainer(train.Trainer):
         chance = {f"retrieval_chance_top{k}": jnp.minimum(k, n_mol) for k in (1, 5)}
         example = {}
         for s in self.spectrum_specs:
-            example[f"spectrum_{s.name}"] = batch[graph.spectrum_key(s.name)].reshape(gm.shape[0], -1)[0]
+            example[f"spectrum_{s.name}"] = batch[graph.spectrum_key(s.name)].reshape(
+                gm.shape[0], -1
+            )[0]
             example[f"recon_{s.name}"] = out["reconstruction"][s.name][0]
             example[f"mask_{s.name}"] = out["mask"][s.name][0]
         return values, weights, chance, n_mol, example
@@ -324,8 +365,13 @@ class MolSpectraTrainer(train.Trainer):
         if not hasattr(self, "_eval_jit"):
             self._eval_jit = jax.jit(self._eval)
         ds = pipeline.make_grain_dataset(
-            eval_source, featurizer, seed=cfg.seed, shuffle=False, repeat=False,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            eval_source,
+            featurizer,
+            seed=cfg.seed,
+            shuffle=False,
+            repeat=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
             limit=cfg.data.eval_max_molecules or None,
         )
         it = pipeline.PackedBatchIterator(ds, budget, jax.local_device_count())
@@ -335,8 +381,11 @@ class MolSpectraTrainer(train.Trainer):
             for i, local in enumerate(it):
                 values, weights, chance, n_mol, ex = jax.device_get(
                     self._eval_jit(
-                        state["params"], state["batch_stats"], state["normalizer"],
-                        self.global_batch(local), jax.random.fold_in(base, i),
+                        state["params"],
+                        state["batch_stats"],
+                        state["normalizer"],
+                        self.global_batch(local),
+                        jax.random.fold_in(base, i),
                     )
                 )
                 for k, v in values.items():
@@ -354,8 +403,12 @@ class MolSpectraTrainer(train.Trainer):
         result["eval/molecules"] = n_total
         if example is not None and jax.process_index() == 0:
             images = plots.save_reconstructions(
-                os.path.join(workdir, "reconstructions"), step, example, self.spectrum_specs,
-                cfg.spectra.normalization, self.grids,
+                os.path.join(workdir, "reconstructions"),
+                step,
+                example,
+                self.spectrum_specs,
+                cfg.spectra.normalization,
+                self.grids,
             )
             for t, (_, image) in images.items():
                 writer.write_image(f"reconstruction/{t}", image, step)

@@ -43,8 +43,13 @@ def reconstruction_figure(
     for k in np.nonzero(mask)[0]:
         xs = x[idx[k]]
         ax.axvspan(xs[0], xs[-1], color="tab:orange", alpha=0.2, lw=0)
-        ax.plot(xs, recon[k], color="tab:red", lw=1.0,
-                label="reconstruction (masked patches)" if k == np.nonzero(mask)[0][0] else None)
+        ax.plot(
+            xs,
+            recon[k],
+            color="tab:red",
+            lw=1.0,
+            label="reconstruction (masked patches)" if k == np.nonzero(mask)[0][0] else None,
+        )
     ax.set_xlabel(f"{spec.name} {unit}".strip())
     ax.set_ylabel("intensity (normalised)")
     ax.set_title(title)
@@ -83,7 +88,9 @@ def save_reconstructions(
     out = {}
     for spec in specs:
         t = spec.name
-        norm = np.asarray(spectra.normalize(np.asarray(example[f"spectrum_{t}"]), normalization, spec.minmax))
+        norm = np.asarray(
+            spectra.normalize(np.asarray(example[f"spectrum_{t}"]), normalization, spec.minmax)
+        )
         g = (grids or {}).get(t)
         axis = g["start"] + g["step"] * np.arange(spec.length) if g else None
         mask = np.asarray(example[f"mask_{t}"], bool)
@@ -91,10 +98,14 @@ def save_reconstructions(
         target = norm[spectra.patch_indices(spec)]
         mse = float(np.mean((recon[mask] - target[mask]) ** 2)) if mask.any() else float("nan")
         fig = reconstruction_figure(
-            spec, norm, recon, mask,
+            spec,
+            norm,
+            recon,
+            mask,
             title=f"step {step}: {t} spectrum of the first validation molecule "
             f"({int(mask.sum())} masked patches, MSE {mse:.4f})",
-            axis=axis, unit=g.get("unit", "") if g else "",
+            axis=axis,
+            unit=g.get("unit", "") if g else "",
         )
         path = os.path.join(directory, f"step_{step:08d}_{t}.png")
         fig.savefig(path)
