@@ -306,3 +306,18 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
         assert a[step]["train/loss"] == b[step]["train/loss"], step
     assert summary2["eval/retrieval_top1"] == summary["eval/retrieval_top1"]
     assert summary2["eval/mpr"] == summary["eval/mpr"]
+
+
+def test_learnable_temperature_is_a_parameter():
+    c = pretrain_molspectra.get_config("tiny")
+    c.loss.contrastive.learnable_temperature = True
+    c.loss.contrastive.temperature = 0.2
+    trainer = molspectra.MolSpectraTrainer(
+        c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+    )
+    shapes = jax.eval_shape(trainer.init_state, jax.random.key(0), graph.pack([], SMALL_BUDGET))
+    assert shapes["params"]["contrastive"]["log_temperature"].shape == ()
+    assert "contrastive" in shapes["opt"][0].mu  # optimised like every other parameter
+    params = {"contrastive": {"log_temperature": jnp.log(0.2)}}
+    assert float(trainer.temperature(params)) == pytest.approx(0.2)
+    assert float(trainer.temperature({})) == pytest.approx(0.2)  # fixed when not learnable
