@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "qm9pack==1.0.3",
     "tensorboardX==2.6.5",
     "tqdm>=4.66",
+    "matplotlib==3.11.2",  # reconstruction pictures during MolSpectra pre-training
 ]
 
 EXTRAS_REQUIRE = {

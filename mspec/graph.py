@@ -43,12 +43,17 @@ def radius_graph(positions: np.ndarray, radius: float) -> tuple[np.ndarray, np.n
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Static per-device batch shapes. The last node and graph slots are always padding."""
+    """Static per-device batch shapes. The last node and graph slots are always padding.
+
+    ``spectra`` lists ``(name, length)`` of the per-molecule spectra carried in the batch (as
+    ``spectrum_<name> [G, length]``); empty for structure-only training.
+    """
 
     n_node: int
     n_edge: int
     n_graph: int
     max_torsions: int
+    spectra: tuple[tuple[str, int], ...] = ()
 
     def fits(self, nodes: int, edges: int, graphs: int) -> bool:
         return nodes <= self.n_node - 1 and edges <= self.n_edge and graphs <= self.n_graph - 1
@@ -62,6 +67,7 @@ def budget_from_stats(
     max_torsions: int,
     molecules_per_device: int,
     slack: float = 1.1,
+    spectra: tuple[tuple[str, int], ...] = (),
 ) -> Budget:
     """Chooses budgets so that about ``molecules_per_device`` molecules fit in one device batch.
 
@@ -79,6 +85,7 @@ def budget_from_stats(
         n_edge=n_edge,
         n_graph=molecules_per_device + 1,
         max_torsions=max(1, max_torsions),
+        spectra=tuple(spectra),
     )
 
 
@@ -88,7 +95,8 @@ def pack(molecules: Sequence[Mapping[str, np.ndarray]], budget: Budget) -> dict[
     Args:
       molecules: each a mapping with ``atomic_numbers [n]``, ``positions [n, 3]``,
         ``senders [e]``, ``receivers [e]`` (molecule-local indices), ``torsions [t, 4]`` and
-        ``moving [t, n]``.
+        ``moving [t, n]``; plus ``spectra: {name: [length]}`` for every spectrum in
+        ``budget.spectra``.
       budget: the static shapes; the molecules must fit (see :meth:`Budget.fits`).
 
     Returns:
@@ -110,6 +118,8 @@ def pack(molecules: Sequence[Mapping[str, np.ndarray]], budget: Budget) -> dict[
         "torsion_atoms": np.zeros((G, T, 4), np.int32),
         "torsion_mask": np.zeros((G, T), bool),
     }
+    for name, length in budget.spectra:
+        batch[spectrum_key(name)] = np.zeros((G, length), np.float32)
     node, edge = 0, 0
     for g, mol in enumerate(molecules):
         n = len(mol["atomic_numbers"])
@@ -137,9 +147,22 @@ def pack(molecules: Sequence[Mapping[str, np.ndarray]], budget: Budget) -> dict[
             batch["torsion_atoms"][g, :t] = np.asarray(mol["torsions"]) + node
             batch["torsion_mask"][g, :t] = True
             batch["node_moving"][node : node + n, :t] = np.asarray(mol["moving"], bool).T
+        for name, length in budget.spectra:
+            spectrum = np.asarray(mol["spectra"][name], np.float32)
+            if spectrum.shape != (length,):
+                raise ValueError(
+                    f"molecule {g}: spectrum {name!r} has shape {spectrum.shape}, the budget "
+                    f"expects ({length},)"
+                )
+            batch[spectrum_key(name)][g] = spectrum
         node += n
         edge += e
     return batch
+
+
+def spectrum_key(name: str) -> str:
+    """Batch key of the per-molecule spectrum ``name`` (``[G, L]``, zeros in padding slots)."""
+    return f"spectrum_{name}"
 
 
 def stack(device_batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -106,3 +106,126 @@ def denoising_target(
     if mode == "none":
         return noise
     raise ValueError(f"unknown denoising target normalisation {mode!r}; use 'tau', 'running' or 'none'")
+
+
+# --------------------------------------------------------------------------------------------------
+# MolSpectra: masked-patch reconstruction and 3D -> spectrum InfoNCE
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_patch_mse(
+    pred: jax.Array, target: jax.Array, patch_mask: jax.Array, graph_mask: jax.Array
+) -> jax.Array:
+    """Per-patch MSE averaged over the masked patches of real molecules (one spectrum type).
+
+    ``l = sum_{b,n} m_bn g_b mean_p (pred_bnp - target_bnp)^2 / sum_{b,n} m_bn g_b`` (spec §5.2),
+    with ``m`` the patch mask (True = masked) and ``g`` the molecule mask. Unmasked patches and
+    padding slots do not contribute. MolSpectra's L_MPR is the *sum* of this over the types.
+
+    Args:
+      pred: ``[..., G, n, P]`` reconstructed patches.
+      target: ``[..., G, n, P]`` normalised, unmasked patches.
+      patch_mask: ``[..., G, n]`` bool, True for masked patches.
+      graph_mask: ``[..., G]`` bool, True for real molecules.
+
+    Returns:
+      Scalar loss; 0 if no patch is masked.
+    """
+    w = (patch_mask & graph_mask[..., None]).astype(jnp.float32)  # [..., G, n]
+    per_patch = jnp.mean(jnp.square(pred - target), axis=-1)  # [..., G, n]
+    return jnp.sum(w * per_patch) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """``c_ij = a_i . b_j / (max(|a_i|, eps) max(|b_j|, eps))`` for ``a [B, D]``, ``b [B', D]``.
+
+    The per-vector clamp at ``eps`` matches ``torch.nn.functional.cosine_similarity`` (recent
+    versions); a zero vector (e.g. a padding slot) gives similarity 0, and a zero gradient rather
+    than NaN (``jnp.linalg.norm`` has a NaN gradient at 0).
+    """
+
+    def safe_norm(x):
+        sq = jnp.sum(x * x, axis=-1, keepdims=True)
+        pos = sq > 0
+        return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+    an = a / jnp.maximum(safe_norm(a), eps)
+    bn = b / jnp.maximum(safe_norm(b), eps)
+    return an @ bn.T
+
+
+def info_nce(
+    mol: jax.Array,
+    spec: jax.Array,
+    graph_mask: jax.Array,
+    temperature: float | jax.Array = 0.07,
+    symmetric: bool = False,
+) -> jax.Array:
+    """InfoNCE between 3D molecule features and spectrum embeddings, padding slots excluded.
+
+    With ``c_ij`` the cosine similarity of ``mol_i`` and ``spec_j`` over the ``B`` real molecules,
+    the paper's one-directional (3D -> spectrum) loss is (spec §5.3)::
+
+        L = (1/B) sum_i [ -c_ii / tau + log sum_j exp(c_ij / tau) ]
+
+    (molecule rows against spectrum columns; the negatives of row i are the other real spectra).
+    ``symmetric=True`` averages it with the spectrum -> 3D direction (columns against rows), as in
+    CLIP. Padding slots are removed from both rows and columns, so the result does not depend on
+    how many padding slots there are or what they hold.
+
+    Args:
+      mol: ``[..., G, D]`` molecule features (any leading axes, e.g. devices; flattened).
+      spec: ``[..., G, D]`` spectrum embeddings of the same slots.
+      graph_mask: ``[..., G]`` bool, True for real molecules.
+      temperature: ``tau`` (a float, or a traced scalar when it is learned).
+      symmetric: average both directions.
+
+    Returns:
+      Scalar loss; 0 if the batch holds no real molecule.
+    """
+    d = mol.shape[-1]
+    mol = mol.reshape(-1, d)
+    spec = spec.reshape(-1, d)
+    valid = graph_mask.reshape(-1)
+    logits = cosine_similarity_matrix(mol, spec) / temperature  # [B, B]
+    pair = valid[:, None] & valid[None, :]
+    masked = jnp.where(pair, logits, -jnp.inf)
+    diag = jnp.diagonal(logits)
+    count = jnp.maximum(jnp.sum(valid), 1)
+
+    def direction(lg):
+        # Rows of padding slots are all -inf: replace by 0 before the logsumexp, then drop them.
+        lse = jax.nn.logsumexp(jnp.where(valid[:, None], lg, 0.0), axis=-1)
+        return jnp.sum(jnp.where(valid, lse - diag, 0.0)) / count
+
+    loss = direction(masked)
+    if symmetric:
+        loss = 0.5 * (loss + direction(masked.T))
+    return loss
+
+
+def retrieval_hits(
+    mol: jax.Array, spec: jax.Array, graph_mask: jax.Array, ks: tuple[int, ...] = (1, 5)
+) -> dict[int, jax.Array]:
+    """3D -> spectrum retrieval: for each real molecule, is its own spectrum among the top k?
+
+    The candidates are the spectra of the real molecules of the same batch, ranked by cosine
+    similarity to the molecule's 3D feature. A tie with the correct spectrum counts as a miss.
+
+    Args:
+      mol: ``[..., G, D]`` molecule features.
+      spec: ``[..., G, D]`` spectrum embeddings.
+      graph_mask: ``[..., G]`` bool.
+      ks: the k of each top-k.
+
+    Returns:
+      ``{k: [B_slots] bool}`` (False for padding slots), flattened over the leading axes.
+    """
+    d = mol.shape[-1]
+    valid = graph_mask.reshape(-1)
+    sim = cosine_similarity_matrix(mol.reshape(-1, d), spec.reshape(-1, d))
+    sim = jnp.where(valid[None, :], sim, -jnp.inf)
+    own = jnp.diagonal(sim)
+    # Rank of the correct spectrum = number of candidates at least as similar, excluding itself.
+    better = jnp.sum((sim >= own[:, None]) & valid[None, :], axis=-1) - 1
+    return {k: valid & (better < k) for k in ks}

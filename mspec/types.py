@@ -28,7 +28,15 @@ key                           shape / dtype       meaning
 ``torsion_atoms``             ``[G, T, 4] int32`` rotatable torsions (i, j, k, l) as batch node indices
 ``torsion_mask``              ``[G, T] bool``     True for real torsions
 ``node_moving``               ``[N, T] bool``     atom moves when torsion t *of its own molecule* is set
+``spectrum_<name>``           ``[G, L] float32``  raw (unnormalised) spectrum of each molecule slot;
+                                                  only for the types in ``Budget.spectra`` (e.g.
+                                                  ``spectrum_uv [G, 701]``); 0 in padding slots
 ============================  ==================  ==================================================
+
+Spectra ride in the same batch as the graphs, one row per molecule slot, so structure and
+spectrum of a molecule pair up by slot index; ``graph_mask`` excludes padding slots from every
+spectrum loss, the contrastive negatives and SpecFormer's BatchNorm statistics. Which types are
+present is declared in the config (``config.spectra.types``), never inferred from the batch.
 
 Edges are every ordered pair (j -> i) of atoms of one molecule closer than
 ``cutoff + skin`` (self-loops included), sorted by receiver then sender. The pipeline adds the

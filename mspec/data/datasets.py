@@ -31,6 +31,8 @@ BUILDERS = {
     "qm9s": ("data_pipelines.qm9s", "QM9S"),
     "pcqm4mv2": ("data_pipelines.pcqm4mv2", "PCQM4Mv2"),
     "md17": ("data_pipelines.md17", "MD17"),
+    # Synthetic spectra on qm9/sample molecules, for tests and quick CPU runs.
+    "qm9_synthetic_spectra": ("data_pipelines.synthetic_spectra", "QM9SyntheticSpectra"),
 }
 
 

@@ -34,11 +34,14 @@ class Featurizer:
       radius: neighbour-list radius in Å (model cutoff + skin).
       max_z: size of the model's element embedding table; atomic numbers must be in [1, max_z).
       dataset: dataset name, used in error messages.
+      spectra: ``(name, length)`` of the spectra to carry (e.g. ``(("uv", 701),)``); each must
+        be a finite float vector of that length in every example.
     """
 
     radius: float
     max_z: int
     dataset: str = "dataset"
+    spectra: tuple[tuple[str, int], ...] = ()
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         z = np.asarray(example["atomic_numbers"], np.int32)
@@ -63,7 +66,7 @@ class Featurizer:
         moving = np.asarray(
             example.get("torsion_moving", np.zeros((0, len(z)))), bool
         ).reshape(len(tors), len(z))
-        return {
+        out = {
             "atomic_numbers": z,
             "positions": pos,
             "senders": senders,
@@ -71,6 +74,27 @@ class Featurizer:
             "torsions": tors,
             "moving": moving,
         }
+        if self.spectra:
+            out["spectra"] = {
+                name: self._spectrum(example, name, length, record) for name, length in self.spectra
+            }
+        return out
+
+    def _spectrum(self, example, name: str, length: int, record) -> np.ndarray:
+        if name not in example:
+            raise BadRecordError(
+                f"{self.dataset} record {record}: no spectrum {name!r} (the config declares it; "
+                f"the record has {sorted(example)})"
+            )
+        s = np.asarray(example[name], np.float32)
+        if s.shape != (length,):
+            raise BadRecordError(
+                f"{self.dataset} record {record}: spectrum {name!r} has shape {s.shape}, "
+                f"expected ({length},)"
+            )
+        if not np.all(np.isfinite(s)):
+            raise BadRecordError(f"{self.dataset} record {record}: spectrum {name!r} is not finite")
+        return s
 
 
 def molecule_stats(featurized: list[Mapping[str, np.ndarray]]) -> dict[str, float]:

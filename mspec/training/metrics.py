@@ -41,6 +41,11 @@ class MetricWriter:
         if self._active:
             self._tb.add_text(tag, text, step)
 
+    def write_image(self, tag: str, image, step: int) -> None:
+        """Logs an ``[H, W, 3|4]`` uint8 image to TensorBoard."""
+        if self._active:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
     def flush(self) -> None:
         if self._active:
             self._tb.flush()

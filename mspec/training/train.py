@@ -1,11 +1,17 @@
-"""Denoising pre-training: ``train_and_evaluate(config, workdir)``.
+"""Pre-training: ``train_and_evaluate(config, workdir)``.
+
+``config.task`` picks the objective: ``"denoise"`` (Frad / Coord, stage 1; :class:`Trainer`) or
+``"molspectra"`` (stage 2; :class:`mspec.training.molspectra.MolSpectraTrainer`, a subclass that
+overrides the loss, the state and the evaluation). The loop, logging, checkpoints and resume
+are shared.
 
 One jitted ``update_fn(state, batch)`` runs noise, model, loss and AdamW for a global batch
 ``[D, ...]`` sharded over a 1-D ``Mesh`` axis ``"data"`` (parameters replicated); XLA inserts the
 gradient all-reduce, so the same code runs on 1 CPU, 8 GPUs or a TPU pod slice. Batches have
 static shapes, so the step compiles once per run.
 
-Resume order: the latest checkpoint in ``workdir/checkpoints`` if any, else a fresh start.
+Resume order: the latest checkpoint in ``workdir/checkpoints`` if any, else a fresh start (for
+stage 2: from ``config.init_from``, see :meth:`Trainer.start_from_pretrained`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,10 @@ def make_model(config: ml_collections.ConfigDict) -> Model:
 
 
 def choose_budget(config, builder, featurizer, train_source) -> graph.Budget:
-    """Static per-device budgets from dataset statistics (mean of a sample, dataset maxima)."""
+    """Static per-device budgets from dataset statistics (mean of a sample, dataset maxima).
+
+    Spectra (if the featurizer carries any) have static lengths; they become part of the budget.
+    """
     n = min(BUDGET_SAMPLE, len(train_source))
     sample = [featurizer(train_source[i]) for i in range(n)]
     stats = pipeline.molecule_stats(sample)
@@ -76,6 +85,7 @@ def choose_budget(config, builder, featurizer, train_source) -> graph.Budget:
         max_torsions=max_torsions,
         molecules_per_device=per_device,
         slack=config.data.budget_slack,
+        spectra=featurizer.spectra,
     )
 
 
@@ -193,16 +203,8 @@ class Trainer:
         (loss, (mse, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
             state["params"], rng, batch, losses.RunningStats(*state["normalizer"])
         )
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        measurements = {
-            "loss": loss,
-            "denoising_mse": mse,
-            "lr": self.schedule(state["step"]),
-            "grad_norm": _global_norm(grads),
-            "param_norm": _global_norm(params),
-            "update_norm": _global_norm(updates),
-        }
+        params, opt, norms = self.apply_gradients(state, grads)
+        measurements = {"loss": loss, "denoising_mse": mse, **norms}
         new_state = {
             "params": params,
             "opt": opt,
@@ -222,6 +224,35 @@ class Trainer:
         )
         w = batch["node_mask"].astype(jnp.float32)[..., None]
         return jnp.sum(w * jnp.square(pred - target)), 3.0 * jnp.sum(w)
+
+    # ---- hooks that other objectives (e.g. mspec.training.molspectra) override -----------------
+
+    spectrum_specs = ()  # spectra this objective reads from the batch (none here; not a field)
+
+    def check(self) -> None:
+        """Validates the config for this objective (called before any data is read)."""
+        check_config(self.config)
+
+    def start_from_pretrained(self, state: dict) -> dict:
+        """Initialisation from another run, for a fresh (not resumed) run; none here."""
+        return state
+
+    def evaluate(self, state, eval_source, featurizer, budget, *, step, writer, workdir) -> dict:
+        """Validation measurements (``eval/...``); may also write pictures."""
+        del step, writer, workdir
+        return evaluate(self, state, eval_source, featurizer, budget)
+
+    def apply_gradients(self, state: dict, grads) -> tuple[Any, Any, dict]:
+        """One optimiser step: ``(params, opt_state, norms)`` with the grad/param/update norms."""
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        norms = {
+            "lr": self.schedule(state["step"]),
+            "grad_norm": _global_norm(grads),
+            "param_norm": _global_norm(params),
+            "update_norm": _global_norm(updates),
+        }
+        return params, opt, norms
 
     def init_state(self, rng, device_batch: dict) -> dict:
         params = jax.jit(self.model.init)(rng, device_batch)["params"]
@@ -297,14 +328,42 @@ def evaluate(trainer: Trainer, state, eval_source, featurizer, budget) -> dict[s
     return {"eval/denoising_mse": sq / max(count, 1.0), "eval/atoms": count / 3.0}
 
 
+TASKS = ("denoise", "molspectra")
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh, builder=None) -> Trainer:
+    """The trainer of ``config.task``: ``"denoise"`` (Frad/Coord, stage 1; the default) or
+    ``"molspectra"`` (stage 2: denoising + masked-patch reconstruction + contrastive).
+
+    ``builder`` (the prepared TFDS builder) supplies the spectrum lengths for ``"molspectra"``.
+    """
+    task = config.get("task", "denoise")
+    model = make_model(config)
+    if task == "denoise":
+        trainer = Trainer(config, model, mesh)
+    elif task == "molspectra":
+        from mspec.training import molspectra  # noqa: PLC0415  (imports this module)
+
+        trainer = molspectra.MolSpectraTrainer(
+            config,
+            model,
+            mesh,
+            spectrum_lengths=molspectra.spectrum_lengths(config, builder),
+            grids=molspectra.dataset_grids(builder),
+        )
+    else:
+        raise ValueError(f"unknown config.task {task!r}; use one of {TASKS}")
+    trainer.check()
+    return trainer
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) denoising pre-training; returns a summary of the run."""
-    check_config(config)
+    """Runs (or resumes) pre-training (``config.task``); returns a summary of the run."""
+    if config.get("task", "denoise") == "denoise":
+        check_config(config)  # before touching any data
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
-    model = make_model(config)
-    trainer = Trainer(config, model, mesh)
 
     source_dir = config.data.get("source_dir", "")
     builder = datasets.get_builder(
@@ -313,12 +372,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         **({"source_dir": os.path.expanduser(source_dir)} if source_dir else {}),
     )
     datasets.log_metadata(builder)
+    trainer = make_trainer(config, mesh, builder)
     train_source = datasets.open_split(builder, "train")
     eval_source = datasets.open_split(builder, config.data.eval_split)
+    spectra = tuple((s.name, s.length) for s in trainer.spectrum_specs)
     featurizer = pipeline.Featurizer(
         radius=config.model.cutoff + config.data.skin,
         max_z=config.model.max_z,
         dataset=config.data.dataset,
+        spectra=spectra,
     )
     budget = choose_budget(config, builder, featurizer, train_source)
     note(
@@ -341,6 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"({saved_config.get('model')}); use a new --workdir"
             )
         note(f"resumed from step {start_step} (data position {data_position})")
+    else:
+        state = trainer.start_from_pretrained(state)
     config_json = json.loads(config.to_json_best_effort())
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_json, f, indent=1)
@@ -409,9 +473,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_log_time, last_log_step = now, step
 
             if step % config.eval_every == 0 or step == stop:
-                ev = evaluate(trainer, state, eval_source, featurizer, budget)
+                ev = trainer.evaluate(
+                    state, eval_source, featurizer, budget, step=step, writer=writer, workdir=workdir
+                )
                 writer.write(step, ev)
-                note(f"step {step} | validation denoising MSE {ev['eval/denoising_mse']:.4f}")
+                note(
+                    f"step {step} | validation: "
+                    + ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items() if k.startswith("eval/"))
+                )
                 summary.update(ev)
                 last_log_time = time.time()  # Evaluation time is not training throughput.
 
