@@ -31,11 +31,19 @@ def _builder_class(name: str):
         from data_pipelines.qm9 import QM9
 
         return QM9
-    raise DatasetError(f"unknown dataset {name!r}; known datasets: ['qm9']")
+    if name == "md17":
+        from data_pipelines.md17 import MD17
+
+        return MD17
+    raise DatasetError(f"unknown dataset {name!r}; known datasets: ['md17', 'qm9']")
 
 
-def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
+def get_builder(
+    dataset: str, data_dir: str | None = None, build: bool = True, manual_dir: str | None = None
+):
     """Returns a prepared TFDS builder for ``dataset`` ("name/config"), building it if needed.
+
+    ``manual_dir``: where a builder that reads user-supplied files (e.g. MD17) finds them.
 
     Raises:
       DatasetError: the name is unknown, the dataset is missing and ``build`` is False, or the
@@ -63,7 +71,12 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True):
                 f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
             )
         print(f"Building dataset {dataset!r} in {builder.data_dir} (first use) ...", file=sys.stderr)
-        builder.download_and_prepare()
+        if manual_dir:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
+            )
+        else:
+            builder.download_and_prepare()
     _check_files(builder, dataset)
     return builder
 
