@@ -122,6 +122,8 @@ class PackedBatchIterator:
       num_devices: device batches per global batch (local devices of this process).
       start: iterator position to start from (from a checkpoint).
       prefetch: packed global batches to prepare ahead.
+      pack_fn: ``(molecules, budget) -> device batch``; :func:`graph.pack` by default (a
+        fine-tuning pipeline passes one that also packs labels).
     """
 
     def __init__(
@@ -131,7 +133,9 @@ class PackedBatchIterator:
         num_devices: int,
         start: int = 0,
         prefetch: int = 4,
+        pack_fn=graph.pack,
     ):
+        self._pack_fn = pack_fn
         self._dataset = dataset
         self._budget = budget
         self._num_devices = num_devices
@@ -175,7 +179,7 @@ class PackedBatchIterator:
                         mols.append(mol)
                         nodes, edges = nodes + n, edges + e
                         pending = None
-                    devices.append(graph.pack(mols, budget))
+                    devices.append(self._pack_fn(mols, budget))
                 if not any(d["graph_mask"].any() for d in devices):
                     break  # A finite dataset is exhausted.
                 resume_at = pending[0] if pending is not None else index
