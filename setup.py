@@ -23,6 +23,10 @@ INSTALL_REQUIRES = [
     "qm9pack==1.0.3",
     "tensorboardX==2.6.5",
     "tqdm>=4.66",
+    # Parity plots of fine-tuning results (mspec.training.evaluation).
+    "matplotlib==3.11.2",
+    # GFN2-xTB energies/forces for the shipped MD17-format stand-in (data_pipelines.md17_gfn2).
+    "tblite==0.8.0",
 ]
 
 EXTRAS_REQUIRE = {

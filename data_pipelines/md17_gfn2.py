@@ -14,7 +14,7 @@ Recipe per molecule (``python -m data_pipelines.md17_gfn2 --out_dir DIR``):
 3. ``EQUILIBRATION_STEPS`` = 2,000 steps (1 ps) discarded, then one frame saved every
    ``SAVE_EVERY`` = 20 steps (10 fs), ``NUM_FRAMES`` = 1,200 frames (12 ps) per molecule.
 
-Output: ``DIR/md17_<molecule>.npz`` in the sGDML MD17 layout (``R [n, N, 3]`` Å float64,
+Output: ``DIR/md17_<file stem>.npz`` (stems as in the sGDML release, e.g. ``benzene2017``) in the sGDML MD17 layout (``R [n, N, 3]`` Å float64,
 ``z [N]``, ``E [n, 1]`` kcal/mol, ``F [n, N, 3]`` kcal/mol/Å, 0-d string metadata ``name``,
 ``type``, ``theory``, ``md5``, ``r_unit``, ``e_unit``), plus ``README.md`` and ``metadata.json``.
 
@@ -203,6 +203,66 @@ def run_molecule(molecule: str, out_dir: str, num_frames: int = NUM_FRAMES) -> s
     return final_path
 
 
+README = """# GFN2-xTB MD17-format trajectories (NOT the DFT MD17)
+
+Made by `python -m data_pipelines.md17_gfn2` (see that module for the recipe). These files have the
+file layout of the sGDML MD17 release (`md17_<molecule>.npz`: `R` [n, N, 3] Å float64, `z` [N],
+`E` [n, 1] kcal/mol, `F` [n, N, 3] kcal/mol/Å, 0-d string metadata) and the same 8 molecules and
+temperature (500 K), so that MD17 fine-tuning runs out of the box (`md17/gfn2_<molecule>`).
+
+What they are **not**: the DFT MD17 (PBE+vdW-TS, Chmiela et al. 2017). Energies and forces come from
+the semi-empirical GFN2-xTB method (tblite {tblite}); the trajectories are short ({frames} frames,
+one every {every_fs:g} fs after {equil_fs:g} fs of equilibration, i.e. {span_ps:g} ps per molecule)
+Langevin NVT runs started from an RDKit + GFN2 geometry. Errors measured on them are **not
+comparable** with published MD17 numbers; use them to check that the pipeline works and learns.
+Only the 950 / 50 / rest split fits (9,500 training frames need the real files).
+
+Per molecule (energies in kcal/mol, forces in kcal/mol/Å):
+
+{table}
+"""
+
+
+def write_readme_and_metadata(out_dir: str) -> None:
+    """Writes README.md and metadata.json describing the finished files in ``out_dir``."""
+    rows = ["| file | atoms | frames | mean E | std E | mean abs F |", "|---|---|---|---|---|---|"]
+    meta = {
+        "method": THEORY,
+        "tblite_version": "0.8.0",
+        "temperature_K": TEMPERATURE_K,
+        "time_step_fs": TIME_STEP_FS,
+        "friction_per_fs": FRICTION_PER_FS,
+        "equilibration_steps": EQUILIBRATION_STEPS,
+        "save_every_steps": SAVE_EVERY,
+        "seed": SEED,
+        "smiles": MOLECULES,
+        "energy_unit": "kcal/mol",
+        "force_unit": "kcal/mol/Angstrom",
+        "position_unit": "Angstrom",
+        "files": {},
+    }
+    for molecule in MOLECULES:
+        path = os.path.join(out_dir, f"md17_{molecule}.npz")
+        if not os.path.exists(path):
+            continue
+        d = np.load(path)
+        E, F = d["E"][:, 0], d["F"]
+        meta["files"][os.path.basename(path)] = {
+            "frames": int(len(E)), "atoms": int(len(d["z"])), "md5": str(d["md5"]),
+            "energy_mean": float(E.mean()), "energy_std": float(E.std()),
+        }
+        rows.append(f"| {os.path.basename(path)} | {len(d['z'])} | {len(E)} | {E.mean():.1f} | "
+                    f"{E.std():.2f} | {np.abs(F).mean():.2f} |")
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(README.format(
+            tblite="0.8.0", frames=NUM_FRAMES, every_fs=SAVE_EVERY * TIME_STEP_FS,
+            equil_fs=EQUILIBRATION_STEPS * TIME_STEP_FS,
+            span_ps=NUM_FRAMES * SAVE_EVERY * TIME_STEP_FS / 1000, table="\n".join(rows),
+        ))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(__file__), "md17_gfn2_data"))
@@ -216,6 +276,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         path = run_molecule(molecule, args.out_dir, args.num_frames)
         print(f"{molecule}: {path} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    write_readme_and_metadata(args.out_dir)
 
 
 if __name__ == "__main__":
