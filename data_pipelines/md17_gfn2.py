@@ -18,7 +18,9 @@ Output: ``DIR/md17_<file stem>.npz`` (stems as in the sGDML release, e.g. ``benz
 ``z [N]``, ``E [n, 1]`` kcal/mol, ``F [n, N, 3]`` kcal/mol/Å, 0-d string metadata ``name``,
 ``type``, ``theory``, ``md5``, ``r_unit``, ``e_unit``), plus ``README.md`` and ``metadata.json``.
 
-Resumable: the run state (frames so far, positions, velocities, RNG state) is saved atomically
+Resumable (the continuation matches an uninterrupted run to within the SCC convergence
+tolerance, ~1e-7 Å, not bitwise: the first resumed SCC has no previous wavefunction as its guess):
+the run state (frames so far, positions, velocities, RNG state) is saved atomically
 every ``CHECKPOINT_EVERY`` frames to ``DIR/.partial/<molecule>.npz``; a finished molecule's npz is
 written atomically (temporary file + rename) and skipped on the next run.
 """

@@ -25,6 +25,7 @@ device never has to resolve total energies of thousands of eV.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -95,14 +96,14 @@ class LabeledFeaturizer:
         return mol
 
 
-def pack_labeled(molecules, budget: graph.Budget) -> dict[str, np.ndarray]:
-    """:func:`graph.pack` plus ``target [G]``, ``_y [G]``, ``_ref [G]`` and ``forces [N, 3]``."""
+def pack_labeled(molecules, budget: graph.Budget, with_forces: bool = False) -> dict[str, np.ndarray]:
+    """:func:`graph.pack` plus ``target [G]``, ``_y [G]``, ``_ref [G]`` and (``with_forces``)
+    ``forces [N, 3]``; the keys never depend on the molecules (an empty batch has them too)."""
     batch = graph.pack(molecules, budget)
     G, N = budget.n_graph, budget.n_node
     batch["target"] = np.zeros(G, np.float32)
     batch["_y"] = np.zeros(G, np.float64)
     batch["_ref"] = np.zeros(G, np.float64)
-    with_forces = bool(molecules) and "forces" in molecules[0]
     if with_forces:
         batch["forces"] = np.zeros((N, 3), np.float32)
     node = 0
@@ -283,7 +284,7 @@ class FinetuneTrainer:
             "loss": loss,
             **aux,
             "lr": self.schedule(state["step"]) * state["lr_scale"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1, "energy_ema": ema}
         return new_state, measurements
@@ -377,7 +378,7 @@ def build(config, mesh=None) -> Setup:
 
 def _dummy(setup: Setup) -> dict:
     """An empty device batch with the run's static shapes (for initialisation)."""
-    return split_host(pack_labeled([], setup.budget))[0]
+    return split_host(pack_labeled([], setup.budget, setup.config.task == "md17"))[0]
 
 
 def init_params(setup: Setup) -> dict:
@@ -405,7 +406,8 @@ def batches(setup: Setup, role: str, *, shuffle: bool, repeat: bool, start: int 
     )
     return pipeline.PackedBatchIterator(
         ds, setup.budget, jax.local_device_count(), start=start,
-        prefetch=setup.config.data.prefetch, pack_fn=pack_labeled,
+        prefetch=setup.config.data.prefetch,
+        pack_fn=functools.partial(pack_labeled, with_forces=setup.config.task == "md17"),
     )
 
 
