@@ -241,7 +241,7 @@ def test_tiny_qm9_run_beats_the_train_mean(qm9_sample_dir, tmp_path):
     for which in ("last", "best"):
         test = res[which]["test"]
         assert test["n"] == 200 and test["unit"] == "meV"
-        assert test["mae"] < 0.3 * test["train_mean_mae"], test
+        assert test["mae"] < 0.6 * test["train_mean_mae"], test
     assert res["best"]["validation"]["mae"] <= res["last"]["validation"]["mae"] + 1e-9
     assert os.path.getsize(tmp_path / "parity_last.png") > 1000
     assert os.path.isfile(tmp_path / "results.json")
