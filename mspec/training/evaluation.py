@@ -183,6 +183,11 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
         if cfg.data.dataset.startswith("md17/gfn2_"):
             results["note"] = ("GFN2-xTB stand-in data, not the DFT MD17: not comparable with the "
                                "published numbers")
+    path = os.path.join(workdir, "results.json")
+    if os.path.isfile(path):  # Keep the entries of checkpoints not re-evaluated now.
+        with open(path) as f:
+            previous = json.load(f)
+        results.update({w: previous[w] for w in ("last", "best") if w in previous and w not in which})
     dirs = {"last": os.path.join(workdir, "checkpoints"), "best": os.path.join(workdir, "best")}
     for w in which:
         restored = _restore_params(setup, dirs[w])
@@ -200,10 +205,11 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
                     cfg.task, name, pred, png, f"{cfg.data.dataset} {name}: {w} checkpoint (step {step}), test"
                 )
         results[w] = entry
-    path = os.path.join(workdir, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
     print(format_table(results), file=sys.stderr)
+    if "note" in results:
+        print(f"NOTE: {results['note']}", file=sys.stderr)
     print(f"results: {path}", file=sys.stderr)
     return results
