@@ -40,6 +40,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["mspec", "mspec.*", "experiments", "experiments.*",
                                     "data_pipelines", "data_pipelines.*"]),
+    # The shipped GFN2-xTB MD17-format stand-in (data_pipelines/md17.py, configs md17/gfn2_*).
+    package_data={"data_pipelines": ["md17_gfn2_data/*.npz", "md17_gfn2_data/*.json", "md17_gfn2_data/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )
