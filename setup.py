@@ -23,14 +23,19 @@ INSTALL_REQUIRES = [
     "qm9pack==1.0.3",
     "tensorboardX==2.6.5",
     "tqdm>=4.66",
-    "matplotlib==3.11.2",  # reconstruction pictures during MolSpectra pre-training
+    # Parity plots of fine-tuning results (mspec.training.evaluation).
+    "matplotlib==3.11.2",
 ]
 
+# Quantum chemistry, only to (re)compute data: the spectra pipeline (data_pipelines/spectra:
+# GFN2-xTB IR/Raman, PySCF + sTDA UV) and the GFN2-xTB MD17-format trajectories
+# (data_pipelines/md17_gfn2). Not needed to read or train on the shipped files.
+COMPUTE = ["tblite==0.8.0", "pyscf==2.14.0"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0"],  # e3nn: equivariance tests
-    # Computing spectra (data_pipelines/spectra: GFN2-xTB IR/Raman, PySCF + sTDA UV, validation
-    # plots). Not needed to read or train on the shipped stick files.
-    "spectra": ["tblite==0.8.0", "pyscf==2.14.0", "matplotlib==3.11.2"],
+    "spectra": COMPUTE,
+    # e3nn: equivariance-test utilities; the compute stack: the spectra / MD pipeline tests.
+    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0", *COMPUTE],
 }
 
 setup(
@@ -40,6 +45,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["mspec", "mspec.*", "experiments", "experiments.*",
                                     "data_pipelines", "data_pipelines.*"]),
+    # The shipped GFN2-xTB MD17-format stand-in (data_pipelines/md17.py, configs md17/gfn2_*).
+    # Shipped datasets: GFN2-xTB MD17-format trajectories and the QM9 stick spectra.
+    package_data={"data_pipelines": ["md17_gfn2_data/*.npz", "md17_gfn2_data/*.json",
+                                     "md17_gfn2_data/*.md", "spectra/data/qm9_gfn2/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -49,11 +49,12 @@ def _builder_class(name: str):
 
 
 def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
-                **builder_kwargs):
+                manual_dir: str | None = None, **builder_kwargs):
     """Returns a prepared TFDS builder for ``dataset`` ("name/config"), building it if needed.
 
     ``builder_kwargs`` go to the builder's constructor, e.g. ``source_dir=`` (the directory holding
-    the user's raw files, for builders that need them) or ``num_workers=``.
+    the user's raw files, for builders that need them) or ``num_workers=``. ``manual_dir`` is
+    TFDS's manual-download directory (the MD17 builder reads the user's npz files from it).
 
     Raises:
       DatasetError: the name is unknown, the dataset is missing and ``build`` is False, or the
@@ -81,7 +82,12 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
                 f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
             )
         print(f"Building dataset {dataset!r} in {builder.data_dir} (first use) ...", file=sys.stderr)
-        builder.download_and_prepare()
+        if manual_dir:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
+            )
+        else:
+            builder.download_and_prepare()
     _check_files(builder, dataset)
     return builder
 

@@ -163,6 +163,8 @@ class PackedBatchIterator:
       num_workers: grain worker processes (0: none). Each re-imports the dataset's code, so they
         pay off only when featurisation dominates (large molecules, many cores).
       read_buffer: featurised molecules grain keeps ready ahead of the packer.
+      pack_fn: ``(molecules, budget) -> device batch``; :func:`graph.pack` by default (a
+        fine-tuning pipeline passes one that also packs labels).
     """
 
     def __init__(
@@ -175,7 +177,9 @@ class PackedBatchIterator:
         num_threads: int = 0,
         num_workers: int = 0,
         read_buffer: int = 256,
+        pack_fn=graph.pack,
     ):
+        self._pack_fn = pack_fn
         self._dataset = dataset
         self._budget = budget
         self._num_devices = num_devices
@@ -243,7 +247,7 @@ class PackedBatchIterator:
                         mols.append(mol)
                         nodes, edges = nodes + n, edges + e
                         pending = None
-                    devices.append(graph.pack(mols, budget))
+                    devices.append(self._pack_fn(mols, budget))
                 if not any(d["graph_mask"].any() for d in devices):
                     break  # A finite dataset is exhausted.
                 resume_at = pending[0] if pending is not None else index

@@ -1,0 +1,34 @@
+"""Fine-tuning entry point (QM9 properties, MD17 energies and forces).
+
+    python -m experiments.finetune --config experiments/configs/finetune_qm9.py:homo --workdir runs/ft_homo \
+        --config.init.checkpoint=runs/frad
+    python -m experiments.finetune --config experiments/configs/finetune_md17.py:aspirin --workdir runs/ft_aspirin
+
+Re-running with the same --workdir resumes from its latest checkpoint. At the end the last and
+best-validation checkpoints are evaluated (results.json, parity_*.png in the workdir).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to experiments/configs/finetune_*.py, optionally with ':variant'.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from mspec.training import finetune  # Imported after flag parsing: JAX starts here.
+
+    finetune.finetune_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,215 @@
+"""Evaluation of fine-tuning checkpoints: MAE in the papers' units, results.json, parity plots.
+
+``evaluate_workdir(workdir)`` evaluates the last checkpoint (``workdir/checkpoints``) and the
+best-validation one (``workdir/best``) on the validation and test splits, and writes
+
+* ``workdir/results.json``: per checkpoint and split, MAEs in training and report units (exact
+  per-sample means over the whole split), the train-mean predictor's MAE, the published numbers;
+* ``workdir/parity_<which>.png``: predicted vs true on the test split (MD17: energy and force
+  components);
+
+and prints a table of the test MAEs beside the published numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mspec.training import checkpoint, targets
+
+MAX_PARITY_POINTS = 20_000
+
+
+def _mae(a, b) -> float:
+    return float(np.mean(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def split_metrics(setup, pred: dict) -> dict[str, Any]:
+    """MAEs of one split (training and report units) and the train-mean predictor's MAE."""
+    cfg = setup.config
+    name = cfg.target.name
+    # The train-mean predictor: fitted mean (+ atom references), the same for every molecule.
+    baseline = setup.fitted.mean + pred["ref"]
+    if cfg.task == "qm9":
+        f = targets.report_factor("qm9", name)
+        mae = _mae(pred["y_pred"], pred["y_true"])
+        base = _mae(baseline, pred["y_true"])
+        return {
+            "n": int(len(pred["y_true"])),
+            "mae": mae * f,
+            "mae_training_units": mae,
+            "train_mean_mae": base * f,
+            "unit": targets.report_unit("qm9", name),
+            "training_unit": targets.QM9_UNITS[name][0],
+        }
+    mae_e = _mae(pred["y_pred"], pred["y_true"])
+    mae_f = _mae(pred["f_pred"], pred["f_true"])
+    return {
+        "n": int(len(pred["y_true"])),
+        "energy_mae": mae_e,
+        "forces_mae": mae_f,
+        "train_mean_energy_mae": _mae(baseline, pred["y_true"]),
+        # Predicting zero forces (the mean force is 0 by symmetry of the MD sampling).
+        "zero_forces_mae": float(np.mean(np.abs(pred["f_true"]))),
+        "energy_unit": "kcal/mol",
+        "forces_unit": "kcal/mol/Å",
+    }
+
+
+def parity_plot(task: str, name: str, pred: dict, path: str, title: str) -> str:
+    """Writes a predicted-vs-true PNG (test split) and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+
+    def panel(ax, true, predicted, label, unit):
+        true, predicted = np.asarray(true).ravel(), np.asarray(predicted).ravel()
+        if len(true) > MAX_PARITY_POINTS:
+            keep = rng.choice(len(true), MAX_PARITY_POINTS, replace=False)
+            true, predicted = true[keep], predicted[keep]
+        lo, hi = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
+        ax.scatter(true, predicted, s=3, alpha=0.4, rasterized=True)
+        ax.set_xlabel(f"true {label} ({unit})")
+        ax.set_ylabel(f"predicted {label} ({unit})")
+        ax.set_aspect("equal", adjustable="datalim")
+
+    if task == "qm9":
+        f = targets.report_factor("qm9", name)
+        fig, axes = plt.subplots(1, 1, figsize=(5, 5))
+        axes = [axes]
+        panel(axes[0], pred["y_true"] * f, pred["y_pred"] * f, name, targets.report_unit("qm9", name))
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+        # Energies relative to the mean true energy (absolute values are ~1e5 kcal/mol).
+        e0 = float(np.mean(pred["y_true"]))
+        panel(axes[0], pred["y_true"] - e0, pred["y_pred"] - e0, "E - <E>", "kcal/mol")
+        panel(axes[1], pred["f_true"], pred["f_pred"], "force component", "kcal/mol/Å")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
+    if not os.path.isdir(directory):
+        return None
+    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            return None
+        from mspec.training.finetune import _dummy
+
+        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), _dummy(setup)))
+        step, state, _, _ = ckpt.restore(abstract)
+        return step, state["params"]
+    finally:
+        ckpt.close()
+
+
+def format_table(results: dict) -> str:
+    """Test MAEs beside the published numbers, as a markdown table."""
+    task, name = results["task"], results["target"]
+    if task == "qm9":
+        unit = results["unit"]
+        rows = [("method", f"test MAE {name} ({unit})")]
+        key = "mae"
+    else:
+        rows = [("method", f"test force MAE {name} (kcal/mol/Å)", "test energy MAE (kcal/mol)")]
+        key = "forces_mae"
+    for which in ("last", "best"):
+        r = results.get(which)
+        if r and "test" in r:
+            label = f"mspec ({'last' if which == 'last' else 'best validation'}, step {r['step']})"
+            row = (label, f"{r['test'][key]:.4g}")
+            if task == "md17":
+                row += (f"{r['test']['energy_mae']:.4g}",)
+            rows.append(row)
+    test = (results.get("last") or results.get("best") or {}).get("test")
+    if test:
+        base = test["train_mean_mae"] if task == "qm9" else test["zero_forces_mae"]
+        rows.append(("train-mean predictor" if task == "qm9" else "zero-force predictor", f"{base:.4g}")
+                    + (("",) if task == "md17" else ()))
+    for method, value in results["published"].items():
+        rows.append((f"{method} [published]", f"{value:.4g}") + (("",) if task == "md17" else ()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
+                     roles=("validation", "test")) -> dict:
+    """Evaluates a fine-tuning workdir's last and best checkpoints; writes results.json + PNGs."""
+    from mspec.training import finetune
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if setup is None:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {workdir} a fine-tuning workdir?")
+        with open(path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        setup = finetune.build(config)
+    cfg = setup.config
+    name = cfg.target.name
+    train_frames = len(setup.sources["train"]) if cfg.task == "md17" else None
+    results: dict[str, Any] = {
+        "task": cfg.task,
+        "target": name,
+        "dataset": cfg.data.dataset,
+        "splits": {r: cfg.data[f"{r}_split"] for r in ("train", "validation", "test")},
+        "split_sizes": {r: len(s) for r, s in setup.sources.items()},
+        "standardizer": {"mean": setup.standardizer.mean, "std": setup.standardizer.std},
+        "published": targets.published_numbers(cfg.task, name, train_frames),
+    }
+    if cfg.task == "qm9":
+        results["unit"] = targets.report_unit("qm9", name)
+    else:
+        results["unit"] = "kcal/mol/Å (forces), kcal/mol (energy)"
+        if cfg.data.dataset.startswith("md17/gfn2_"):
+            results["note"] = ("GFN2-xTB stand-in data, not the DFT MD17: not comparable with the "
+                               "published numbers")
+    path = os.path.join(workdir, "results.json")
+    if os.path.isfile(path):  # Keep the entries of checkpoints not re-evaluated now.
+        with open(path) as f:
+            previous = json.load(f)
+        results.update({w: previous[w] for w in ("last", "best") if w in previous and w not in which})
+    dirs = {"last": os.path.join(workdir, "checkpoints"), "best": os.path.join(workdir, "best")}
+    for w in which:
+        restored = _restore_params(setup, dirs[w])
+        if restored is None:
+            print(f"no {w} checkpoint in {dirs[w]}; skipped", file=sys.stderr)
+            continue
+        step, params = restored
+        entry: dict[str, Any] = {"step": int(step)}
+        for role in roles:
+            pred = finetune.predict(setup, params, role)
+            entry[role] = split_metrics(setup, pred)
+            if role == "test":
+                png = os.path.join(workdir, f"parity_{w}.png")
+                entry["parity_plot"] = parity_plot(
+                    cfg.task, name, pred, png, f"{cfg.data.dataset} {name}: {w} checkpoint (step {step}), test"
+                )
+        results[w] = entry
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+    print(format_table(results), file=sys.stderr)
+    if "note" in results:
+        print(f"NOTE: {results['note']}", file=sys.stderr)
+    print(f"results: {path}", file=sys.stderr)
+    return results
