@@ -12,7 +12,7 @@ from data_pipelines import synthetic_spectra
 from experiments.configs import pretrain_coord, pretrain_molspectra
 from mspec import graph
 from mspec.data import datasets, pipeline
-from mspec.training import checkpoint, metrics, molspectra, train
+from mspec.training import checkpoint, metrics, molspectra, restore, train
 
 LENGTHS = dict(uv=701, ir=3501, raman=3501)
 SMALL_BUDGET = graph.Budget(
@@ -105,24 +105,24 @@ def test_stage2_restore_fails_loudly_on_mismatch(tmp_path, fresh_stage2_state):
     write_stage1_checkpoint(str(tmp_path / "narrow"), hidden=32)
     trainer = stage2_trainer(checkpoint=str(tmp_path / "narrow"))
     fresh = fresh_stage2_state
-    with pytest.raises(checkpoint.RestoreError, match=r"parameter representation/.*\(64.*\(32"):
+    with pytest.raises(restore.RestoreError, match=r"shape mismatch in representation.*64.*32"):
         trainer.start_from_pretrained(fresh)
 
     write_stage1_checkpoint(str(tmp_path / "nonoise"), heads=("scalar",))
     trainer = stage2_trainer(checkpoint=str(tmp_path / "nonoise"))
-    with pytest.raises(checkpoint.RestoreError, match="no parameter subtree 'noise_head'"):
+    with pytest.raises(restore.RestoreError, match="has no params subtree 'noise_head'"):
         trainer.start_from_pretrained(fresh)
 
     trainer = stage2_trainer(
         checkpoint=str(tmp_path / "nonoise"), subtrees=("representation", "scalar_head")
     )
     with pytest.raises(
-        checkpoint.RestoreError, match="'scalar_head' is not a parameter of this model"
+        restore.RestoreError, match="model has no parameter subtree 'scalar_head'"
     ):
         trainer.start_from_pretrained(fresh)
 
     trainer = stage2_trainer(checkpoint=str(tmp_path / "missing"))
-    with pytest.raises(checkpoint.RestoreError, match="does not exist"):
+    with pytest.raises(restore.RestoreError, match="does not exist"):
         trainer.start_from_pretrained(fresh)
 
 

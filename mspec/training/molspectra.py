@@ -11,7 +11,7 @@ shared loop of :mod:`mspec.training.train` (``config.task = "molspectra"``) and 
   checkpoint, so a resumed run is exact.
 * **start**: ``config.init_from`` copies the listed subtrees (default ``representation`` and
   ``noise_head``) from a stage-1 Frad/Coord checkpoint; missing subtrees or shape mismatches are
-  errors (:func:`mspec.training.checkpoint.restore_params_subtrees`). SpecFormer starts fresh.
+  errors (:func:`mspec.training.restore.restore_subtrees`). SpecFormer starts fresh.
 * **loss**: ``w_den L_den + w_mpr L_MPR + w_con L_con`` (paper: 1 / 1 / 1), see
   :func:`mspec.losses.masked_patch_mse` and :func:`mspec.losses.info_nce`.
 
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, losses
 from mspec.data import pipeline
 from mspec.models.specformer import SpecFormer, make_specs
-from mspec.training import checkpoint, plots, train
+from mspec.training import plots, restore, train
 
 # Top-level parameter keys that belong to stage 2 only (everything else is the ET model's).
 STAGE2_KEYS = ("specformer", "contrastive")
@@ -186,16 +186,13 @@ class MolSpectraTrainer(train.Trainer):
             )
             return state
         want_norm = self.config.loss.target_normalization == "running" and init.normalizer
-        params, normalizer, step = checkpoint.restore_params_subtrees(
-            init.checkpoint,
-            state["params"],
-            tuple(init.subtrees),
-            step=init.step or None,
-            with_normalizer=want_norm,
+        params, report = restore.restore_subtrees(
+            state["params"], init.checkpoint, tuple(init.subtrees), step=init.step or None
         )
-        train.note(f"stage 2: restored {list(init.subtrees)} from {init.checkpoint} (step {step})")
+        train.note("stage 2: " + report.summary())
         state = {**state, "params": params}
         if want_norm:
+            normalizer = restore.load_normalizer(report.checkpoint)
             state["normalizer"] = tuple(jax.device_put(x, self.replicated) for x in normalizer)
         return state
 

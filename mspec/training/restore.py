@@ -71,12 +71,17 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     return os.path.join(path, str(step)), step
 
 
-def load_params(step_dir: str, prefix: str = "") -> dict:
-    """The parameter tree stored in a checkpoint (host numpy arrays), below ``prefix``."""
+def load_state(step_dir: str) -> dict:
+    """The whole train state stored in a checkpoint step directory (host arrays)."""
     try:
-        state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+        return ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
     except Exception as e:  # noqa: BLE001  (orbax raises many types on a bad directory)
         raise RestoreError(f"cannot read checkpoint {step_dir}: {e}") from e
+
+
+def load_params(step_dir: str, prefix: str = "") -> dict:
+    """The parameter tree stored in a checkpoint (host numpy arrays), below ``prefix``."""
+    state = load_state(step_dir)
     if "params" not in state:
         raise RestoreError(f"checkpoint {step_dir} has no 'params' (keys: {sorted(state)})")
     params = state["params"]
@@ -88,6 +93,14 @@ def load_params(step_dir: str, prefix: str = "") -> dict:
             )
         params = params[part]
     return jax.tree.map(np.asarray, params)
+
+
+def load_normalizer(step_dir: str) -> tuple:
+    """The running denoising-target statistics of a pre-training checkpoint (host arrays)."""
+    state = load_state(step_dir)
+    if "normalizer" not in state:
+        raise RestoreError(f"checkpoint {step_dir} has no denoising normaliser state")
+    return tuple(np.asarray(x) for x in state["normalizer"])
 
 
 def _check_same(name: str, fresh, loaded) -> None:
@@ -114,7 +127,7 @@ def restore_subtrees(
     """Copies ``subtrees`` of a checkpoint's parameters into ``params`` (a fresh model's).
 
     Args:
-      params: the fine-tuning model's freshly initialised parameters (top-level subtrees such
+      params: the new model's freshly initialised parameters (top-level subtrees such
         as ``representation``, ``scalar_head``, ``noise_head``).
       path: a pre-training workdir, its ``checkpoints`` directory or one step directory.
       subtrees: top-level names to restore; each must exist in both trees with equal shapes.
@@ -134,7 +147,7 @@ def restore_subtrees(
     restored = {}
     for name in subtrees:
         if name not in params:
-            raise RestoreError(f"the fine-tuning model has no subtree {name!r}; it has {sorted(params)}")
+            raise RestoreError(f"the model has no parameter subtree {name!r}; it has {sorted(params)}")
         if name not in loaded:
             raise RestoreError(
                 f"checkpoint {step_dir} has no params subtree {name!r}; available: {sorted(loaded)}"
