@@ -216,7 +216,8 @@ def initialize(settings: Settings | None = None) -> str:
     if settings.mode == "auto" and not settings.explicit and cluster is None:
         return "single process"
 
-    if "cpu" in (env.get("JAX_PLATFORMS") or "").lower().split(","):
+    on_cpu = "cpu" in (env.get("JAX_PLATFORMS") or "").lower().split(",")
+    if on_cpu:
         # Cross-process collectives on CPU (local multi-process runs and tests).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeouts = dict(
@@ -247,8 +248,36 @@ def initialize(settings: Settings | None = None) -> str:
             initialization_timeout=settings.init_timeout,
             **timeouts,
         )
+    if on_cpu and jax.process_count() > 1:
+        _warm_up_gloo(settings.init_timeout)
     _install_failure_reporting()
     return f"process {jax.process_index()} of {jax.process_count()} ({how})"
+
+
+def _warm_up_gloo(timeout_s: int) -> None:
+    """Creates the gloo context over all devices while the processes are known to be together.
+
+    gloo builds its context at the first collective over a device set and gives the other
+    processes only 30 s (fixed in jaxlib 0.10.2) to arrive; on a busy machine process start-up
+    (dataset opening, compilation) easily drifts further apart than that ("Gloo context
+    initialization failed: DEADLINE_EXCEEDED"). Once built, the context is reused by every later
+    all-device collective, whose own timeout is long. So: wait at a coordination-service barrier
+    (timeout ``timeout_s``), then run one all-device reduction.
+    """
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    _client().wait_at_barrier("mspec_gloo_warm_up", timeout_s * 1000)
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("all",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    ones = np.ones((jax.local_device_count(),), np.int32)
+    total = jax.jit(jax.numpy.sum)(
+        jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")), ones)
+    )
+    if int(total) != jax.device_count():
+        raise RuntimeError(f"gloo warm-up reduction gave {int(total)}, not {jax.device_count()}")
 
 
 # --------------------------------------------------------------------------------------------------
