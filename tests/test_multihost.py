@@ -1,0 +1,330 @@
+"""Multi-process training on one machine: 2 processes x 2 fake CPU devices over gloo vs 1 x 4.
+
+Every run is a subprocess started through ``launch.sh`` (``cpu`` mode for 2 processes, ``local``
+for 1) with a timeout. Compilations go to a persistent JAX cache (``$MSPEC_TEST_JAX_CACHE``,
+default ``$TMPDIR/mspec_test_jax_cache``), so re-runs skip most compile time.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from mspec.training import distributed, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch.sh")
+HEARTBEAT_S = 10  # MSPEC_HEARTBEAT_TIMEOUT of the test runs: how fast a dead peer is noticed
+RUN_TIMEOUT_S = 400  # per launch; generous because the test machine is shared
+
+TINY = [
+    "--config", "experiments/configs/pretrain_frad.py:tiny",
+    "--config.model.hidden=32", "--config.model.num_layers=1", "--config.batch_size=8",
+    "--config.data.eval_max_molecules=16", "--config.log_every=1",
+    "--config.checkpoint_every=2", "--config.eval_every=1000",
+]
+
+
+def _env(devices: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        MSPEC_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
+        MSPEC_SHUTDOWN_TIMEOUT="60",
+        MSPEC_INIT_TIMEOUT="120",
+        JAX_COMPILATION_CACHE_DIR=os.environ.get(
+            "MSPEC_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "mspec_test_jax_cache")
+        ),
+    )
+    if devices is not None:
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    for k in [k for k in env if k.startswith("MSPEC_") and k.endswith(("PROCESS_ID", "PROCESSES"))]:
+        del env[k]
+    return env
+
+
+def _launch(*args: str, devices: int | None = None) -> subprocess.CompletedProcess:
+    """Runs ``launch.sh ARGS`` to completion; fails the test with its output on a non-zero exit."""
+    proc = subprocess.run(
+        [LAUNCH, *args], cwd=REPO, env=_env(devices), capture_output=True, text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:] + proc.stdout[-2000:]
+    return proc
+
+
+def _one_process(*module_args: str) -> subprocess.CompletedProcess:
+    return _launch("local", *module_args, devices=4)
+
+
+def _two_processes(*module_args: str) -> subprocess.CompletedProcess:
+    return _launch("cpu", "--processes", "2", "--devices-per-process", "2", *module_args)
+
+
+def _train_losses(workdir) -> dict[int, float]:
+    out = {}
+    for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        if "train/loss" in r:
+            out[r["step"]] = r["train/loss"]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Numerical equivalence
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_give_the_losses_and_gradients_of_one(qm9_sample_dir, tmp_path):
+    """Same global batch (4 device slots) -> same loss and gradients, for the first 2 batches."""
+    one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
+    worker = ["tests.multihost_worker", "--data_dir", qm9_sample_dir, "--batches", "2"]
+    _one_process(*worker, "--out", one)
+    _two_processes(*worker, "--out", two)
+    ref, got = np.load(one), np.load(two)
+    assert sorted(ref.files) == sorted(got.files)
+    grad_keys = [k for k in ref.files if k.startswith("grad/")]
+    assert len(grad_keys) > 10
+    for b in (0, 1):
+        assert float(got[f"loss/{b}"]) == pytest.approx(float(ref[f"loss/{b}"]), rel=1e-6)
+    assert float(ref["loss/0"]) != float(ref["loss/1"])  # two different batches were compared
+    for k in grad_keys:
+        assert np.abs(ref[k]).max() > 0 or "bias" in k, k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints across process counts, and a killed process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_move_between_process_counts_and_survive_a_killed_process(
+    qm9_sample_dir, tmp_path
+):
+    data = f"--config.data.data_dir={qm9_sample_dir}"
+    ref, killed, from_one = (str(tmp_path / d) for d in ("ref", "killed", "from_one"))
+
+    # Reference: 1 process x 4 devices, 8 uninterrupted steps.
+    _one_process("experiments.pretrain", *TINY, data, "--config.stop_after_step=8", "--workdir", ref)
+    ref_losses = _train_losses(ref)
+    assert sorted(ref_losses) == list(range(1, 9))
+
+    # 2 processes x 2 devices; SIGKILL process 1 right after the step-2 checkpoint is complete.
+    proc = subprocess.Popen(
+        [LAUNCH, "cpu", "--processes", "2", "--devices-per-process", "2",
+         "experiments.pretrain", *TINY, data, "--config.stop_after_step=40", "--workdir", killed],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.time() + RUN_TIMEOUT_S
+        pid1 = None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
+            lines += (proc.stdout.read() or "").splitlines()
+            assert proc.poll() is None, "\n".join(lines[-80:])
+            assert time.time() < deadline, "no step-2 checkpoint in time:\n" + "\n".join(lines[-80:])
+            time.sleep(0.05)
+        for line in lines:
+            m = re.match(r"\[launch\] process 1 pid (\d+)", line)
+            pid1 = int(m.group(1)) if m else pid1
+        assert pid1 is not None, "\n".join(lines)
+        os.kill(pid1, signal.SIGKILL)
+        # The survivor must stop by itself within the heartbeat timeout (plus start-up slack);
+        # the launcher would only kill it after HEARTBEAT_S + 30 s, and says so.
+        proc.wait(timeout=HEARTBEAT_S + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    os.set_blocking(proc.stdout.fileno(), True)
+    log = "\n".join(lines) + (proc.stdout.read() or "")
+    assert proc.returncode != 0, log[-4000:]
+    assert "[launch] process 1 exited with code -9" in log or "code 137" in log, log[-4000:]
+    m = re.search(r"\[launch\] process 0 exited with code (\d+)", log)
+    assert m and m.group(1) != "0", log[-4000:]
+    assert "still running after" not in log, log[-4000:]  # it stopped by itself
+    assert "JAX distributed service detected fatal errors" in log, log[-4000:]
+
+    # The completed checkpoints are intact; the first steps matched the 1-process run.
+    steps = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints")) if s.isdigit())
+    assert steps and steps[0] == 2 and steps[-1] <= 6, steps
+    two_losses = _train_losses(killed)
+    for step in (1, 2):
+        assert two_losses[step] == pytest.approx(ref_losses[step], rel=1e-6)
+
+    # 2 processes -> 1 process: resume the killed run and continue for 2 steps.
+    last = steps[-1]
+    out = _one_process(
+        "experiments.pretrain", *TINY, data, f"--config.stop_after_step={last + 2}",
+        "--workdir", killed,
+    )
+    assert f"resumed from step {last}" in out.stderr, out.stderr[-3000:]
+    resumed = _train_losses(killed)
+    for step in (last + 1, last + 2):
+        assert resumed[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+
+    # 1 process -> 2 processes: the reference run's step-2 checkpoint, continued for 2 steps.
+    os.makedirs(os.path.join(from_one, "checkpoints"))
+    shutil.copytree(os.path.join(ref, "checkpoints", "2"), os.path.join(from_one, "checkpoints", "2"))
+    out = _two_processes(
+        "experiments.pretrain", *TINY, data, "--config.stop_after_step=4", "--workdir", from_one
+    )
+    assert "resumed from step 2" in out.stderr, out.stderr[-3000:]
+    continued = _train_losses(from_one)
+    assert sorted(continued) == [3, 4]
+    for step in (3, 4):
+        assert continued[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures before and during training
+# --------------------------------------------------------------------------------------------------
+
+
+def _join(process_id: int, port: int) -> subprocess.Popen:
+    env = _env()
+    env.update(
+        MSPEC_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        MSPEC_NUM_PROCESSES="2",
+        MSPEC_PROCESS_ID=str(process_id),
+        MSPEC_INIT_TIMEOUT="5",
+    )
+    code = "from mspec.training import distributed; distributed.initialize()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_unreachable_coordinator_or_missing_peer_is_a_clear_error():
+    # Process 1 with nobody listening at the coordinator address; process 0 with no peer.
+    waiting_for_coordinator, waiting_for_peer = _join(1, _free_port()), _join(0, _free_port())
+    _, err1 = waiting_for_coordinator.communicate(timeout=120)
+    _, err0 = waiting_for_peer.communicate(timeout=120)
+    assert waiting_for_coordinator.returncode == distributed.EXIT_PEER_FAILURE, err1[-2000:]
+    assert "cannot reach the coordinator at 127.0.0.1:" in err1, err1[-2000:]
+    assert waiting_for_peer.returncode == distributed.EXIT_PEER_FAILURE, err0[-2000:]
+    assert "not all 2 processes joined the coordinator" in err0, err0[-2000:]
+
+
+def test_an_exception_in_one_process_stops_the_other_with_its_message(qm9_sample_dir, tmp_path):
+    proc = subprocess.run(
+        [LAUNCH, "cpu", "--processes", "2", "tests.multihost_worker", "--data_dir",
+         qm9_sample_dir, "--out", str(tmp_path / "x.npz"), "--fail_on_process", "1"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    log = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert "[p1] ValueError: deliberate failure in process 1" in log, log[-4000:]
+    assert "[p0] mspec: process 1 failed: ValueError: deliberate failure" in log, log[-4000:]
+    assert f"[launch] process 0 exited with code {distributed.EXIT_PEER_FAILURE}" in log, log[-4000:]
+    assert "still running after" not in log
+    assert not os.path.exists(tmp_path / "x.npz")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def test_settings_from_the_environment():
+    s = distributed.Settings.from_env(
+        {"MSPEC_COORDINATOR_ADDRESS": "10.0.0.1:1234", "MSPEC_NUM_PROCESSES": "4",
+         "MSPEC_PROCESS_ID": "3", "MSPEC_HEARTBEAT_TIMEOUT": "15"}
+    )
+    s.validate()
+    assert (s.mode, s.explicit, s.num_processes, s.process_id) == ("auto", True, 4, 3)
+    assert (s.heartbeat_timeout, s.init_timeout) == (15, 300)
+    assert distributed.Settings.from_env({"JAX_COORDINATOR_ADDRESS": "h:1"}).coordinator_address == "h:1"
+    assert not distributed.Settings.from_env({}).explicit
+    bad = [
+        ({"MSPEC_NUM_PROCESSES": "2"}, "incomplete"),
+        ({"MSPEC_COORDINATOR_ADDRESS": "h:1", "MSPEC_NUM_PROCESSES": "2", "MSPEC_PROCESS_ID": "2"},
+         "must be in"),
+        ({"MSPEC_COORDINATOR_ADDRESS": "h", "MSPEC_NUM_PROCESSES": "2", "MSPEC_PROCESS_ID": "0"},
+         "host:port"),
+    ]
+    for env, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            distributed.Settings.from_env(env).validate()
+    with pytest.raises(ValueError, match="not an integer"):
+        distributed.Settings.from_env({"MSPEC_PROCESS_ID": "one"})
+    with pytest.raises(ValueError, match="MSPEC_DISTRIBUTED"):
+        distributed.Settings.from_env({"MSPEC_DISTRIBUTED": "yes"})
+
+
+def _dry_run(*args: str, env: dict | None = None) -> list[list[str]]:
+    proc = subprocess.run(
+        [LAUNCH, "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, **(env or {})),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_launch_dry_run_prints_the_commands_of_every_mode():
+    module = ["experiments.pretrain", "--config", "experiments/configs/pretrain_frad.py",
+              "--workdir", "/shared/runs/it's a test"]
+
+    (cmd,) = _dry_run("local", *module)
+    assert cmd[1:] == ["-m", *module]
+    assert _dry_run(*module) == [cmd]  # the mode defaults to local
+
+    cmds = _dry_run("cpu", "--processes", "3", "--devices-per-process", "2", "--port", "4321", *module)
+    assert len(cmds) == 3
+    for i, c in enumerate(cmds):
+        assert c[0] == "env" and "-u" in c and "XLA_FLAGS" in c
+        for assignment in ("JAX_PLATFORMS=cpu", "JAX_NUM_CPU_DEVICES=2", "MSPEC_NUM_PROCESSES=3",
+                           "MSPEC_COORDINATOR_ADDRESS=127.0.0.1:4321", f"MSPEC_PROCESS_ID={i}"):
+            assert assignment in c, (assignment, c)
+        assert c[-len(module) - 1:] == ["-m", *module]
+
+    (per_gpu,) = _dry_run("slurm", "--nodes", "2", "--gpus-per-node", "4", *module)
+    assert per_gpu[:1] == ["srun"] and "--ntasks-per-node=4" in per_gpu and "--nodes=2" in per_gpu
+    assert "MSPEC_DISTRIBUTED=on" in per_gpu and per_gpu[-len(module):] == module
+    (per_node,) = _dry_run("slurm", "--per", "node", "--gpus-per-node", "4", *module)
+    assert "--ntasks-per-node=1" in per_node and "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in per_node
+
+    cmds = _dry_run("tpu", "--name", "pod", "--zone", "us-central2-b", "--project", "p", *module,
+                    env={"MSPEC_HEARTBEAT_TIMEOUT": "30"})
+    assert len(cmds) == 5  # pack, copy, unpack, install, run
+    assert cmds[1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+    for c in cmds[1:]:
+        assert "--worker=all" in c and c[c.index("--zone") + 1] == "us-central2-b"
+        assert c[c.index("--project") + 1] == "p"
+    assert "pip install" in cmds[3][-1] and "jax[tpu]==0.10.2" in cmds[3][-1]
+    remote = shlex.split(cmds[4][-1])
+    assert remote[:3] == ["cd", "mspec", "&&"]
+    assert "MSPEC_DISTRIBUTED=on" in remote and "MSPEC_HEARTBEAT_TIMEOUT=30" in remote
+    assert remote[-len(module) - 2:] == [".venv/bin/python", "-m", *module]
+    assert len(_dry_run("tpu", "--name", "pod", "--zone", "z", "--no-sync", "--no-install",
+                        *module)) == 1
+
+
+def test_launch_help_and_usage_errors():
+    help_text = subprocess.run([LAUNCH, "--help"], capture_output=True, text=True).stdout
+    for mode in ("local", "cpu", "tpu", "slurm", "--dry-run"):
+        assert re.search(rf"^\s*{re.escape(mode)}\b", help_text, re.M), mode
+    for args, msg in [
+        (["tpu", "m"], "--name TPU_NAME is required"),
+        (["cpu", "--processes", "0", "m"], "positive integer"),
+        (["slurm", "--per", "socket", "m"], "--per must be gpu or node"),
+        (["--bogus"], "unknown option"),
+    ]:
+        proc = subprocess.run([LAUNCH, "--dry-run", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
