@@ -136,7 +136,7 @@ mode_cpu() {
   local pids=() i
   trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done' INT TERM
   for ((i = 0; i < n; i++)); do
-    "${env_cmd[@]}" "MSPEC_PROCESS_ID=$i" "$PY" -m "$@" > >(sed -u "s/^/[p$i] /") 2>&1 &
+    "${env_cmd[@]}" "MSPEC_PROCESS_ID=$i" "$PY" -m "$@" > >(sed -u "s/^/[p$i] /" >&2) 2>&1 &
     pids+=("$!")
     echo "[launch] process $i pid $! (coordinator 127.0.0.1:$port)" >&2
   done
