@@ -325,3 +325,112 @@ def test_launch_help_and_usage_errors():
     ]:
         proc = subprocess.run([LAUNCH, "--dry-run", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The data rule (in-process): per-device-slot streams and their positions
+# --------------------------------------------------------------------------------------------------
+
+
+def _molecules(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        atoms = int(rng.integers(3, 10))
+        out.append({
+            "index": i,
+            "atomic_numbers": rng.integers(1, 10, atoms).astype(np.int32),
+            "positions": (rng.normal(size=(atoms, 3)) * 1.5).astype(np.float32),
+        })
+    return out
+
+
+def _slot_iterator(source, slots, start=None, **kw):
+    from mspec import graph
+    from mspec.data import pipeline, sharding
+
+    budget = graph.Budget(n_node=40, n_edge=800, n_graph=5, max_torsions=1)
+    featurizer = pipeline.Featurizer(radius=3.0, max_z=20)
+    kw = dict(dict(seed=3, shuffle=True, repeat=True), **kw)
+    return sharding.SlotBatchIterator(
+        source, featurizer, budget, slots=slots, num_slots=4, start=start, prefetch=1, **kw
+    )
+
+
+def _first_atoms(batch) -> list:
+    return [row[mask].tolist() for row, mask in zip(batch["atomic_numbers"], batch["node_mask"])]
+
+
+def test_the_global_batch_does_not_depend_on_the_process_layout():
+    source = _molecules(60)
+    whole = _slot_iterator(source, [0, 1, 2, 3])
+    halves = [_slot_iterator(source, [0, 1]), _slot_iterator(source, [2, 3])]
+    for _ in range(12):  # more than an epoch: the shuffle is re-drawn
+        a = next(whole)
+        parts = [next(h) for h in halves]
+        for k in a:
+            np.testing.assert_array_equal(a[k], np.concatenate([p[k] for p in parts]), err_msg=k)
+    for it in (whole, *halves):
+        it.close()
+
+
+def test_a_finite_stream_delivers_every_molecule_once_then_pads():
+    source = _molecules(23)
+    it = _slot_iterator(source, [0, 1, 2, 3], shuffle=False, repeat=False, pad_forever=True)
+    seen = []
+    for _ in range(30):
+        batch = next(it)
+        if not batch["graph_mask"].any():
+            break
+        for row in range(4):
+            n_node = batch["n_node"][row][batch["graph_mask"][row]]
+            z = batch["atomic_numbers"][row][batch["node_mask"][row]]
+            seen += [tuple(part) for part in np.split(z, np.cumsum(n_node)[:-1])]
+    it.close()
+    assert sorted(seen) == sorted(tuple(m["atomic_numbers"]) for m in source)
+
+
+def test_resume_positions_exact_and_translated():
+    from mspec.data import sharding
+
+    source = _molecules(50)
+    it = _slot_iterator(source, [0, 1, 2, 3])
+    for _ in range(3):
+        next(it)
+    saved = sharding.global_state(it.state())
+    expected = next(it)
+    it.close()
+    assert saved["num_slots"] == 4 and len(saved["positions"]) == 4
+    # Exact resume, in any layout: slots [2, 3] of a 2-process run pick their own positions.
+    starts = sharding.start_positions(saved, [2, 3], 4)
+    assert starts == saved["positions"][2:]
+    resumed = _slot_iterator(source, [2, 3], start=starts)
+    got = next(resumed)
+    resumed.close()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k][2:], err_msg=k)
+
+    # Another device count: resume at the first stream position every old slot had consumed.
+    old = {"num_slots": 3, "positions": [5, 4, 6]}
+    consumed = {d + 3 * j for d, k in enumerate(old["positions"]) for j in range(k)}
+    first_unseen = min(i for i in range(100) if i not in consumed)
+    new = sharding.start_positions(old, [0, 1], 2)
+    resumed_at = {s + 2 * j for s, k in zip([0, 1], new) for j in range(k)}
+    assert resumed_at == set(range(first_unseen))
+    assert sharding.start_positions({"next_index": 7}, [0, 1, 2, 3], 4) == [2, 2, 2, 1]
+    with pytest.raises(ValueError, match="no iterator position"):
+        sharding.start_positions({}, [0], 1)
+
+
+def test_local_slots_of_a_one_process_mesh():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mspec.data import sharding
+    from mspec.training import train
+
+    mesh = train.make_mesh()
+    assert sharding.local_slots(NamedSharding(mesh, P("data")), 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="one batch row per device"):
+        sharding.local_slots(NamedSharding(mesh, P()), 4)
+    assert jax.process_count() == 1
