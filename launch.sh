@@ -31,6 +31,8 @@
 #                 --zone ZONE              (required)
 #                 --project PROJECT        (default: gcloud's configured project)
 #                 --remote-dir DIR         (default: mspec, relative to the remote home)
+#                 --worker W               one worker only (default: all), e.g. to prepare a
+#                                          dataset once on shared storage
 #                 --no-install / --no-sync skip a step.
 #               --workdir and data_dir must be on storage every worker can read and write
 #               (e.g. a Filestore/NFS mount or a gcsfuse-mounted bucket).
@@ -184,13 +186,14 @@ mode_cpu() {
 
 # ------------------------------------------------------------------------------------------------
 mode_tpu() {
-  local name="" zone="" project="" remote_dir="mspec" install=1 sync=1
+  local name="" zone="" project="" remote_dir="mspec" install=1 sync=1 worker=all
   while [ "$#" -gt 0 ]; do
     case "$1" in
       --name) name="$2"; shift 2 ;;
       --zone) zone="$2"; shift 2 ;;
       --project) project="$2"; shift 2 ;;
       --remote-dir) remote_dir="$2"; shift 2 ;;
+      --worker) worker="$2"; shift 2 ;;
       --no-install) install=0; shift ;;
       --no-sync) sync=0; shift ;;
       -*) die "tpu: unknown option $1" ;;
@@ -201,7 +204,7 @@ mode_tpu() {
   [ -n "$zone" ] || die "tpu: --zone ZONE is required"
   [ "$#" -ge 1 ] || die "tpu: missing MODULE"
   local gc=(gcloud compute tpus tpu-vm)
-  local where=(--zone "$zone" --worker=all)
+  local where=(--zone "$zone" "--worker=$worker")
   [ -n "$project" ] && where+=(--project "$project")
   local rd
   rd="$(quote "$remote_dir")"

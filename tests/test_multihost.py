@@ -309,8 +309,9 @@ def test_launch_dry_run_prints_the_commands_of_every_mode():
     assert remote[:3] == ["cd", "mspec", "&&"]
     assert "MSPEC_DISTRIBUTED=on" in remote and "MSPEC_HEARTBEAT_TIMEOUT=30" in remote
     assert remote[-len(module) - 2:] == [".venv/bin/python", "-m", *module]
-    assert len(_dry_run("tpu", "--name", "pod", "--zone", "z", "--no-sync", "--no-install",
-                        *module)) == 1
+    (only,) = _dry_run("tpu", "--name", "pod", "--zone", "z", "--no-sync", "--no-install",
+                       "--worker", "0", *module)
+    assert "--worker=0" in only and "--worker=all" not in only
 
 
 def test_launch_help_and_usage_errors():
