@@ -248,7 +248,7 @@ def initialize(settings: Settings | None = None) -> str:
             initialization_timeout=settings.init_timeout,
             **timeouts,
         )
-    if on_cpu and jax.process_count() > 1:
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
         _warm_up_gloo(settings.init_timeout)
     _install_failure_reporting()
     return f"process {jax.process_index()} of {jax.process_count()} ({how})"
