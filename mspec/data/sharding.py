@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -30,6 +31,8 @@ import numpy as np
 
 from mspec import graph
 from mspec.data import pipeline
+
+log = logging.getLogger(__name__)
 
 
 def slot_stream(
@@ -219,9 +222,12 @@ def start_positions(saved: Mapping[str, Any], slots: Sequence[int], num_slots: i
     # First stream position not yet consumed by every old slot (slot d consumed d + j*old_d, j < k).
     first_unseen = min(d + k * old_d for d, k in enumerate(old))
     new = [max(0, math.ceil((first_unseen - s) / num_slots)) for s in slots]
-    logging.warning(
+    log.warning(
         "checkpoint data state was written with %d device slots, this run has %d: resuming at "
         "stream position %d (no molecule skipped; up to %d seen twice)",
-        old_d, num_slots, first_unseen, sum(old) - first_unseen,
+        old_d,
+        num_slots,
+        first_unseen,
+        sum(old) - first_unseen,
     )
     return new

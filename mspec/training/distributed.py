@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 
@@ -77,7 +77,7 @@ class Settings:
     shutdown_timeout: int = 120
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
         def integer(name: str, default: int | None) -> int | None:
@@ -269,9 +269,7 @@ def _warm_up_gloo(timeout_s: int) -> None:
     from jax.sharding import PartitionSpec as P
 
     _client().wait_at_barrier("mspec_gloo_warm_up", timeout_s * 1000)
-    mesh = jax.make_mesh(
-        (jax.device_count(),), ("all",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    mesh = jax.make_mesh((jax.device_count(),), ("all",), axis_types=(jax.sharding.AxisType.Auto,))
     ones = np.ones((jax.local_device_count(),), np.int32)
     total = jax.jit(jax.numpy.sum)(
         jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")), ones)
