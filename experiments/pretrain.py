@@ -4,7 +4,9 @@
     python -m experiments.pretrain --config experiments/configs/pretrain_frad.py:tiny \
         --workdir runs/tiny --config.optim.lr=1e-4
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+Re-running with the same --workdir resumes from its latest checkpoint. Multi-process runs (TPU
+pod slices, Slurm, N local processes) are started with ./launch.sh; the processes find each other
+through the MSPEC_* environment variables of mspec.training.distributed.
 """
 
 from absl import app, flags, logging
@@ -25,7 +27,11 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # orbax and TFDS log every file operation at INFO; progress lines come from mspec itself.
         logging.set_verbosity(logging.WARNING)
-    from mspec.training import train  # Imported after flag parsing: JAX starts here.
+    from mspec.training import distributed
+
+    # Before anything touches a JAX device: joins the other processes of a multi-process run.
+    distributed.initialize()
+    from mspec.training import train
 
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

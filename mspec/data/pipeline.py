@@ -122,7 +122,11 @@ def make_grain_dataset(
     process_count: int = 1,
     limit: int | None = None,
 ) -> grain.MapDataset:
-    """Random-access dataset of featurised molecules: optional limit, host shard, shuffle, repeat."""
+    """Random-access dataset of featurised molecules: optional limit, host shard, shuffle, repeat.
+
+    The training loop uses :mod:`mspec.data.sharding` instead (one stream per device slot), whose
+    global batches do not depend on the number of processes; this per-process shard does.
+    """
     ds = grain.MapDataset.source(source)
     if limit is not None:
         ds = ds[: min(limit, len(ds))]

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mspec import graph, losses
-from mspec.data import pipeline
 from mspec.models.specformer import SpecFormer, make_specs
 from mspec.training import plots, restore, train
 
@@ -370,17 +369,7 @@ class MolSpectraTrainer(train.Trainer):
         cfg = self.config
         if not hasattr(self, "_eval_jit"):
             self._eval_jit = jax.jit(self._eval)
-        ds = pipeline.make_grain_dataset(
-            eval_source,
-            featurizer,
-            seed=cfg.seed,
-            shuffle=False,
-            repeat=False,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            limit=cfg.data.eval_max_molecules or None,
-        )
-        it = pipeline.PackedBatchIterator(ds, budget, jax.local_device_count())
+        it = train.eval_batches(self, eval_source, featurizer, budget)
         sums, wsums, chance_sum, n_total, example = {}, {}, {}, 0.0, None
         base = jax.random.key(cfg.seed + 1_000_003)
         try:
@@ -394,6 +383,8 @@ class MolSpectraTrainer(train.Trainer):
                         jax.random.fold_in(base, i),
                     )
                 )
+                if float(n_mol) == 0.0:  # every slot of every process is exhausted
+                    break
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * float(weights[k])
                     wsums[k] = wsums.get(k, 0.0) + float(weights[k])

@@ -33,7 +33,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mspec import graph, losses, noise
-from mspec.data import datasets, pipeline
+from mspec.data import datasets, pipeline, sharding
 from mspec.models import Model, count_params
 from mspec.training import checkpoint, metrics, optimizers
 
@@ -297,21 +297,32 @@ def note(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def eval_batches(trainer: Trainer, eval_source, featurizer, budget) -> sharding.SlotBatchIterator:
+    """Process-local validation batches, in a fixed order, that never run out.
+
+    Every process must run the same number of (collective) eval steps, whatever its share of the
+    molecules: exhausted slots yield padding, and the caller stops at the first global batch
+    without a molecule.
+    """
+    num_slots = jax.device_count()
+    return sharding.SlotBatchIterator(
+        eval_source,
+        featurizer,
+        budget,
+        slots=sharding.local_slots(trainer.data_sharding, num_slots),
+        num_slots=num_slots,
+        seed=trainer.config.seed,
+        shuffle=False,
+        repeat=False,
+        limit=trainer.config.data.eval_max_molecules or None,
+        pad_forever=True,
+    )
+
+
 def evaluate(trainer: Trainer, state, eval_source, featurizer, budget) -> dict[str, float]:
     """Denoising loss over the validation molecules, with fixed noise (comparable across evals)."""
     cfg = trainer.config
-    limit = cfg.data.eval_max_molecules or None
-    ds = pipeline.make_grain_dataset(
-        eval_source,
-        featurizer,
-        seed=cfg.seed,
-        shuffle=False,
-        repeat=False,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        limit=limit,
-    )
-    it = pipeline.PackedBatchIterator(ds, budget, jax.local_device_count())
+    it = eval_batches(trainer, eval_source, featurizer, budget)
     sq, count = 0.0, 0.0
     base = jax.random.key(cfg.seed + 1_000_003)
     try:
@@ -322,6 +333,8 @@ def evaluate(trainer: Trainer, state, eval_source, featurizer, budget) -> dict[s
                 trainer.global_batch(local),
                 jax.random.fold_in(base, i),
             )
+            if float(c) == 0.0:
+                break
             sq, count = sq + float(s), count + float(c)
     finally:
         it.close()
@@ -366,11 +379,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh()
 
     source_dir = config.data.get("source_dir", "")
-    builder = datasets.get_builder(
-        config.data.dataset,
-        config.data.data_dir or None,
-        **({"source_dir": os.path.expanduser(source_dir)} if source_dir else {}),
-    )
+    try:
+        # Several processes must not build the same dataset concurrently: prepare it beforehand.
+        builder = datasets.get_builder(
+            config.data.dataset,
+            config.data.data_dir or None,
+            build=jax.process_count() == 1,
+            **({"source_dir": os.path.expanduser(source_dir)} if source_dir else {}),
+        )
+    except datasets.DatasetError as e:
+        if jax.process_count() == 1:
+            raise
+        raise datasets.DatasetError(
+            f"{e}. A multi-process run does not build datasets: prepare it once, on storage "
+            "every host can read, e.g. `python -m data_pipelines.qm9 --config full --data_dir DIR`"
+        ) from e
     datasets.log_metadata(builder)
     trainer = make_trainer(config, mesh, builder)
     train_source = datasets.open_split(builder, "train")
@@ -393,10 +416,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dummy = graph.pack([], budget)
     state = trainer.init_state(jax.random.key(config.seed), dummy)
     note(f"model parameters: {count_params(state['params']):,}")
-    start_step, data_position = 0, 0
+    num_slots = jax.device_count()
+    slots = sharding.local_slots(trainer.data_sharding, num_slots)
+    start_step, data_position = 0, [0] * len(slots)
     if ckpt.latest_step() is not None:
         start_step, state, saved_config, data = ckpt.restore(checkpoint.abstract_like(state))
-        data_position = int(data["next_index"])
+        data_position = sharding.start_positions(data, slots, num_slots)
         if saved_config.get("model") != json.loads(config.to_json_best_effort()).get("model"):
             raise ValueError(
                 f"checkpoint in {ckpt.directory} was written with a different model config "
@@ -406,25 +431,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         state = trainer.start_from_pretrained(state)
     config_json = json.loads(config.to_json_best_effort())
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_json, f, indent=1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=1)
 
     writer = metrics.MetricWriter(workdir)
     if start_step == 0:
         writer.write_text("config", "```\n" + config.to_json_best_effort(indent=1) + "\n```")
-    train_ds = pipeline.make_grain_dataset(
+    # One packed sub-stream per device slot: the global batch does not depend on the number of
+    # processes (rule in mspec.data.sharding).
+    train_iter = sharding.SlotBatchIterator(
         train_source,
         featurizer,
+        budget,
+        slots=slots,
+        num_slots=num_slots,
         seed=config.seed,
         shuffle=True,
         repeat=True,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    train_iter = pipeline.PackedBatchIterator(
-        train_ds,
-        budget,
-        jax.local_device_count(),
         start=data_position,
         prefetch=config.data.prefetch,
         num_threads=config.data.get("num_threads", 0),
@@ -485,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_log_time = time.time()  # Evaluation time is not training throughput.
 
             if step % config.checkpoint_every == 0 or step == stop:
-                ckpt.save(step, state, config_json, train_iter.state())
+                ckpt.save(step, state, config_json, sharding.global_state(train_iter.state()))
     finally:
         train_iter.close()
         ckpt.close()
