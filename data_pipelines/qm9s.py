@@ -32,6 +32,7 @@ file) is an error naming the file and record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,16 @@ import tqdm
 
 from data_pipelines import qm9, qm9pack_source
 from data_pipelines.qm9s_source import (GRIDS, SPECTRUM_LENGTHS, CsvRelease, PtRelease,
-                                        QM9SSourceError, find_release, read_sticks)
+                                        QM9SSourceError, find_release, find_stick_file,
+                                        read_sticks)
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 DEFAULT_GFN2_DIR = os.path.join(os.path.dirname(__file__), "spectra", "data", "qm9_gfn2")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -109,6 +119,19 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
                 json.dump(report, f, indent=1)
             print(f"Build report: {path}", file=sys.stderr)
 
+    def source_changed(self) -> bool:
+        """True when a prepared ``gfn2`` dataset was built from other stick spectra than the
+        ones now in its source directory (e.g. the shipped file grew in a new release), so
+        :func:`mspec.data.datasets.get_builder` rebuilds it instead of serving stale data."""
+        if self.builder_config.name != "gfn2":
+            return False
+        built = self.info.metadata.get("source_sha256")
+        try:
+            current = _sha256(find_stick_file(self._source_dir or DEFAULT_GFN2_DIR))
+        except QM9SSourceError:
+            return False  # the source is gone; the prepared dataset is all there is
+        return built != current
+
     # --- sources -----------------------------------------------------------------------------
 
     def _source(self, dl_manager):
@@ -122,7 +145,8 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
                              key=lambda s: s.qm9_index)
             store = _ListStore(records)
             info = {"source": directory, "level_of_theory": meta.get("level_of_theory", meta),
-                    "line_shapes": meta["line_shapes"]}
+                    "line_shapes": meta["line_shapes"],
+                    "source_sha256": _sha256(find_stick_file(directory))}
             return store, info
         if not directory:
             raise QM9SSourceError(

@@ -99,3 +99,36 @@ def test_builder_names_are_registered(tmp_path):
         datasets.get_builder("qm9s/gfn2", str(tmp_path), source_dir=str(tmp_path))
     with pytest.raises(QM9SSourceError, match="data_with_uv_ir_raman.pt.*boraden"):
         datasets.get_builder("qm9s/release", str(tmp_path), source_dir=str(tmp_path))
+
+
+
+def test_gfn2_rebuilds_when_the_stick_file_changes(tmp_path):
+    """A prepared gfn2 dataset built from an older stick file is rebuilt, not served stale."""
+    import gzip
+    import json
+
+    qm9s_fixture.write(str(tmp_path / "src"))
+    src = tmp_path / "src" / "gfn2"
+    stick_file = next(p for p in src.iterdir() if p.name.startswith("sticks.jsonl"))
+    raw = stick_file.read_bytes()
+    text = gzip.decompress(raw).decode() if stick_file.name.endswith(".gz") else raw.decode()
+    data_dir = str(tmp_path / "tfds")
+
+    def total_ir(builder):
+        return sum(float(np.sum(e["ir"])) for s in ("train", "validation", "test")
+                   for e in _rows(datasets.open_split(builder, s)))
+
+    b = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
+    assert b.info.metadata["source_sha256"] and not b.source_changed()
+    before = total_ir(b)
+    # A new release of the stick file: every IR intensity doubled.
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for r in records:
+        r["ir_intensity_km_mol"] = [2 * x for x in r["ir_intensity_km_mol"]]
+    new = "".join(json.dumps(r) + "\n" for r in records).encode()
+    stick_file.write_bytes(gzip.compress(new) if stick_file.name.endswith(".gz") else new)
+    with pytest.raises(datasets.DatasetError, match="other source files"):
+        datasets.get_builder("qm9s/gfn2", data_dir, build=False, source_dir=str(src))
+    b = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
+    assert not b.source_changed()
+    np.testing.assert_allclose(total_ir(b), 2 * before, rtol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -76,6 +77,16 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
             f"dataset {dataset!r} in {data_dir} is corrupt: cannot read its metadata ({e}). "
             "Delete that directory to rebuild it."
         ) from e
+    if builder.is_prepared() and getattr(builder, "source_changed", lambda: False)():
+        if not build:
+            raise DatasetError(
+                f"dataset {dataset!r} in {builder.data_dir} was built from other source files than "
+                "the current ones; rebuild it (delete that directory, or allow building)"
+            )
+        print(f"Dataset {dataset!r}: its source files changed since {builder.data_dir} was built; "
+              "rebuilding", file=sys.stderr)
+        shutil.rmtree(builder.data_dir)
+        builder = cls(**kwargs)
     if not builder.is_prepared():
         if not build:
             raise DatasetError(
