@@ -1,6 +1,7 @@
 """Test set-up: 4 fake CPU devices (so data-parallel code is exercised), shared fixtures."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -8,6 +9,14 @@ import jax  # noqa: E402
 
 # Must run before any JAX computation initialises the backend.
 jax.config.update("jax_num_cpu_devices", 4)
+# Several tests build the same train step more than once (e.g. a run, then its resumption); a
+# persistent compilation cache turns the repeated XLA compilations into cache hits. Shared with the
+# multi-process tests' worker processes (tests/test_multihost.py).
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("MSPEC_TEST_JAX_CACHE")
+    or os.path.join(tempfile.gettempdir(), "mspec_test_jax_cache"),
+)
 
 import pytest  # noqa: E402
 
