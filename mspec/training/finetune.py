@@ -69,6 +69,11 @@ class LabeledFeaturizer:
     mean: float
     atomref: bool = False
 
+    @property
+    def spectra(self) -> tuple[tuple[str, int], ...]:
+        """Spectra carried per molecule (none for fine-tuning; part of the batch budget)."""
+        return self.base.spectra
+
     def raw_label(self, example) -> tuple[float, float]:
         """``(y, atom-reference sum)`` of one example, in training units (float64)."""
         if self.task == "qm9":
