@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -526,13 +525,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
             pending.append(m)
             step += 1
             if step % config.log_every == 0 or step == stop:
-                host = jax.device_get(pending)
-                means = {k: float(np.mean([p[k] for p in host])) for k in host[0]}
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(
-                        f"non-finite training measurements at step {step}: {means}; the last "
-                        f"checkpoint in {ckpt.directory} is intact"
-                    )
+                means = train.mean_measurements(pending, step, ckpt.directory)
                 now = time.time()
                 eta = (stop - step) * (now - last_time) / max(step - last_step, 1)
                 writer.write(step, {f"train/{k}": v for k, v in means.items()})

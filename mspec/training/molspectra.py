@@ -209,18 +209,7 @@ class MolSpectraTrainer(train.Trainer):
 
         def one(args):
             key, b = args
-            noisy, target = train.perturb(self.config, key, b)
-            edge_mask = graph.active_edges(
-                noisy,
-                b["senders"],
-                b["receivers"],
-                b["edge_mask"],
-                self.config.model.cutoff,
-                self.config.data.max_neighbors,
-            )
-            out = self.model.apply(
-                {"params": params}, {**b, "positions": noisy, "edge_mask": edge_mask}
-            )
+            out, target = self.apply_noisy(params, key, b)
             g = b["graph_mask"].shape[0]
             # Sum of the final (LayerNorm-ed) scalar features; padding atoms are already 0.
             mol = jax.ops.segment_sum(out["node_features"], b["node_graph"], num_segments=g)

@@ -159,22 +159,25 @@ class Trainer:
         """
 
         def one(args):
-            key, b = args
-            noisy, target = perturb(self.config, key, b)
-            edge_mask = graph.active_edges(
-                noisy,
-                b["senders"],
-                b["receivers"],
-                b["edge_mask"],
-                self.config.model.cutoff,
-                self.config.data.max_neighbors,
-            )
-            out = self.model.apply(
-                {"params": params}, {**b, "positions": noisy, "edge_mask": edge_mask}
-            )
+            out, target = self.apply_noisy(params, *args)
             return out["noise"], target
 
         return jax.lax.map(one, (keys, batch))
+
+    def apply_noisy(self, params, key: jax.Array, b: dict) -> tuple[dict, jax.Array]:
+        """Perturbs one device batch, re-applies the cutoff and neighbour cap to the noisy
+        positions, and runs the model on them: ``(model outputs, noise target [N, 3] in Å)``."""
+        noisy, target = perturb(self.config, key, b)
+        edge_mask = graph.active_edges(
+            noisy,
+            b["senders"],
+            b["receivers"],
+            b["edge_mask"],
+            self.config.model.cutoff,
+            self.config.data.max_neighbors,
+        )
+        out = self.model.apply({"params": params}, {**b, "positions": noisy, "edge_mask": edge_mask})
+        return out, target
 
     def _forward(self, params, rng, batch):
         """Predicted and target noise ``[D, N, 3]`` for a global batch; each device its own rows."""
@@ -289,6 +292,19 @@ def _format_eta(seconds: float) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     return f"{d}d{h:02d}h" if d else (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s")
+
+
+def mean_measurements(pending: list[dict], step: int, checkpoint_dir: str) -> dict[str, float]:
+    """Host means of the per-step measurements since the last log line; a non-finite value stops
+    the run (the last checkpoint, written before the divergence, stays the latest)."""
+    host = jax.device_get(pending)
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(
+            f"non-finite training measurements at step {step}: {means}; the last checkpoint in "
+            f"{checkpoint_dir} is intact"
+        )
+    return means
 
 
 def note(msg: str) -> None:
@@ -474,13 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step += 1
 
             if step % config.log_every == 0 or step == stop:
-                host = jax.device_get(pending)
-                means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(
-                        f"non-finite training measurements at step {step}: {means}; the last "
-                        f"checkpoint in {ckpt.directory} is intact"
-                    )
+                means = mean_measurements(pending, step, ckpt.directory)
                 now = time.time()
                 rate = molecules * jax.process_count() / max(now - last_log_time, 1e-9)
                 eta = (total - step) * (now - last_log_time) / max(step - last_log_step, 1)
