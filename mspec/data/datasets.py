@@ -137,9 +137,11 @@ def open_split(builder, split: str) -> Any:
 
 
 def log_metadata(builder) -> None:
-    """Logs the build-time counts (e.g. molecules falling back to Coord noise) once."""
+    """Logs the build-time counts (e.g. molecules falling back to Coord noise) once, on process 0."""
+    import jax  # noqa: PLC0415  (keeps `import mspec.data.datasets` free of JAX start-up)
+
     meta = dict(builder.info.metadata or {})
-    if meta:
+    if meta and jax.process_index() == 0:
         logging.info("dataset %s metadata: %s", builder.info.full_name, meta)
         if "coord_noise_fallback" in meta:
             print(
