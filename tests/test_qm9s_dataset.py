@@ -1,6 +1,8 @@
 """QM9S builder: gfn2 stick spectra and the real-release layouts (.pt both PyG layouts, CSV), built
 from fixtures; spectra parity with the broadening formula, the QM9 join, splits, metadata."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,20 @@ def test_gfn2_rebuilds_when_the_stick_file_changes(tmp_path):
     b = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
     assert not b.source_changed()
     np.testing.assert_allclose(total_ir(b), 2 * before, rtol=1e-5)
+
+
+def test_shipped_gfn2_dataset_builds_and_is_labelled(tmp_path):
+    """The stick spectra shipped in the repository (the MolSpectra default data) build as
+    `qm9s/gfn2`: at least 1,000 QM9 molecules, GFN2-xTB / sTDA level, valid spectra."""
+    from data_pipelines import qm9s
+
+    b = datasets.get_builder("qm9s/gfn2", str(tmp_path), num_workers=1)
+    meta = b.info.metadata
+    assert meta["source"] == qm9s.DEFAULT_GFN2_DIR and meta["skipped_not_in_qm9"] == 0
+    assert "GFN2" in json.dumps(meta["level_of_theory"])
+    sizes = {k: v.num_examples for k, v in b.info.splits.items()}
+    assert sum(sizes.values()) >= 1000, sizes
+    ex = datasets.open_split(b, "validation")[0]
+    for name, n in (("uv", 701), ("ir", 3501), ("raman", 3501)):
+        s = ex[name]
+        assert s.shape == (n,) and np.all(np.isfinite(s)) and s.min() >= 0 and s.max() > 0

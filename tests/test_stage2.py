@@ -27,6 +27,13 @@ def spectra_data_dir(qm9_sample_dir):
     return qm9_sample_dir
 
 
+
+def _tiny_synthetic():
+    """The `tiny` stage-2 config on the synthetic spectra (learnable retrieval, built in seconds)."""
+    c = pretrain_molspectra.get_config("tiny")
+    c.data.dataset = "qm9_synthetic_spectra/sample"
+    return c
+
 def write_stage1_checkpoint(directory, seed=123, real_init=False, **model_overrides):
     """A stage-1 (Coord, tiny) checkpoint laid out as train.py writes it, with a non-trivial
     normaliser state. Weights: N(0, 1) drawn on the host (no compilation; fine for restore
@@ -57,7 +64,7 @@ def write_stage1_checkpoint(directory, seed=123, real_init=False, **model_overri
 
 
 def stage2_trainer(**init_from):
-    c = pretrain_molspectra.get_config("tiny")
+    c = _tiny_synthetic()
     c.loss.target_normalization = "running"
     for k, v in init_from.items():
         c.init_from[k] = v
@@ -129,7 +136,7 @@ def test_stage2_restore_fails_loudly_on_mismatch(tmp_path, fresh_stage2_state):
 def test_spectra_ride_in_the_batch_and_bad_records_are_named(spectra_data_dir):
     builder = datasets.get_builder("qm9_synthetic_spectra/sample", spectra_data_dir, build=False)
     source = datasets.open_split(builder, "train")
-    lengths = molspectra.spectrum_lengths(pretrain_molspectra.get_config("tiny"), builder)
+    lengths = molspectra.spectrum_lengths(_tiny_synthetic(), builder)
     assert lengths == LENGTHS
     feat = pipeline.Featurizer(
         radius=5.5, max_z=100, dataset="synthetic", spectra=tuple(lengths.items())
@@ -156,13 +163,14 @@ def test_spectra_ride_in_the_batch_and_bad_records_are_named(spectra_data_dir):
     with pytest.raises(pipeline.BadRecordError, match="'raman' is not finite"):
         feat(ex)
 
-    c = pretrain_molspectra.get_config("tiny")
+    c = _tiny_synthetic()
     c.spectra.types = ("ir", "nmr")
     with pytest.raises(ValueError, match="declares 'nmr'"):
         molspectra.spectrum_lengths(c, builder)
 
 
 def test_configs_build_and_modalities_come_from_the_config():
+    assert pretrain_molspectra.get_config().data.dataset == "qm9s/gfn2"  # the shipped spectra
     for variant in (None, "tiny"):
         c = pretrain_molspectra.get_config(variant)
         t = molspectra.MolSpectraTrainer(
@@ -181,7 +189,7 @@ def test_configs_build_and_modalities_come_from_the_config():
     ]
     with pytest.raises(ValueError, match="unknown variant"):
         pretrain_molspectra.get_config("huge")
-    c = pretrain_molspectra.get_config("tiny")
+    c = _tiny_synthetic()
     c.specformer.embed_dim = 32
     with pytest.raises(ValueError, match="must equal the ET width"):
         molspectra.MolSpectraTrainer(
@@ -205,7 +213,7 @@ def test_objective_is_the_same_on_one_and_four_devices(spectra_data_dir):
     results, state = [], None
     for devices in (jax.devices(), jax.devices()[:1]):
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        c = pretrain_molspectra.get_config("tiny")
+        c = _tiny_synthetic()
         trainer = molspectra.MolSpectraTrainer(
             c, train.make_model(c), mesh, spectrum_lengths=LENGTHS
         )
@@ -250,7 +258,7 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
     spectra_data_dir, tmp_path
 ):
     write_stage1_checkpoint(str(tmp_path / "stage1"), real_init=True)
-    c = pretrain_molspectra.get_config("tiny")
+    c = _tiny_synthetic()
     c.data.data_dir = spectra_data_dir
     c.init_from.checkpoint = str(tmp_path / "stage1")
     # Retrieval on training molecules (64 of them, in batches of ~13 real molecules).
@@ -309,7 +317,7 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
 
 
 def test_learnable_temperature_is_a_parameter():
-    c = pretrain_molspectra.get_config("tiny")
+    c = _tiny_synthetic()
     c.loss.contrastive.learnable_temperature = True
     c.loss.contrastive.temperature = 0.2
     trainer = molspectra.MolSpectraTrainer(
