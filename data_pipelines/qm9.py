@@ -220,17 +220,22 @@ class QM9(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items):
         # With shuffling disabled TFDS orders examples by key: the rank keeps permutation order.
         for rank, (pos, rec) in enumerate(items):
-            yield rank, {
-                "index": rec["index"],
-                "pyg_idx": pos,
-                "smiles": rec["smiles"],
-                "atomic_numbers": rec["atomic_numbers"],
-                "positions": rec["positions"].astype(np.float32),
-                "targets": rec["targets"],
-                "torsions": rec["torsions"].reshape(-1, 4).astype(np.int32),
-                "torsion_moving": rec["moving"].astype(bool).reshape(-1),
-                "torsion_status": rec["status"],
-            }
+            yield rank, molecule_example(rec, pyg_idx=pos)
+
+
+def molecule_example(rec: dict, pyg_idx: int) -> dict:
+    """The :func:`molecule_features` values of one parsed molecule with its torsion metadata."""
+    return {
+        "index": rec["index"],
+        "pyg_idx": pyg_idx,
+        "smiles": rec["smiles"],
+        "atomic_numbers": rec["atomic_numbers"],
+        "positions": rec["positions"].astype(np.float32),
+        "targets": rec["targets"],
+        "torsions": rec["torsions"].reshape(-1, 4).astype(np.int32),
+        "torsion_moving": rec["moving"].astype(bool).reshape(-1),
+        "torsion_status": rec["status"],
+    }
 
 
 def _manual_dir(dl_manager) -> str | None:

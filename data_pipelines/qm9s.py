@@ -219,15 +219,7 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
                     f"{spectra.where}: atoms {np.asarray(spectra.atomic_numbers).tolist()} disagree "
                     f"with QM9 molecule {rec['index']} {rec['atomic_numbers'].tolist()}")
             yield rank, {
-                "index": rec["index"],
-                "pyg_idx": rec["pyg_idx"],
-                "smiles": rec["smiles"],
-                "atomic_numbers": rec["atomic_numbers"],
-                "positions": rec["positions"].astype(np.float32),
-                "targets": rec["targets"],
-                "torsions": rec["torsions"].reshape(-1, 4).astype(np.int32),
-                "torsion_moving": rec["moving"].astype(bool).reshape(-1),
-                "torsion_status": rec["status"],
+                **qm9.molecule_example(rec, pyg_idx=rec["pyg_idx"]),
                 "uv": spectra.uv,
                 "ir": spectra.ir,
                 "raman": spectra.raman,
