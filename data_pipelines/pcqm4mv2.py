@@ -366,11 +366,10 @@ class PCQM4Mv2(tfds.core.GeneratorBasedBuilder):
 
     def download_and_prepare(self, *args, **kwargs):
         super().download_and_prepare(*args, **kwargs)
-        report = getattr(self, "_report", None)
-        if report is not None:
-            path = os.path.join(self.data_dir, "build_report.json")
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+        from data_pipelines.qm9 import write_build_report  # noqa: PLC0415
+
+        path = write_build_report(self)
+        if path:
             print(f"Build report: {path}", file=sys.stderr)
             shutil.rmtree(self.staging_dir, ignore_errors=True)
 

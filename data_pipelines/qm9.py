@@ -281,8 +281,9 @@ def with_torsions_parallel(records: list[dict], num_workers: int | None = None) 
         )
 
 
-def write_build_report(builder: QM9) -> str | None:
-    """Writes ``build_report.json`` (fallback counts and indices) next to the prepared dataset."""
+def write_build_report(builder) -> str | None:
+    """Writes a builder's ``_report`` (counts, fallbacks, skips) as ``build_report.json`` next to
+    the prepared dataset; shared by the qm9, qm9s and pcqm4mv2 builders."""
     report = getattr(builder, "_report", None)
     if report is None:
         return None

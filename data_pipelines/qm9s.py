@@ -33,7 +33,6 @@ file) is an error naming the file and record.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -112,11 +111,8 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
             staging = getattr(self, "_staging_dir", None)
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
-        report = getattr(self, "_report", None)
-        if report is not None:
-            path = os.path.join(self.data_dir, "build_report.json")
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+        path = qm9.write_build_report(self)
+        if path:
             print(f"Build report: {path}", file=sys.stderr)
 
     def source_changed(self) -> bool:
