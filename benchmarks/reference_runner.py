@@ -12,7 +12,7 @@ Typical use from an mspec benchmark::
 
     save_batches_npz("/tmp/qm9_b128.npz", load_qm9_sample(1280, seed=0), 128)
     ref = run_reference("/tmp/qm9_b128.npz", threads=2, steps=10, warmup=2,
-                        tuned_malloc=True)
+                        malloc="tuned")
     if ref is not None:
         print(ref["mol_per_s_median"])
 
@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Sequence
 __all__ = [
     "DEFAULT_VENV_PYTHON",
     "TUNED_GLIBC_TUNABLES",
+    "MALLOC_SETTINGS",
     "REFERENCE_SCRIPT",
     "find_reference_python",
     "run_reference",
@@ -44,6 +45,28 @@ DEFAULT_VENV_PYTHON = "/root/torchref-venv/bin/python"
 #: glibc malloc settings that keep freed memory in the process (no mmap for large
 #: blocks, never trim the heap); they make the PyTorch reference 3-4x faster on CPU.
 TUNED_GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+#: Named allocator settings (``GLIBC_TUNABLES`` values; None = glibc defaults). ``hugetlb`` is
+#: what mspec's entry points set for themselves (mspec/host_malloc.py).
+MALLOC_SETTINGS: Dict[str, Optional[str]] = {
+    "default": None,
+    "tuned": TUNED_GLIBC_TUNABLES,
+    "hugetlb": "glibc.malloc.hugetlb=1",
+    "tuned+hugetlb": TUNED_GLIBC_TUNABLES + ":glibc.malloc.hugetlb=1",
+}
+
+
+def malloc_environment(env: Dict[str, str], malloc: str) -> Dict[str, str]:
+    """``env`` with ``GLIBC_TUNABLES`` set for the named setting (removed for "default")."""
+    if malloc not in MALLOC_SETTINGS:
+        raise ValueError(f"unknown malloc setting {malloc!r}; one of {sorted(MALLOC_SETTINGS)}")
+    env = dict(env)
+    tunables = MALLOC_SETTINGS[malloc]
+    if tunables is None:
+        env.pop("GLIBC_TUNABLES", None)
+    else:
+        env["GLIBC_TUNABLES"] = tunables
+    return env
 
 #: The script run inside the reference environment.
 REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchmd_reference.py")
@@ -76,7 +99,7 @@ def run_reference(
     threads: int,
     steps: int,
     warmup: int,
-    tuned_malloc: bool,
+    malloc: str,
     python: Optional[str] = None,
     *,
     inference: bool = False,
@@ -95,10 +118,9 @@ def run_reference(
             ``MKL_NUM_THREADS`` are set to the same value.
         steps: Timed steps.
         warmup: Untimed warm-up steps (excluded from the statistics).
-        tuned_malloc: If True, run the child with
-            ``GLIBC_TUNABLES=`` :data:`TUNED_GLIBC_TUNABLES` (the reference's best
-            configuration); if False, ``GLIBC_TUNABLES`` is removed from its environment
-            (glibc defaults).
+        malloc: a name in :data:`MALLOC_SETTINGS`: the child's ``GLIBC_TUNABLES``
+            ("tuned" is the reference's best configuration in perf-notes.md; "default"
+            removes the variable).
         python: Reference interpreter; see :func:`find_reference_python`.
         inference: Time the forward pass only instead of a training step.
         hidden, layers, heads, rbf: Model size (defaults: the full H=256/8/8/64 config).
@@ -110,7 +132,7 @@ def run_reference(
         The parsed JSON result of ``torchmd_reference.py`` (keys ``impl``, ``torch``,
         ``threads``, ``mol_per_s_median``, ``mol_per_s_min``, ``mol_per_s_max``,
         ``step_s_median``, ``peak_rss_gb``, ``n_params``, ``batch_size``, ...) with
-        ``"malloc"`` (``"tuned"``/``"default"``) added, or None when no reference
+        ``"malloc"`` (the setting's name) added, or None when no reference
         interpreter is available or the run failed (a message starting with
         ``reference skipped:`` or ``reference failed:`` is printed, with the tail of
         the child's stderr for failures).
@@ -151,15 +173,12 @@ def run_reference(
     env.pop("PYTHONHOME", None)
     env["OMP_NUM_THREADS"] = str(int(threads))
     env["MKL_NUM_THREADS"] = str(int(threads))
-    if tuned_malloc:
-        env["GLIBC_TUNABLES"] = TUNED_GLIBC_TUNABLES
-    else:
-        env.pop("GLIBC_TUNABLES", None)
+    env = malloc_environment(env, malloc)
 
     if timeout_s is None:
         timeout_s = 120.0 + 60.0 * (int(steps) + int(warmup))
     label = (
-        f"threads={threads} malloc={'tuned' if tuned_malloc else 'default'}"
+        f"threads={threads} malloc={malloc}"
         f"{' inference' if inference else ''}"
     )
     try:
@@ -192,7 +211,7 @@ def run_reference(
               f"--- stdout tail ---\n{_tail(proc.stdout)}\n"
               f"--- stderr tail ---\n{_tail(proc.stderr)}", file=sys.stderr, flush=True)
         return None
-    result["malloc"] = "tuned" if tuned_malloc else "default"
+    result["malloc"] = malloc
     return result
 
 
@@ -204,14 +223,14 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--malloc", choices=["tuned", "default", "both"], default="both")
+    parser.add_argument("--malloc", default="tuned,default",
+                        help=f"comma list of: {', '.join(MALLOC_SETTINGS)}")
     parser.add_argument("--inference", action="store_true")
     parser.add_argument("--python", default=None)
     cli = parser.parse_args()
-    mallocs = {"tuned": [True], "default": [False], "both": [True, False]}[cli.malloc]
     for n in cli.threads:
-        for tuned in mallocs:
-            res = run_reference(cli.batches, n, cli.steps, cli.warmup, tuned,
+        for malloc in cli.malloc.split(","):
+            res = run_reference(cli.batches, n, cli.steps, cli.warmup, malloc,
                                 python=cli.python, inference=cli.inference)
             if res is not None:
                 print(json.dumps(res), flush=True)

@@ -1,14 +1,17 @@
 """Train-step throughput of mspec vs the PyTorch reference (torchmd-net 3.1.0), same molecules.
 
     python -m benchmarks.train_step                       # QM9-track config + tiny, batch 128
-    python -m benchmarks.train_step --configs qm9 --malloc both --record
+    python -m benchmarks.train_step --configs qm9 --malloc hugetlb,tuned,tuned+hugetlb \
+        --repeats 2 --record
 
 Protocol (../shared/docs/perf-notes.md): real QM9 molecules (deterministic sample, seed 0) in
 batches of 128; both implementations train on the same batches; the Coord denoising step
 (σ = 0.04 Å noise, MSE on the predicted per-atom noise, AdamW); compilation / warm-up excluded and
 reported separately; the median over the timed steps; peak RSS of each run's own process. Every
 run is a separate subprocess, so memory and allocator settings do not leak between runs. The
-reference is skipped with a message when its interpreter (``/root/torchref-venv`` or
+allocator matters on CPU (perf-notes.md; mspec/host_malloc.py): every implementation runs under
+each ``--malloc`` setting, and the summary compares them per setting and each at its best.
+The reference is skipped with a message when its interpreter (``/root/torchref-venv`` or
 ``$MSPEC_TORCH_PYTHON``) is not installed.
 
 mspec runs its real training path: pipeline neighbour lists with radius cutoff + skin, the
@@ -32,7 +35,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,13 +114,14 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
 
 
 def _mspec_subprocess(batches, config, steps, warmup, malloc) -> dict | None:
-    env = dict(os.environ)
+    from benchmarks.reference_runner import malloc_environment
+
+    env = malloc_environment(dict(os.environ), malloc)
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
-    if malloc == "tuned":
-        env["GLIBC_TUNABLES"] = TUNED
-    else:
-        env.pop("GLIBC_TUNABLES", None)
+    # The worker is started with the allocator setting under test; keep mspec's own
+    # re-execution (mspec/host_malloc.py, used by the entry points) out of the way.
+    env["MSPEC_MALLOC_TUNING"] = "0"
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", config, "--batches", batches,
            "--steps", str(steps), "--warmup", str(warmup)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
@@ -131,11 +134,12 @@ def _mspec_subprocess(batches, config, steps, warmup, malloc) -> dict | None:
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| implementation | config | malloc | train mol/s median (min–max) | step s | compile/warm-up s | peak RSS GB | params |"
-    lines = [head, "|" + "---|" * 8]
+    head = "| implementation | config | malloc | repeat | train mol/s median (min–max) | step s | compile/warm-up s | peak RSS GB | params |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
             f"| {r['impl']} | {r.get('config_name', r.get('config'))} | {r['malloc']} | "
+            f"{r.get('repeat', 0) + 1} | "
             f"{r['mol_per_s_median']:.1f} ({r['mol_per_s_min']:.1f}–{r['mol_per_s_max']:.1f}) | "
             f"{r['step_s_median']:.2f} | {r.get('compile_s', r.get('warmup_s', float('nan'))):.1f} | "
             f"{r['peak_rss_gb']:.2f} | {r['n_params']:,} |"
@@ -143,14 +147,58 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_summary(rows: list[dict], mallocs: list[str]) -> list[str]:
+    """Lines comparing mspec (qm9 config) with the reference, per allocator setting and best vs
+    best. Runs of one repeat are paired (they ran back to back); the ratio is the median of the
+    per-pair ratios, and each side's rate the median over its repeats."""
+    ours = [r for r in rows if r.get("config") == "qm9" and "torchmd" not in r["impl"]]
+    ref = [r for r in rows if "torchmd" in r["impl"]]
+    lines = []
+    for malloc in mallocs:
+        pairs = [
+            (a["mol_per_s_median"], b["mol_per_s_median"])
+            for a in ours for b in ref
+            if a["malloc"] == b["malloc"] == malloc and a.get("repeat") == b.get("repeat")
+        ]
+        if pairs:
+            ratios = [a / b for a, b in pairs]
+            lines.append(
+                f"- {malloc} malloc: mspec / torchmd-net = {statistics.median(ratios):.2f}x "
+                f"(per-repeat {', '.join(f'{x:.2f}' for x in ratios)})"
+            )
+
+    def best(runs):
+        by = {}
+        for r in runs:
+            by.setdefault(r["malloc"], []).append(r["mol_per_s_median"])
+        return max(((statistics.median(v), k) for k, v in by.items()), default=None)
+
+    b_ours, b_ref = best(ours), best(ref)
+    if b_ours and b_ref:
+        lines.append(
+            f"- each at its best setting: mspec {b_ours[0]:.1f} mol/s ({b_ours[1]}) / torchmd-net "
+            f"{b_ref[0]:.1f} mol/s ({b_ref[1]}) = {b_ours[0] / b_ref[0]:.2f}x"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
+    from benchmarks.reference_runner import MALLOC_SETTINGS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="qm9,tiny", help="comma list of: qm9 (H=256 ET), tiny")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="reference torch threads")
-    p.add_argument("--malloc", choices=["tuned", "default", "both"], default="tuned")
+    p.add_argument(
+        "--malloc", default="hugetlb,tuned",
+        help=f"comma list of allocator settings, each run for both implementations: "
+        f"{', '.join(MALLOC_SETTINGS)} (hugetlb is what mspec's entry points use; tuned is the "
+        "reference's best in perf-notes.md)",
+    )
+    p.add_argument("--repeats", type=int, default=1,
+                   help="interleaved repeats (mspec, reference, mspec, ...) per setting")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -164,38 +212,38 @@ def main(argv=None) -> int:
     from benchmarks.qm9_molecules import load_qm9_sample, save_batches_npz
     from benchmarks.reference_runner import run_reference
 
+    mallocs = [m.strip() for m in args.malloc.split(",") if m.strip()]
+    unknown = [m for m in mallocs if m not in MALLOC_SETTINGS]
+    if unknown:
+        p.error(f"unknown --malloc setting(s) {unknown}; choose from {list(MALLOC_SETTINGS)}")
     n_batches = max(4, min(args.steps + args.warmup + 1, 12))
     tmp = tempfile.mkdtemp(prefix="mspec_bench_")
     batches = os.path.join(tmp, f"qm9_b{args.batch_size}.npz")
     save_batches_npz(batches, load_qm9_sample(n_batches * args.batch_size, seed=0), args.batch_size)
-    mallocs = ["tuned", "default"] if args.malloc == "both" else [args.malloc]
     rows = []
-    for config in args.configs.split(","):
-        for malloc in mallocs:
-            print(f"mspec {config} ({malloc} malloc) ...", file=sys.stderr, flush=True)
-            r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc)
-            if r:
-                rows.append(r)
-                print(json.dumps(r), file=sys.stderr)
-            if config != "qm9" or args.no_reference:
-                continue
-            print(f"torchmd-net reference ({malloc} malloc, {args.threads} threads) ...", file=sys.stderr, flush=True)
-            ref = run_reference(batches, args.threads, args.steps, args.warmup, malloc == "tuned")
-            if ref:
-                ref["config_name"] = "qm9 (upstream ET)"
-                ref["impl"] = f"{ref['impl']} ({ref['threads']} thr)"
-                rows.append(ref)
-                print(json.dumps(ref), file=sys.stderr)
+    for repeat in range(args.repeats):
+        for config in args.configs.split(","):
+            for malloc in mallocs:
+                print(f"[{repeat + 1}/{args.repeats}] mspec {config} ({malloc} malloc) ...",
+                      file=sys.stderr, flush=True)
+                r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc)
+                if r:
+                    r["repeat"] = repeat
+                    rows.append(r)
+                    print(json.dumps(r), file=sys.stderr)
+                if config != "qm9" or args.no_reference:
+                    continue
+                print(f"[{repeat + 1}/{args.repeats}] torchmd-net reference ({malloc} malloc, "
+                      f"{args.threads} threads) ...", file=sys.stderr, flush=True)
+                ref = run_reference(batches, args.threads, args.steps, args.warmup, malloc)
+                if ref:
+                    ref["config_name"] = "qm9 (upstream ET)"
+                    ref["impl"] = f"{ref['impl']} ({ref['threads']} thr)"
+                    ref["repeat"] = repeat
+                    rows.append(ref)
+                    print(json.dumps(ref), file=sys.stderr)
     table = _table(rows)
-    ratios = []
-    for malloc in mallocs:
-        ours = [r for r in rows if r["malloc"] == malloc and r.get("config") == "qm9"]
-        ref = [r for r in rows if r["malloc"] == malloc and "torchmd" in r["impl"]]
-        if ours and ref:
-            ratios.append(
-                f"- {malloc} malloc: mspec / torchmd-net = "
-                f"{ours[0]['mol_per_s_median'] / ref[0]['mol_per_s_median']:.2f}x"
-            )
+    ratios = ratio_summary(rows, mallocs)
     print(table)
     print("\n".join(ratios))
     if args.record:
@@ -207,7 +255,9 @@ def main(argv=None) -> int:
             f"Python {platform.python_version()}, jax {jax.__version__}. Command: "
             f"`python -m benchmarks.train_step {' '.join(argv or sys.argv[1:])}`; "
             f"batch {args.batch_size} QM9 molecules (seed 0), median of {args.steps} steps after "
-            f"{args.warmup} warm-up.\n\n"
+            f"{args.warmup} warm-up; malloc settings: "
+            + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs)
+            + ".\n\n"
         )
         with open(os.path.join(REPO, "BENCHMARKS.md"), "a") as f:
             f.write(header + table + "\n" + "\n".join(ratios) + "\n")
