@@ -42,7 +42,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------------------------------
 
 
-def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: int) -> dict:
+def run_mspec_worker(
+    batches_path: str, config_name: str, steps: int, warmup: int, microbatches: int = 1
+) -> dict:
     import jax
     import numpy as np
 
@@ -56,6 +58,7 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
     c = pretrain_coord.get_config("tiny" if config_name == "tiny" else None)
     c.total_steps = 400_000
     c.optim.warmup_steps = 10  # a non-trivial learning rate from the first steps
+    c.microbatches = microbatches
     feat = pipeline.Featurizer(radius=c.model.cutoff + c.data.skin, max_z=c.model.max_z)
     mols_per_batch = []
     for z, pos, seg in load_batches_npz(batches_path):
@@ -65,15 +68,27 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
             mols.append(feat({"atomic_numbers": z[sel], "positions": pos[sel]}))
         mols_per_batch.append(mols)
     n_mol = len(mols_per_batch[0])
-    nodes = max(sum(len(m["atomic_numbers"]) for m in b) for b in mols_per_batch)
-    edges = max(sum(len(m["senders"]) for m in b) for b in mols_per_batch)
+    # With micro-batches, each batch of n_mol molecules is split into equal consecutive parts.
+    per = -(-n_mol // microbatches)
+    split = [[b[i : i + per] for i in range(0, n_mol, per)] for b in mols_per_batch]
+    nodes = max(sum(len(m["atomic_numbers"]) for m in sub) for b in split for sub in b)
+    edges = max(sum(len(m["senders"]) for m in sub) for b in split for sub in b)
     budget = graph.Budget(
-        n_node=8 * ((nodes + 8) // 8) + 1, n_edge=8 * ((edges + 7) // 8), n_graph=n_mol + 1,
+        n_node=8 * ((nodes + 8) // 8) + 1, n_edge=8 * ((edges + 7) // 8), n_graph=per + 1,
         max_torsions=1,
     )
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     trainer = train.Trainer(c, train.make_model(c), mesh)
-    batches = [trainer.global_batch(graph.stack([graph.pack(b, budget)])) for b in mols_per_batch]
+    if microbatches == 1:
+        batches = [trainer.global_batch(graph.stack([graph.pack(b[0], budget)])) for b in split]
+    else:
+        batches = [
+            trainer.global_batch(
+                train.stack_microbatches([graph.stack([graph.pack(sub, budget)]) for sub in b]),
+                microbatched=True,
+            )
+            for b in split
+        ]
     state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
     n_params = count_params(state["params"])
 
@@ -93,7 +108,8 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
     rates = [n_mol / t for t in times]
     return {
         "impl": f"mspec (jax {jax.__version__})",
-        "config": config_name,
+        "config": config_name if microbatches == 1 else f"{config_name}, microbatches={microbatches}",
+        "microbatches": microbatches,
         "threads": os.cpu_count(),
         "mol_per_s_median": statistics.median(rates),
         "mol_per_s_min": min(rates),
@@ -103,7 +119,10 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "n_params": n_params,
         "batch_size": n_mol,
-        "node_fill": float(np.mean([sum(len(m["atomic_numbers"]) for m in b) for b in mols_per_batch]) / budget.n_node),
+        "node_fill": float(
+            np.mean([sum(len(m["atomic_numbers"]) for m in sub) for b in split for sub in b])
+            / budget.n_node
+        ),
         "compilations": trainer.traces,
     }
 
@@ -113,7 +132,7 @@ def run_mspec_worker(batches_path: str, config_name: str, steps: int, warmup: in
 # --------------------------------------------------------------------------------------------------
 
 
-def _mspec_subprocess(batches, config, steps, warmup, malloc) -> dict | None:
+def _mspec_subprocess(batches, config, steps, warmup, malloc, microbatches=1) -> dict | None:
     from benchmarks.reference_runner import malloc_environment
 
     env = malloc_environment(dict(os.environ), malloc)
@@ -123,7 +142,7 @@ def _mspec_subprocess(batches, config, steps, warmup, malloc) -> dict | None:
     # re-execution (mspec/host_malloc.py, used by the entry points) out of the way.
     env["MSPEC_MALLOC_TUNING"] = "0"
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", config, "--batches", batches,
-           "--steps", str(steps), "--warmup", str(warmup)]
+           "--steps", str(steps), "--warmup", str(warmup), "--microbatches", str(microbatches)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         print(f"mspec run failed ({config}, {malloc} malloc):\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -199,6 +218,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=int, default=1,
                    help="interleaved repeats (mspec, reference, mspec, ...) per setting")
+    p.add_argument(
+        "--microbatches", default="1",
+        help="comma list; values > 1 add mspec qm9 runs that accumulate gradients over that many "
+        "sub-batches of the same 128 molecules (config.microbatches; peak memory)",
+    )
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -206,7 +230,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_mspec_worker(args.batches, args.worker, args.steps, args.warmup)))
+        print(json.dumps(run_mspec_worker(
+            args.batches, args.worker, args.steps, args.warmup, int(args.microbatches)
+        )))
         return 0
 
     from benchmarks.qm9_molecules import load_qm9_sample, save_batches_npz
@@ -231,6 +257,15 @@ def main(argv=None) -> int:
                     r["repeat"] = repeat
                     rows.append(r)
                     print(json.dumps(r), file=sys.stderr)
+                if config == "qm9":
+                    for k in (int(x) for x in args.microbatches.split(",") if int(x) > 1):
+                        print(f"[{repeat + 1}/{args.repeats}] mspec qm9, {k} microbatches "
+                              f"({malloc} malloc) ...", file=sys.stderr, flush=True)
+                        r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc, k)
+                        if r:
+                            r["repeat"] = repeat
+                            rows.append(r)
+                            print(json.dumps(r), file=sys.stderr)
                 if config != "qm9" or args.no_reference:
                     continue
                 print(f"[{repeat + 1}/{args.repeats}] torchmd-net reference ({malloc} malloc, "

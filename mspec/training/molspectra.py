@@ -138,6 +138,11 @@ class MolSpectraTrainer(train.Trainer):
             )
         if not cfg.spectra.types:
             raise ValueError("config.spectra.types is empty: declare the spectra to train on")
+        if train.microbatches(cfg) != 1:
+            raise ValueError(
+                f"config.microbatches={cfg.microbatches}: gradient accumulation is implemented "
+                "for denoising pre-training only; use microbatches=1 for MolSpectra stage 2"
+            )
         if cfg.specformer.embed_dim != cfg.model.hidden:
             raise ValueError(
                 f"config.specformer.embed_dim ({cfg.specformer.embed_dim}) must equal the ET width "

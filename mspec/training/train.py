@@ -75,7 +75,8 @@ def choose_budget(config, builder, featurizer, train_source) -> graph.Budget:
     meta = dict(builder.info.metadata or {})
     max_nodes = int(meta.get("num_atoms_max", stats["max_nodes"]))
     max_torsions = int(meta.get("num_torsions_max", stats["max_torsions"]))
-    per_device = max(1, math.ceil(config.batch_size / jax.device_count()))
+    # Each device packs batch_size / (devices x microbatches) molecules per sub-batch.
+    per_device = max(1, math.ceil(config.batch_size / (jax.device_count() * microbatches(config))))
     return graph.budget_from_stats(
         mean_nodes=stats["mean_nodes"],
         mean_edges=stats["mean_edges"],
@@ -123,6 +124,21 @@ def check_config(config) -> None:
         raise ValueError("denoising pre-training needs the 'noise' head in config.model.heads")
     if config.total_steps <= 0 or config.batch_size <= 0:
         raise ValueError("config.total_steps and config.batch_size must be positive")
+    k = microbatches(config)
+    if k > 1 and config.loss.target_normalization == "running":
+        raise ValueError(
+            f"config.microbatches={k} needs a target normaliser that does not depend on the "
+            "batch: use config.loss.target_normalization='tau' or 'none' (the 'running' "
+            "normaliser is updated once per step from the whole batch)"
+        )
+
+
+def microbatches(config) -> int:
+    """``config.microbatches`` (1 when absent), validated: sub-batches per step, >= 1."""
+    k = config.get("microbatches", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"config.microbatches must be an integer >= 1, got {k!r}")
+    return k
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +158,8 @@ class Trainer:
     def __post_init__(self):
         self.tx, self.schedule = optimizers.make_optimizer(self.config.optim, self.config.total_steps)
         self.data_sharding = NamedSharding(self.mesh, P("data"))
+        # Micro-batched steps take [K, D, ...]: K sub-batches, each sharded like one batch.
+        self.microbatch_sharding = NamedSharding(self.mesh, P(None, "data"))
         self.replicated = NamedSharding(self.mesh, P())
         self.update_fn = jax.jit(self._update, donate_argnums=(0,))
         self.eval_fn = jax.jit(self._eval)
@@ -200,10 +218,44 @@ class Trainer:
         mse = losses.denoising_mse(pred, target, batch["node_mask"])
         return self.config.loss.denoising_weight * mse, (mse, stats)
 
+    def loss_and_grads(self, params, rng, batch, stats):
+        """``((loss, (mse, stats)), grads)`` of one step's batch.
+
+        With ``config.microbatches = K > 1`` the batch is ``[K, D, ...]`` (K sub-batches, as
+        :meth:`global_batch` builds it) and the gradient is accumulated over them in a
+        ``lax.scan``: each sub-batch's loss is weighted by its share of the real atoms of the
+        whole step, so loss and gradients are those of one batch holding all K sub-batches
+        (tested), while only one sub-batch's activations are alive at a time.
+        """
+        if microbatches(self.config) == 1:
+            return jax.value_and_grad(self._loss, has_aux=True)(params, rng, batch, stats)
+        # Checked in check_config: the target normaliser does not depend on the batch here.
+        counts = jnp.sum(batch["node_mask"], axis=tuple(range(1, batch["node_mask"].ndim)))
+        shares = counts / jnp.maximum(jnp.sum(counts), 1)  # [K]
+        keys = jax.random.split(rng, counts.shape[0])
+
+        def weighted_loss(p, key, sub, share):
+            loss, (mse, _) = self._loss(p, key, sub, stats)
+            return share * loss, share * mse
+
+        def accumulate(carry, xs):
+            key, sub, share = xs
+            (loss, mse), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
+                params, key, sub, share
+            )
+            total_loss, total_mse, total_grads = carry
+            return (total_loss + loss, total_mse + mse, jax.tree.map(jnp.add, total_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, mse, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (keys, batch, shares)
+        )
+        return (loss, (mse, stats)), grads
+
     def _update(self, state, batch):
         self.traces += 1  # Runs at trace time only: counts compilations of the step.
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
-        (loss, (mse, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        (loss, (mse, stats)), grads = self.loss_and_grads(
             state["params"], rng, batch, losses.RunningStats(*state["normalizer"])
         )
         params, opt, norms = self.apply_gradients(state, grads)
@@ -267,12 +319,22 @@ class Trainer:
         }
         return jax.device_put(state, self.replicated)
 
-    def global_batch(self, local_batch: dict) -> dict:
-        """Per-process rows ``[D_local, ...]`` -> one global array ``[D, ...]`` sharded on "data"."""
+    def global_batch(self, local_batch: dict, *, microbatched: bool = False) -> dict:
+        """Per-process rows ``[D_local, ...]`` -> one global array ``[D, ...]`` sharded on "data".
+
+        With ``microbatched=True`` the rows are ``[K, D_local, ...]`` (:func:`stack_microbatches`,
+        the train step's input when ``config.microbatches > 1``) and become ``[K, D, ...]``,
+        sharded on the second axis.
+        """
+        sharding = self.microbatch_sharding if microbatched else self.data_sharding
         return {
-            k: jax.make_array_from_process_local_data(self.data_sharding, v)
-            for k, v in local_batch.items()
+            k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
         }
+
+
+def stack_microbatches(sub_batches: list[dict]) -> dict:
+    """K process-local batches ``[D_local, ...]`` -> ``[K, D_local, ...]`` for one step."""
+    return {k: np.stack([b[k] for b in sub_batches]) for k in sub_batches[0]}
 
 
 def _global_norm(tree) -> jax.Array:
@@ -471,6 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_workers=config.data.get("num_workers", 0),
     )
 
+    num_microbatches = microbatches(config)
     total = config.total_steps
     # Stop early (with a checkpoint) without changing the schedule, e.g. to fit a job time limit.
     stop = min(total, config.stop_after_step) if config.stop_after_step > 0 else total
@@ -481,11 +544,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = start_step
     try:
         while step < stop:
-            local = next(train_iter)
-            f = pipeline.fill(local)
-            molecules += f["molecules"]
-            fills.append(f["node_fill"])
-            state, measurements = trainer.update_fn(state, trainer.global_batch(local))
+            sub_batches = [next(train_iter) for _ in range(num_microbatches)]
+            for sub in sub_batches:
+                f = pipeline.fill(sub)
+                molecules += f["molecules"]
+                fills.append(f["node_fill"])
+            if num_microbatches == 1:
+                global_batch = trainer.global_batch(sub_batches[0])
+            else:
+                global_batch = trainer.global_batch(
+                    stack_microbatches(sub_batches), microbatched=True
+                )
+            state, measurements = trainer.update_fn(state, global_batch)
             pending.append(measurements)
             step += 1
 
