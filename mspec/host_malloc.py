@@ -114,4 +114,7 @@ def reexec_with_hugepages() -> None:
         file=sys.stderr,
         flush=True,
     )
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError as e:  # e.g. no usable sys.executable: run on, untuned, rather than fail
+        print(f"mspec: could not restart ({e}); continuing with glibc's defaults", file=sys.stderr)
