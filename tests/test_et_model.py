@@ -169,6 +169,17 @@ def test_parameter_counts(kwargs, expected):
     assert n == expected
 
 
+def test_upstream_variant_has_the_reference_parameter_count():
+    # torchmd-net 3.1.0's upstream ET (no per-layer norms, no whitened vector norm) with its
+    # vector output head: 6,864,898 parameters (perf-notes.md), the benchmark's like-for-like model.
+    batch = build_batch([random_molecule(0, 3)], n_node=4, n_edge=10)
+    model = Model(
+        hidden=256, num_layers=8, num_heads=8, num_rbf=64, interlayer_norm="none",
+        vector_norm="none", heads=("noise",),
+    )
+    assert count_params(jax.eval_shape(model.init, jax.random.key(0), batch)) == 6_864_898
+
+
 def test_unknown_options_raise():
     batch = build_batch([random_molecule(0, 3)], n_node=4, n_edge=10)
     for kwargs, word in [

@@ -60,6 +60,7 @@ def make_model(config: ml_collections.ConfigDict) -> Model:
         cutoff=m.cutoff,
         max_z=m.max_z,
         interlayer_norm=m.interlayer_norm,
+        vector_norm=m.get("vector_norm", "whitened"),
         heads=tuple(m.heads),
     )
 
