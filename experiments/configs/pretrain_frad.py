@@ -30,9 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 70  # molecules per step, over all devices (approximate under packing)
     c.total_steps = 400_000  # sets the schedule length
     # > 1: each step accumulates gradients over this many packed sub-batches of
-    # batch_size / microbatches molecules (same loss and gradients; peak memory falls roughly
-    # in proportion, at about the same speed on CPU: BENCHMARKS.md). Needs loss
-    # target_normalization "tau" or "none"; denoising pre-training only.
+    # batch_size / microbatches molecules: same loss and gradients, peak memory roughly divided
+    # by it (batch 128 on CPU: 8.0 -> 2.0 GB at 0.9x the speed; BENCHMARKS.md). Needs
+    # loss.target_normalization "tau" or "none"; denoising pre-training only.
     c.microbatches = 1
     c.stop_after_step = 0  # > 0: stop (and checkpoint) at this step; resume later with the same workdir
     c.optim = ml_collections.ConfigDict(
