@@ -30,6 +30,9 @@ import subprocess
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+# The setting mspec's entry points give themselves (a module without JAX or torch imports).
+from mspec.host_malloc import HUGEPAGE_TUNABLE
+
 __all__ = [
     "DEFAULT_VENV_PYTHON",
     "TUNED_GLIBC_TUNABLES",
@@ -51,8 +54,8 @@ TUNED_GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=6871
 MALLOC_SETTINGS: Dict[str, Optional[str]] = {
     "default": None,
     "tuned": TUNED_GLIBC_TUNABLES,
-    "hugetlb": "glibc.malloc.hugetlb=1",
-    "tuned+hugetlb": TUNED_GLIBC_TUNABLES + ":glibc.malloc.hugetlb=1",
+    "hugetlb": HUGEPAGE_TUNABLE,
+    "tuned+hugetlb": f"{TUNED_GLIBC_TUNABLES}:{HUGEPAGE_TUNABLE}",
 }
 
 
