@@ -43,6 +43,7 @@ Python level) is sent to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -87,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.04, help="Coord noise std (Angstrom)")
     p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="torch seed (weights and noise)")
+    p.add_argument(
+        "--autocast-bf16",
+        action="store_true",
+        help="run the forward pass under torch.autocast('cpu', dtype=torch.bfloat16) (Linear "
+        "layers in bfloat16; the loss in float32), to compare with mspec's "
+        "model.matmul_dtype=bfloat16",
+    )
     return p.parse_args(argv)
 
 
@@ -184,11 +192,16 @@ def main(argv=None) -> int:
     edges_per_mol = edges / total_mols
 
     gen = torch.Generator().manual_seed(args.seed + 1)
+    precision = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if args.autocast_bf16
+        else contextlib.nullcontext
+    )
     if args.inference:
         model.eval()
 
         def step(z, pos, batch):
-            with torch.inference_mode():
+            with torch.inference_mode(), precision():
                 return per_atom_vectors(model, z, pos, batch)
 
     else:
@@ -199,8 +212,9 @@ def main(argv=None) -> int:
         def step(z, pos, batch):
             noise = torch.randn(pos.shape, generator=gen, dtype=pos.dtype) * sigma
             opt.zero_grad(set_to_none=True)
-            pred = per_atom_vectors(model, z, pos + noise, batch)
-            loss = torch.nn.functional.mse_loss(pred, noise / sigma)
+            with precision():
+                pred = per_atom_vectors(model, z, pos + noise, batch)
+            loss = torch.nn.functional.mse_loss(pred.float(), noise / sigma)
             loss.backward()
             opt.step()
             return loss.detach()
@@ -246,6 +260,7 @@ def main(argv=None) -> int:
             "cutoff": args.cutoff,
             "max_neighbors": args.max_neighbors,
             "neighbor_embedding": not args.no_neighbor_embedding,
+            "autocast_bf16": bool(args.autocast_bf16),
         },
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }

@@ -179,10 +179,18 @@ def ratio_summary(rows: list[dict], mallocs: list[str]) -> list[str]:
     setting and best vs best. Runs of one repeat are paired (they ran back to back); the ratio is
     the median of the per-pair ratios, and each side's rate the median over its repeats."""
     lines = []
+    refs = [r for r in rows if "torchmd" in r["impl"]]
+    ref32 = [r for r in refs if r.get("precision", "float32") == "float32"]
+    ref16 = [r for r in refs if r.get("precision") == "bfloat16"]
     for config in ("qm9", "qm9-upstream"):
         ours = [r for r in rows if r.get("config") == config and "torchmd" not in r["impl"]]
         if ours:
-            lines.extend(_ratio_lines(config, ours, [r for r in rows if "torchmd" in r["impl"]], mallocs))
+            lines.extend(_ratio_lines(config, ours, ref32, mallocs))
+            if ref16:
+                lines.extend(
+                    line.replace("torchmd-net", "torchmd-net (bf16 autocast)")
+                    for line in _ratio_lines(config, ours, ref16, mallocs)
+                )
     return lines
 
 
@@ -244,6 +252,11 @@ def main(argv=None) -> int:
         "sub-batches of the same 128 molecules (config.microbatches; peak memory)",
     )
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument(
+        "--reference-bf16", action="store_true",
+        help="also time the reference with its forward pass under torch.autocast(bfloat16) "
+        "(reported separately; the ratios compare with the float32 reference)",
+    )
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--batches", help=argparse.SUPPRESS)
@@ -291,15 +304,21 @@ def main(argv=None) -> int:
                             print(json.dumps(r), file=sys.stderr)
                 if config != reference_after or args.no_reference:
                     continue
-                print(f"[{repeat + 1}/{args.repeats}] torchmd-net reference ({malloc} malloc, "
-                      f"{args.threads} threads) ...", file=sys.stderr, flush=True)
-                ref = run_reference(batches, args.threads, args.steps, args.warmup, malloc)
-                if ref:
-                    ref["config_name"] = "qm9 (upstream ET)"
-                    ref["impl"] = f"{ref['impl']} ({ref['threads']} thr)"
-                    ref["repeat"] = repeat
-                    rows.append(ref)
-                    print(json.dumps(ref), file=sys.stderr)
+                for precision in ("float32", "bfloat16") if args.reference_bf16 else ("float32",):
+                    print(f"[{repeat + 1}/{args.repeats}] torchmd-net reference ({malloc} malloc, "
+                          f"{args.threads} threads, {precision}) ...", file=sys.stderr, flush=True)
+                    ref = run_reference(
+                        batches, args.threads, args.steps, args.warmup, malloc,
+                        extra_args=["--autocast-bf16"] if precision == "bfloat16" else [],
+                    )
+                    if ref:
+                        ref["config_name"] = "qm9 (upstream ET)"
+                        ref["precision"] = precision
+                        autocast = ", bf16 autocast" if precision == "bfloat16" else ""
+                        ref["impl"] = f"{ref['impl']} ({ref['threads']} thr{autocast})"
+                        ref["repeat"] = repeat
+                        rows.append(ref)
+                        print(json.dumps(ref), file=sys.stderr)
     table = _table(rows)
     ratios = ratio_summary(rows, mallocs)
     print(table)
