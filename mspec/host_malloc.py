@@ -14,6 +14,8 @@ nothing here; ``arena_max=1`` was as fast but tripled peak memory.)
 glibc reads ``GLIBC_TUNABLES`` only at process start, so the entry points call
 :func:`reexec_with_hugepages` first thing: if the setting is missing and would take effect, the
 process replaces itself (``os.execve``) with the same command line and the setting added.
+Library code cannot do that for scripts that import mspec; the trainers call
+:func:`warn_if_untuned` instead, which logs once how to set it.
 
 It does nothing when:
 
@@ -26,10 +28,13 @@ It does nothing when:
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
 from collections.abc import Mapping
+
+_warned = False
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VAR = "MSPEC_MALLOC_TUNING"
@@ -118,3 +123,31 @@ def reexec_with_hugepages() -> None:
         os.execve(sys.executable, list(sys.orig_argv), env)
     except OSError as e:  # e.g. no usable sys.executable: run on, untuned, rather than fail
         print(f"mspec: could not restart ({e}); continuing with glibc's defaults", file=sys.stderr)
+
+
+def untuned_hint(environ: Mapping[str, str], **kwargs) -> str | None:
+    """The advice to log for a process that runs XLA:CPU without the setting although it would
+    take effect (e.g. a user's own script importing the trainers), or None.
+
+    ``kwargs`` (``libc``, ``thp``) as for :func:`tuned_environment`.
+    """
+    if tuned_environment(environ, **kwargs) is None:
+        return None
+    return (
+        "XLA:CPU ran the QM9-size train step 1.5-1.8x slower under glibc's default allocator in "
+        "our measurements (page faults on every large buffer; mspec/host_malloc.py, "
+        "BENCHMARKS.md). Start Python with "
+        f"GLIBC_TUNABLES={HUGEPAGE_TUNABLE} (the experiments.* entry points do this themselves); "
+        f"{OPT_OUT_VAR}=0 silences this message."
+    )
+
+
+def warn_if_untuned(backend: str) -> None:
+    """Logs :func:`untuned_hint` once per process when ``backend`` is ``"cpu"``."""
+    global _warned
+    if _warned or backend != "cpu":
+        return
+    hint = untuned_hint(os.environ)
+    if hint:
+        _warned = True
+        logging.getLogger("mspec").warning(hint)

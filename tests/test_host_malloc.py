@@ -102,3 +102,28 @@ def test_reexec_keeps_the_command_line_and_cuts_page_faults():
     # could not make huge.
     assert off_faults > 60_000
     assert faults < off_faults / 8
+
+
+def test_untuned_hint_only_where_the_entry_points_would_have_restarted():
+    untuned = {"PATH": "/bin"}
+    hint = host_malloc.untuned_hint(untuned, libc=GLIBC, thp="madvise")
+    assert hint and host_malloc.HUGEPAGE_TUNABLE in hint and host_malloc.OPT_OUT_VAR in hint
+    # Already tuned, opted out, re-executed, or the setting would do nothing: no advice.
+    assert host_malloc.untuned_hint(
+        {"GLIBC_TUNABLES": host_malloc.HUGEPAGE_TUNABLE}, libc=GLIBC, thp="madvise"
+    ) is None
+    assert host_malloc.untuned_hint({host_malloc.OPT_OUT_VAR: "0"}, libc=GLIBC, thp="madvise") is None
+    assert host_malloc.untuned_hint({host_malloc.REEXEC_MARKER: "1"}, libc=GLIBC, thp="madvise") is None
+    assert host_malloc.untuned_hint(untuned, libc=GLIBC, thp="never") is None
+    assert host_malloc.untuned_hint(untuned, libc=("glibc", "2.31"), thp="madvise") is None
+
+
+def test_warn_if_untuned_logs_once_and_only_for_cpu(monkeypatch, caplog):
+    monkeypatch.setattr(host_malloc, "_warned", False)
+    monkeypatch.setattr(host_malloc, "untuned_hint", lambda environ: "set the tunable")
+    with caplog.at_level("WARNING", logger="mspec"):
+        host_malloc.warn_if_untuned("gpu")
+        assert not caplog.records
+        host_malloc.warn_if_untuned("cpu")
+        host_malloc.warn_if_untuned("cpu")
+    assert [r.getMessage() for r in caplog.records] == ["set the tunable"]

@@ -39,7 +39,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mspec import graph, losses
+from mspec import graph, host_malloc, losses
 from mspec.data import datasets, pipeline
 from mspec.models import count_params
 from mspec.training import checkpoint, metrics, restore, schedules, targets, train
@@ -185,6 +185,7 @@ class FinetuneTrainer:
     traces: int = 0
 
     def __post_init__(self):
+        host_malloc.warn_if_untuned(self.mesh.devices.flat[0].platform)
         self.tx, self.schedule = schedules.make_optimizer(self.config.optim, self.config.total_steps)
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mspec import graph, losses, noise
+from mspec import graph, host_malloc, losses, noise
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import Model, count_params
 from mspec.training import checkpoint, metrics, optimizers
@@ -157,6 +157,7 @@ class Trainer:
     traces: int = 0
 
     def __post_init__(self):
+        host_malloc.warn_if_untuned(self.mesh.devices.flat[0].platform)
         self.tx, self.schedule = optimizers.make_optimizer(self.config.optim, self.config.total_steps)
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         # Micro-batched steps take [K, D, ...]: K sub-batches, each sharded like one batch.
