@@ -84,7 +84,7 @@ def test_microbatched_training_compiles_once_and_resumes_exactly(qm9_sample_dir,
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(microbatches=0), "microbatches must be an integer >= 1"),
+        (dict(microbatches=-1), "microbatches must be an integer >= 1, or 0 for automatic"),
         (dict(microbatches=2, **{"loss.target_normalization": "running"}), "target_normalization='tau'"),
     ],
 )
@@ -105,3 +105,45 @@ def test_molspectra_rejects_microbatches():
     trainer.config = c
     with pytest.raises(ValueError, match="denoising pre-training only"):
         trainer.check()
+
+
+@pytest.mark.parametrize(
+    "batch_size, devices, platform, expected",
+    [
+        (128, 1, "cpu", 4),  # 32 molecules per sub-batch
+        (70, 1, "cpu", 3),  # the Frad config: sub-batches of ~24
+        (32, 1, "cpu", 1),
+        (16, 1, "cpu", 1),
+        (128, 4, "cpu", 1),  # 32 per device already
+        (256, 4, "cpu", 2),
+        (128, 1, "gpu", 1),
+        (4096, 8, "tpu", 1),
+    ],
+)
+def test_auto_microbatches(batch_size, devices, platform, expected):
+    k = train.auto_microbatches(batch_size, devices, platform)
+    assert k == expected
+    assert math.ceil(math.ceil(batch_size / devices) / k) <= train.AUTO_CPU_SUBBATCH_MOLECULES or platform != "cpu"
+
+
+def test_automatic_microbatches_resolve_from_the_config():
+    from experiments.configs import pretrain_frad, pretrain_molspectra
+
+    c = pretrain_frad.get_config()
+    assert c.microbatches == 0  # automatic is the default for denoising pre-training
+    expected = train.auto_microbatches(c.batch_size, jax.device_count(), jax.devices()[0].platform)
+    assert train.microbatches(c) == expected
+    c.loss.target_normalization = "running"  # needs whole batches
+    assert train.microbatches(c) == 1
+    assert pretrain_molspectra.get_config().microbatches == 1  # contrastive loss: whole batches
+
+
+def test_automatic_microbatches_in_a_training_run(qm9_sample_dir, tmp_path):
+    # 36 molecules per device: on CPU, two sub-batches of <= 32 (18 each).
+    batch_size = 36 * jax.device_count()
+    c = tiny_config(qm9_sample_dir, microbatches=0, batch_size=batch_size, stop_after_step=1,
+                    log_every=1, eval_every=1000, checkpoint_every=1000)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    assert summary["final_step"] == 1 and summary["compilations"] == 1
+    assert summary["microbatches"] == 2
+    assert all(math.isfinite(v) for v in _losses(tmp_path).values())

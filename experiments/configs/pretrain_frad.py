@@ -29,11 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(denoising_weight=1.0, target_normalization="tau"))
     c.batch_size = 70  # molecules per step, over all devices (approximate under packing)
     c.total_steps = 400_000  # sets the schedule length
-    # > 1: each step accumulates gradients over this many packed sub-batches of
+    # Each step accumulates gradients over this many packed sub-batches of
     # batch_size / microbatches molecules: same loss and gradients, peak memory roughly divided
-    # by it (batch 128 on CPU: 8.0 -> 2.0 GB at 0.9x the speed; BENCHMARKS.md). Needs
-    # loss.target_normalization "tau" or "none"; denoising pre-training only.
-    c.microbatches = 1
+    # by it (batch 128 on 2 CPU cores: 1, 2, 4 sub-batches at the same speed with 8.0, 4.7,
+    # 2.9 GB; 8 at ~0.9x with 2.0 GB; BENCHMARKS.md). 0 = automatic: on CPU, sub-batches of at
+    # most 32 molecules per device; on GPU/TPU, 1. Values > 1 need loss.target_normalization
+    # "tau" or "none" (automatic picks 1 with "running"); denoising pre-training only.
+    c.microbatches = 0
     c.stop_after_step = 0  # > 0: stop (and checkpoint) at this step; resume later with the same workdir
     c.optim = ml_collections.ConfigDict(
         dict(

@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.noise.type = "coord"
     c.model.heads = ("noise",)
     c.batch_size = 128
+    # The contrastive loss needs the whole batch at once: no gradient accumulation in stage 2.
+    c.microbatches = 1
 
     # Where stage 1 comes from. Only the listed parameter subtrees are restored (a missing subtree
     # or a shape mismatch is an error); everything else (SpecFormer) is freshly initialised.
