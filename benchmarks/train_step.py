@@ -57,7 +57,12 @@ def run_mspec_worker(
     from mspec.models import count_params
     from mspec.training import train
 
+    # A "-xla" suffix runs the message passing as XLA ops instead of the fused CPU kernel that
+    # the pre-training configs use on CPU (model.message_passing "auto").
+    xla = config_name.endswith("-xla")
+    config_name = config_name.removesuffix("-xla")
     c = pretrain_coord.get_config("tiny" if config_name == "tiny" else None)
+    c.model.message_passing = "xla" if xla else "auto"
     if config_name == "qm9-upstream":
         # torchmd-net's upstream ET exactly: no per-layer norms, no whitened vector norm, one
         # (noise) head: 6,864,898 parameters, as the reference.
@@ -116,7 +121,8 @@ def run_mspec_worker(
     rates = [n_mol / t for t in times]
     return {
         "impl": f"mspec (jax {jax.__version__})",
-        "config": config_name if microbatches == 1 else f"{config_name}, microbatches={microbatches}",
+        "config": (config_name + ("-xla" if xla else ""))
+        + ("" if microbatches == 1 else f", microbatches={microbatches}"),
         "microbatches": microbatches,
         "threads": os.cpu_count(),
         "mol_per_s_median": statistics.median(rates),

@@ -45,7 +45,16 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
     if size not in sizes:
         raise ValueError(f"unknown model size {size!r}; known: {sorted(sizes)}")
     return ml_collections.ConfigDict(
-        dict(num_heads=8, cutoff=5.0, max_z=100, heads=("scalar", "noise"), **sizes[size])
+        dict(
+            num_heads=8,
+            cutoff=5.0,
+            max_z=100,
+            heads=("scalar", "noise"),
+            # "xla" | "fused" | "auto" (mspec.models.fused_message): the fused CPU kernel gives
+            # first-order gradients only, so training on forces keeps "xla".
+            message_passing="xla",
+            **sizes[size],
+        )
     )
 
 

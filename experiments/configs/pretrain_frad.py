@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 1
     c.data = common.data_config("qm9/full")
     c.model = common.model_config("qm9")
+    # "auto": the fused C++ message-passing kernel on CPU (built on first use; ~1.5x faster
+    # steps there, BENCHMARKS.md), XLA ops elsewhere; "xla" / "fused" force one.
+    c.model.message_passing = "auto"
     # Noise: "frad" (torsion then Cartesian) or "coord" (Cartesian only).
     c.noise = ml_collections.ConfigDict(dict(type="frad", tau=0.04, sigma_deg=2.0, fractional=True))
     # Denoising target normalisation: "tau" (noise / tau), "running" (official accumulated
@@ -60,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.dataset = "qm9/sample"
         c.data.eval_max_molecules = 200
         c.model = common.model_config("tiny")
+        c.model.message_passing = "auto"
         c.batch_size = 16
         c.total_steps = 60
         c.optim.warmup_steps = 10

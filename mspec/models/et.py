@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mspec.models import fused_message
+
 Array = jax.Array
 
 # PyTorch semantics for every Linear of the ET, the neighbour embedding and the heads
@@ -343,6 +345,7 @@ class EquivariantMultiHeadAttention(nn.Module):
         senders: Array,
         receivers: Array,
         mask: Array,
+        edge_index: tuple[Array, ...] | None = None,
     ) -> tuple[Array, Array]:
         """Compute the residual updates of one layer.
 
@@ -355,6 +358,8 @@ class EquivariantMultiHeadAttention(nn.Module):
             senders: ``[E]`` sources j.
             receivers: ``[E]`` targets i.
             mask: ``[E]`` bool, active edges (self-loops included).
+            edge_index: :func:`mspec.models.fused_message.edge_index` of the edges to run the
+                message passing as the fused CPU kernel; None: as XLA ops.
 
         Returns:
             ``(dx [N, F], dvec [N, 3, F])``.
@@ -379,22 +384,21 @@ class EquivariantMultiHeadAttention(nn.Module):
         dk = self.activation(dense(f, name="dk_proj")(rbf)).reshape(e, h, d)
         dv = self.activation(dense(3 * f, name="dv_proj")(rbf)).reshape(e, h, 3 * d)
 
-        # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D).
-        attn = jnp.sum(q[receivers] * k[senders] * dk, axis=-1)  # [E, H]
-        attn = self.attn_activation(attn) * cosine_cutoff(r, self.cutoff)[:, None]
-
-        s, g, t = jnp.split(u[senders] * dv, 3, axis=-1)  # each [E, H, D]
-        # Multiplying by the mask zeroes inactive edges exactly, including the SiLU(bias)
-        # contributions of dk / dv, which the cutoff does not reach in the vector message.
+        # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D). The
+        # messages are multiplied by the mask, which zeroes inactive edges exactly, including the
+        # SiLU(bias) contributions of dk / dv that the cutoff does not reach in the vector
+        # message. The vector message is not weighted by attention or cutoff (it only fades
+        # through dv). Formulas: mspec.models.fused_message.
         m = mask.astype(x.dtype)
-        x_msg = s * (attn * m[:, None])[:, :, None]  # [E, H, D]
-        # The vector message is not weighted by attention or cutoff (it only fades through dv).
-        vec_j = vec[senders].reshape(e, 3, h, d)
-        vec_msg = vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]  # [E, 3, H, D]
-        vec_msg = vec_msg * m[:, None, None, None]
-
-        x_agg = jax.ops.segment_sum(x_msg, receivers, num_segments=n).reshape(n, f)
-        vec_agg = jax.ops.segment_sum(vec_msg, receivers, num_segments=n).reshape(n, 3, f)
+        cut = cosine_cutoff(r, self.cutoff)
+        args = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec, dk.reshape(e, f),
+                dv.reshape(e, 3 * f), unit, cut, m, senders, receivers)
+        if edge_index is not None:
+            x_agg, vec_agg = fused_message.message_fused(*args, edge_index, h)
+        else:
+            if self.attn_activation is not nn.silu:
+                raise ValueError("only the SiLU attention activation is implemented")
+            x_agg, vec_agg = fused_message.message_xla(*args, h)
 
         o1, o2, o3 = jnp.split(dense(3 * f, name="o_proj")(x_agg), 3, axis=-1)  # each [N, F]
         dx = vec_dot * o2 + o3
@@ -422,6 +426,10 @@ class EquivariantTransformer(nn.Module):
             ``"shared_noaffine"`` (Frad fork: one shared non-affine LayerNorm on x + per-layer EqLN
             on vec).
         vector_norm: final norm on ``vec``: ``"whitened"`` (EqLN) or ``"none"``.
+        message_passing: ``"xla"`` (XLA ops, any backend, any order of differentiation),
+            ``"fused"`` (C++ kernel for XLA:CPU, float32, first-order gradients only; faster on
+            CPU) or ``"auto"`` (fused on CPU when the kernel builds, else XLA). See
+            :mod:`mspec.models.fused_message`.
     """
 
     hidden: int = 256
@@ -432,6 +440,7 @@ class EquivariantTransformer(nn.Module):
     max_z: int = 100
     interlayer_norm: str = "affine"
     vector_norm: str = "whitened"
+    message_passing: str = "xla"
 
     @nn.compact
     def __call__(
@@ -480,13 +489,16 @@ class EquivariantTransformer(nn.Module):
             atomic_numbers, x, r, rbf, senders, receivers, mask & (senders != receivers)
         )
         vec = jnp.zeros((n, 3, f), x.dtype)
+        edge_index = None
+        if fused_message.use_fused(self.message_passing, x.dtype):
+            edge_index = fused_message.edge_index(senders, receivers, n)
 
         if self.interlayer_norm == "shared_noaffine":
             shared_norm = layer_norm(affine=False, name="shared_layernorm")
         for layer in range(self.num_layers):
             dx, dvec = EquivariantMultiHeadAttention(
                 f, self.num_heads, self.cutoff, name=f"attention_layers_{layer}"
-            )(x, vec, r, rbf, unit, senders, receivers, mask)
+            )(x, vec, r, rbf, unit, senders, receivers, mask, edge_index)
             x = x + dx
             vec = vec + dvec
             if self.interlayer_norm == "affine":

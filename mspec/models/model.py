@@ -24,8 +24,8 @@ class Model(nn.Module):
     """ET encoder + optional scalar and noise heads.
 
     Attributes:
-        hidden, num_layers, num_heads, num_rbf, cutoff, max_z, interlayer_norm, vector_norm:
-            encoder sizes, see :class:`mspec.models.et.EquivariantTransformer`.
+        hidden, num_layers, num_heads, num_rbf, cutoff, max_z, interlayer_norm, vector_norm,
+        message_passing: encoder settings, see :class:`mspec.models.et.EquivariantTransformer`.
         heads: which heads to build: ``"scalar"`` (:class:`EquivariantScalar`, per-atom property
             contributions) and/or ``"noise"`` (:class:`EquivariantVectorOutput`, denoising).
     """
@@ -38,6 +38,7 @@ class Model(nn.Module):
     max_z: int = 100
     interlayer_norm: str = "affine"
     vector_norm: str = "whitened"
+    message_passing: str = "xla"
     heads: tuple[str, ...] = ("scalar", "noise")
 
     @nn.compact
@@ -65,6 +66,7 @@ class Model(nn.Module):
             max_z=self.max_z,
             interlayer_norm=self.interlayer_norm,
             vector_norm=self.vector_norm,
+            message_passing=self.message_passing,
             name="representation",
         )(
             batch["atomic_numbers"],

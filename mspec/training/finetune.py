@@ -495,7 +495,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     if ckpt.latest_step() is not None:
         abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), _dummy(setup)))
         start_step, state, saved_config, data = ckpt.restore(abstract)
-        if saved_config.get("model") != config_json.get("model") or saved_config.get("target") != config_json.get("target"):
+        if train.model_math(saved_config.get("model")) != train.model_math(config_json.get("model")) or saved_config.get("target") != config_json.get("target"):
             raise ValueError(
                 f"checkpoint in {ckpt.directory} was written with a different model/target config; "
                 "use a new --workdir"

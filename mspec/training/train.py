@@ -61,6 +61,7 @@ def make_model(config: ml_collections.ConfigDict) -> Model:
         max_z=m.max_z,
         interlayer_norm=m.interlayer_norm,
         vector_norm=m.get("vector_norm", "whitened"),
+        message_passing=m.get("message_passing", "xla"),
         heads=tuple(m.heads),
     )
 
@@ -401,6 +402,13 @@ def mean_measurements(pending: list[dict], step: int, checkpoint_dir: str) -> di
     return means
 
 
+def model_math(model_config: dict | None) -> dict | None:
+    """The model config without the keys that change how, not what, it computes."""
+    if model_config is None:
+        return None
+    return {k: v for k, v in model_config.items() if k != "message_passing"}
+
+
 def note(msg: str) -> None:
     """Prints a line on process 0 only."""
     if jax.process_index() == 0:
@@ -532,7 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if ckpt.latest_step() is not None:
         start_step, state, saved_config, data = ckpt.restore(checkpoint.abstract_like(state))
         data_position = sharding.start_positions(data, slots, num_slots)
-        if saved_config.get("model") != json.loads(config.to_json_best_effort()).get("model"):
+        if model_math(saved_config.get("model")) != model_math(
+            json.loads(config.to_json_best_effort()).get("model")
+        ):
             raise ValueError(
                 f"checkpoint in {ckpt.directory} was written with a different model config "
                 f"({saved_config.get('model')}); use a new --workdir"

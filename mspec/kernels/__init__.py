@@ -1,0 +1,1 @@
+"""Native kernels, compiled on first use (see :mod:`mspec.kernels.build`)."""

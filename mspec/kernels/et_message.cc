@@ -1,0 +1,205 @@
+// Fused message passing of one Equivariant Transformer attention layer, forward and backward,
+// for XLA:CPU (XLA FFI custom calls). Python side, semantics and the reference formulas:
+// mspec/models/fused_message.py. Compiled on first use by mspec/kernels/build.py.
+//
+// Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];
+// dk [E, F]; dv [E, H, 3D]; unit [E, 3]; cut, mask [E]; senders, receivers [E] int32.
+// rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
+// sperm / sptr: the same by sender. Every output row is written by exactly one thread, so no
+// atomics: pass 1 runs over receivers, pass 2 over senders (recomputing the per-edge terms).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using B = ffi::Buffer<ffi::F32>;
+using I = ffi::Buffer<ffi::S32>;
+using R = ffi::ResultBuffer<ffi::F32>;
+
+static inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
+// a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
+static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
+                              I rperm, I rptr, R xagg, R vagg, int64_t H) {
+  const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
+  const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
+  const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
+  const float *C = cut.typed_data(), *M = mask.typed_data();
+  const int32_t *S = senders.typed_data(), *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
+  float *X = xagg->typed_data(), *VA = vagg->typed_data();
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t i = 0; i < N; ++i) {
+    float* xi = X + i * F;
+    float* vi = VA + i * 3 * F;
+    std::memset(xi, 0, F * sizeof(float));
+    std::memset(vi, 0, 3 * F * sizeof(float));
+    const float* qi = Q + i * F;
+    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
+      const int64_t e = RPERM[p];
+      const float m = M[e];
+      if (m == 0.f) continue;
+      const int64_t j = S[e];
+      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = h * D;
+        float ar = 0.f;
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+        const float a = ar * sigmoid(ar) * C[e] * m;
+        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const float s = uh[d] * dvh[d], g = uh[D + d] * dvh[D + d];
+          const float t = uh[2 * D + d] * dvh[2 * D + d];
+          const int64_t c = o + d;
+          xi[c] += s * a;
+          vi[c] += (vj[c] * g + t * u0) * m;
+          vi[F + c] += (vj[F + c] * g + t * u1) * m;
+          vi[2 * F + c] += (vj[2 * F + c] * g + t * u2) * m;
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// Cotangents of every input but the mask and the indices, given gx = d x_agg, gv = d vec_agg.
+static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
+                               I receivers, I rperm, I rptr, I sperm, I sptr, B gx, B gv, R oq,
+                               R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut, int64_t H) {
+  const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
+  const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
+  const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
+  const float *C = cut.typed_data(), *M = mask.typed_data();
+  const float *GX = gx.typed_data(), *GV = gv.typed_data();
+  const int32_t *S = senders.typed_data(), *RC = receivers.typed_data();
+  const int32_t *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
+  const int32_t *SPERM = sperm.typed_data(), *SPTR = sptr.typed_data();
+  float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
+  float *dV = ovec->typed_data(), *dDK = odk->typed_data(), *dDV = odv->typed_data();
+  float *dUN = ounit->typed_data(), *dC = ocut->typed_data();
+  // Pass 1, over receivers: dq (per receiver) and d dk, d dv, d unit, d cut (per edge).
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t i = 0; i < N; ++i) {
+    float* dqi = dQ + i * F;
+    std::memset(dqi, 0, F * sizeof(float));
+    const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
+      const int64_t e = RPERM[p];
+      float *ddk = dDK + e * F, *ddv = dDV + e * 3 * F, *dun = dUN + e * 3;
+      const float m = M[e];
+      if (m == 0.f) {
+        std::memset(ddk, 0, F * sizeof(float));
+        std::memset(ddv, 0, 3 * F * sizeof(float));
+        dun[0] = dun[1] = dun[2] = 0.f;
+        dC[e] = 0.f;
+        continue;
+      }
+      const int64_t j = S[e];
+      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+      float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = h * D;
+        float ar = 0.f;
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+        const float sg = sigmoid(ar);
+        const float a = ar * sg * C[e] * m;
+        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
+        float* ddvh = ddv + h * 3 * D;
+        float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t c = o + d;
+          const float s = uh[d] * dvh[d], t = uh[2 * D + d] * dvh[2 * D + d];
+          da += gxi[c] * s;
+          ddvh[d] = gxi[c] * a * uh[d];
+          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+          ddvh[D + d] = dg * uh[D + d];
+          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+          ddvh[2 * D + d] = dt * uh[2 * D + d];
+          du0 += gvi[c] * t * m;
+          du1 += gvi[F + c] * t * m;
+          du2 += gvi[2 * F + c] * t * m;
+        }
+        dcut += da * ar * sg * m;
+        // SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))).
+        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+        for (int64_t d = 0; d < D; ++d) {
+          dqi[o + d] += dar * kj[o + d] * dke[o + d];
+          ddk[o + d] = dar * qi[o + d] * kj[o + d];
+        }
+      }
+      dun[0] = du0;
+      dun[1] = du1;
+      dun[2] = du2;
+      dC[e] = dcut;
+    }
+  }
+  // Pass 2, over senders: dk, du, dvec (per sender), recomputing the per-edge terms.
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t j = 0; j < N; ++j) {
+    float *dkj = dK + j * F, *duj = dU + j * 3 * F, *dvj = dV + j * 3 * F;
+    std::memset(dkj, 0, F * sizeof(float));
+    std::memset(duj, 0, 3 * F * sizeof(float));
+    std::memset(dvj, 0, 3 * F * sizeof(float));
+    const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+    for (int32_t p = SPTR[j]; p < SPTR[j + 1]; ++p) {
+      const int64_t e = SPERM[p];
+      const float m = M[e];
+      if (m == 0.f) continue;
+      const int64_t i = RC[e];
+      const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = h * D;
+        float ar = 0.f;
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+        const float sg = sigmoid(ar);
+        const float a = ar * sg * C[e] * m;
+        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
+        float* duh = duj + h * 3 * D;
+        float da = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t c = o + d;
+          da += gxi[c] * uh[d] * dvh[d];
+          duh[d] += gxi[c] * a * dvh[d];
+          const float g = uh[D + d] * dvh[D + d];
+          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+          duh[D + d] += dg * dvh[D + d];
+          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+          duh[2 * D + d] += dt * dvh[2 * D + d];
+          dvj[c] += gvi[c] * g * m;
+          dvj[F + c] += gvi[F + c] * g * m;
+          dvj[2 * F + c] += gvi[2 * F + c] * g * m;
+        }
+        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * dke[o + d];
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<I>().Arg<I>().Arg<I>()
+                                  .Ret<B>().Ret<B>()
+                                  .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<B>().Arg<B>()
+                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
+                                  .Ret<B>().Ret<B>()
+                                  .Attr<int64_t>("heads"));

@@ -1,0 +1,179 @@
+"""The message passing of one ET attention layer, as XLA ops or as a fused C++ kernel.
+
+Given per-atom projections and per-edge filters, both compute (edge e = j -> i, heads h, head
+width D, channel c = h D + d):
+
+* ``a_e,h = SiLU(sum_d q_i k_j dk_e) * cut_e * mask_e`` (no softmax, no 1/sqrt(D));
+* ``[s | g | t]_e = u_j * dv_e`` (per head, each ``[D]``);
+* ``x_agg_i = sum_e s_e a_e``  ``[N, F]``;
+* ``vec_agg_i = sum_e (vec_j g_e + t_e unit_e) mask_e``  ``[N, 3, F]``.
+
+:func:`message_xla` writes this with gathers and segment sums; XLA:CPU materialises several
+``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` runs it as two
+XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
+forward; per receiver and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
+2 cores (BENCHMARKS.md): about 3x faster for this part of the step. Its backward gives the
+first-order gradients of every float input (so the denoising losses and forces from autodiff
+are supported), but is itself not differentiable: training on forces (a gradient of a
+gradient) needs ``message_passing="xla"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from mspec.kernels import build
+
+Array = jax.Array
+
+MESSAGE_PASSING = ("auto", "xla", "fused")
+
+
+def message_xla(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, heads: int):
+    """The reference formula with XLA gathers and segment sums.
+
+    Args:
+        q, k: ``[N, F]``; u: ``[N, 3F]`` (per head ``[s | g | t]``); vec: ``[N, 3, F]``;
+        dk: ``[E, F]``; dv: ``[E, 3F]`` (per head ``[s | g | t]``); unit: ``[E, 3]``;
+        cut, mask: ``[E]`` float; senders, receivers: ``[E]`` int; heads: H.
+
+    Returns:
+        ``(x_agg [N, F], vec_agg [N, 3, F])``.
+    """
+    n, f = q.shape
+    e = senders.shape[0]
+    h = heads
+    d = f // h
+    attn = jnp.sum(q.reshape(n, h, d)[receivers] * k.reshape(n, h, d)[senders] * dk.reshape(e, h, d), axis=-1)
+    attn = jax.nn.silu(attn) * (cut * mask)[:, None]  # [E, H]
+    s, g, t = jnp.split(u.reshape(n, h, 3 * d)[senders] * dv.reshape(e, h, 3 * d), 3, axis=-1)
+    x_msg = s * attn[:, :, None]  # [E, H, D]
+    vec_j = vec[senders].reshape(e, 3, h, d)
+    vec_msg = (vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]) * mask[:, None, None, None]
+    x_agg = jax.ops.segment_sum(x_msg, receivers, num_segments=n).reshape(n, f)
+    vec_agg = jax.ops.segment_sum(vec_msg, receivers, num_segments=n).reshape(n, 3, f)
+    return x_agg, vec_agg
+
+
+def edge_index(senders: Array, receivers: Array, num_nodes: int) -> tuple[Array, ...]:
+    """Edges grouped by receiver and by sender, for :func:`message_fused` (any edge order).
+
+    Returns:
+        ``(rperm [E], rptr [N + 1], sperm [E], sptr [N + 1])`` int32: the edges of receiver i are
+        ``rperm[rptr[i]:rptr[i + 1]]``, those of sender j ``sperm[sptr[j]:sptr[j + 1]]``.
+    """
+    nodes = jnp.arange(num_nodes + 1, dtype=jnp.int32)
+
+    def group(idx):
+        perm = jnp.argsort(idx, stable=True).astype(jnp.int32)
+        ptr = jnp.searchsorted(idx[perm], nodes, side="left").astype(jnp.int32)
+        return perm, ptr
+
+    return (*group(receivers.astype(jnp.int32)), *group(senders.astype(jnp.int32)))
+
+
+_fallback_noted = False
+
+
+def use_fused(message_passing: str, dtype) -> bool:
+    """Whether a model with this ``message_passing`` setting runs the fused kernel.
+
+    ``"auto"``: on the CPU backend with float32 features, when the kernel builds (otherwise XLA,
+    with one log line saying why). ``"fused"``: always, or a clear error when it cannot run here.
+    """
+    global _fallback_noted
+    if message_passing not in MESSAGE_PASSING:
+        raise ValueError(
+            f"Unknown message_passing {message_passing!r}; expected one of {MESSAGE_PASSING}."
+        )
+    if message_passing == "xla":
+        return False
+    backend = jax.default_backend()
+    reason = None
+    if backend != "cpu":
+        reason = f"the fused kernel runs on CPU only, this is {backend}"
+    elif jnp.dtype(dtype) != jnp.float32:
+        reason = f"the fused kernel is float32 only, the features are {jnp.dtype(dtype).name}"
+    else:
+        try:
+            build.load()
+        except build.KernelUnavailable as e:
+            reason = f"the fused kernel is unavailable: {e}"
+    if reason is None:
+        return True
+    if message_passing == "fused":
+        raise build.KernelUnavailable(f"model.message_passing='fused': {reason}")
+    if not _fallback_noted:
+        _fallback_noted = True
+        logging.getLogger("mspec").warning("message passing with XLA ops (%s)", reason)
+    return False
+
+
+def _varying(x: Array) -> frozenset:
+    """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _match_vma(out: Array, *refs: Array) -> Array:
+    """Gives a custom call's result the varying mesh axes of its inputs: under ``shard_map``
+    the FFI call returns device-invariant types, which autodiff would not accept."""
+    axes = frozenset().union(*(_varying(r) for r in refs)) - _varying(out)
+    return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(14,))
+def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads):
+    n, f = q.shape
+    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, rperm, rptr)
+    out = jax.ffi.ffi_call(
+        "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
+    )(*ins, heads=heads)
+    return tuple(_match_vma(o, *ins) for o in out)
+
+
+def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads):
+    out = _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads)
+    return out, (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx)
+
+
+def _fused_bwd(heads, res, cts):
+    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx = res
+    sperm, sptr = sidx
+    n, f = q.shape
+    e = senders.shape[0]
+    gx, gv = cts
+    grads = jax.ffi.ffi_call(
+        "mspec_et_message_bwd",
+        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(e, f), _f32(e, 3 * f), _f32(e, 3), _f32(e)),
+        vmap_method="sequential",
+    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sperm, sptr, gx, gv, heads=heads)
+    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
+    return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def message_fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, index, heads: int):
+    """:func:`message_xla` as fused XLA:CPU kernels (float32 only; CPU only).
+
+    ``index`` is :func:`edge_index` of the same edges (computed once per model call, shared by the
+    layers). Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be
+    built here.
+    """
+    build.load()
+    rperm, rptr, sperm, sptr = index
+    f32 = lambda a: a.astype(jnp.float32)
+    i32 = lambda a: a.astype(jnp.int32)
+    return _fused(
+        q, k, u, vec, dk, dv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
+        rperm, rptr, (sperm, sptr), int(heads),
+    )

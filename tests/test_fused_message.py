@@ -1,0 +1,116 @@
+"""The fused C++ message-passing kernel (mspec/kernels/et_message.cc) against the XLA formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mspec import graph
+from mspec.data import datasets, pipeline
+from mspec.kernels import build
+from mspec.models import fused_message as fm
+from mspec.training import train
+from tests.test_train import tiny_config
+
+needs_kernel = pytest.mark.skipif(
+    not build.available(), reason=f"fused kernel unavailable here: {build._error}"
+)
+
+
+def _inputs(seed=0, n=37, e=300, f=64):
+    rng = np.random.default_rng(seed)
+    rn = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+    floats = [rn(n, f), rn(n, f), rn(n, 3 * f), rn(n, 3, f), rn(e, f), rn(e, 3 * f), rn(e, 3),
+              jnp.asarray(rng.random(e).astype(np.float32))]
+    mask = jnp.asarray((rng.random(e) > 0.2).astype(np.float32))
+    # Random, unsorted edges with repeats: the kernel must not assume the pipeline's order.
+    senders = jnp.asarray(rng.integers(0, n, e).astype(np.int32))
+    receivers = jnp.asarray(rng.integers(0, n, e).astype(np.int32))
+    cts = (rn(n, f), rn(n, 3, f))
+    return floats, mask, senders, receivers, cts
+
+
+@needs_kernel
+def test_fused_values_and_gradients_match_xla():
+    floats, mask, s, r, (cx, cv) = _inputs()
+    heads = 8
+    index = fm.edge_index(s, r, floats[0].shape[0])
+
+    def loss(fn):
+        def f(*a):
+            x, v = fn(*a)
+            return jnp.sum(x * cx) + jnp.sum(v * cv)
+
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(8))))
+
+    v1, g1 = loss(lambda *a: fm.message_xla(*a, mask, s, r, heads))(*floats)
+    v2, g2 = loss(lambda *a: fm.message_fused(*a, mask, s, r, index, heads))(*floats)
+    assert float(v2) == pytest.approx(float(v1), rel=1e-5)
+    for name, a, b in zip("q k u vec dk dv unit cut".split(), g1, g2):
+        scale = float(jnp.abs(a).max())
+        assert scale > 0, name
+        np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0, err_msg=name)
+
+
+@needs_kernel
+def test_model_with_fused_kernel_matches_xla_under_data_parallelism(qm9_sample_dir):
+    builder = datasets.get_builder("qm9/sample", qm9_sample_dir, build=False)
+    source = datasets.open_split(builder, "train")
+    feat = pipeline.Featurizer(radius=5.5, max_z=100)
+    mols = [feat(source[i]) for i in range(8)]
+    budget = graph.Budget(n_node=200, n_edge=4000, n_graph=9, max_torsions=8)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    stats = tuple(np.zeros(()) for _ in range(3))
+    results = []
+    for mode in ("xla", "fused"):
+        c = tiny_config(qm9_sample_dir, **{"model.message_passing": mode})
+        trainer = train.Trainer(c, train.make_model(c), mesh)
+        params = trainer.init_state(jax.random.key(0), graph.pack([], budget))["params"]
+        batch = trainer.global_batch(
+            graph.stack([graph.pack(mols[:4], budget), graph.pack(mols[4:], budget)])
+        )
+        (loss, _), grads = jax.jit(trainer.loss_and_grads)(params, jax.random.key(3), batch, stats)
+        results.append((float(loss), jax.device_get(grads)))
+    (l1, g1), (l2, g2) = results
+    assert l2 == pytest.approx(l1, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, atol=1e-5 * (np.abs(a).max() + 1e-12), rtol=0)
+
+
+def test_message_passing_setting_errors_and_fallback(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="Unknown message_passing 'cuda'"):
+        fm.use_fused("cuda", jnp.float32)
+    assert fm.use_fused("xla", jnp.float32) is False
+    with pytest.raises(build.KernelUnavailable, match="float32 only"):
+        fm.use_fused("fused", jnp.float64)
+
+    def broken():
+        raise build.KernelUnavailable("no C++ compiler 'g++' on PATH (set $CXX)")
+
+    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(fm, "_fallback_noted", False)
+    with caplog.at_level("WARNING", logger="mspec"):
+        assert fm.use_fused("auto", jnp.float32) is False  # falls back, says why once
+        assert fm.use_fused("auto", jnp.float32) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "message passing with XLA ops (the fused kernel is unavailable: no C++ compiler 'g++' "
+        "on PATH (set $CXX))"
+    ]
+    with pytest.raises(build.KernelUnavailable, match="no C\\+\\+ compiler"):
+        fm.use_fused("fused", jnp.float32)
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("MSPEC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "_error", None)
+    with pytest.raises(build.KernelUnavailable, match="no C\\+\\+ compiler 'no-such-compiler'"):
+        build.load()
+    assert not build.available()  # the failure is remembered, not retried on every call
+
+
+def test_resume_ignores_how_messages_are_computed():
+    a = {"hidden": 64, "message_passing": "auto"}
+    assert train.model_math(a) == train.model_math({"hidden": 64})
+    assert train.model_math(a) != train.model_math({"hidden": 128})
