@@ -19,7 +19,9 @@ in-step cutoff / 32-neighbour filter, the jitted update of :mod:`mspec.training.
 ``qm9`` is the papers' ET variant (per-layer norms, whitened vector norm, scalar + noise heads;
 7.2 M parameters), which does more work per molecule than torchmd-net's upstream ET;
 ``qm9-upstream`` is the upstream architecture itself (6,864,898 parameters, as the reference),
-the like-for-like comparison.
+the like-for-like comparison. mspec's configs run the message passing as the fused CPU kernel
+(``model.message_passing = "auto"``, as the pre-training configs do); append ``-xla`` to a config
+name (``qm9-xla``) for the XLA-ops implementation.
 """
 
 from __future__ import annotations
@@ -238,7 +240,8 @@ def main(argv=None) -> int:
         "--configs", default="qm9,qm9-upstream,tiny",
         help="comma list of: qm9 (the papers' ET, H=256, 7.2 M parameters), qm9-upstream "
         "(torchmd-net's upstream ET: no per-layer or vector norms, noise head only; 6.9 M "
-        "parameters, the reference's architecture), tiny",
+        "parameters, the reference's architecture), tiny; each with the suffix -xla runs the "
+        "message passing as XLA ops instead of the fused CPU kernel",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)

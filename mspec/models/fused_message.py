@@ -12,7 +12,8 @@ width D, channel c = h D + d):
 ``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` runs it as two
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
 forward; per receiver and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
-2 cores (BENCHMARKS.md): about 3x faster for this part of the step. Its backward gives the
+2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.6x faster for this part of the
+step, 1.26x for the whole QM9-size train step. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
 are supported), but is itself not differentiable: training on forces (a gradient of a
 gradient) needs ``message_passing="xla"``.
