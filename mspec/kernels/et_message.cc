@@ -3,7 +3,8 @@
 // mspec/models/fused_message.py. Compiled on first use by mspec/kernels/build.py.
 //
 // Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];
-// dk [E, F]; dv [E, H, 3D]; unit [E, 3]; cut, mask [E]; senders, receivers [E] int32.
+// pk [E, F], pv [E, H, 3D]: the filters before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
+// here so that XLA does not write them out and read them back); unit [E, 3]; cut, mask [E]; senders, receivers [E] int32.
 // rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
 // sperm / sptr: the same by sender. Every output row is written by exactly one thread, so no
 // atomics: pass 1 runs over receivers, pass 2 over senders (recomputing the per-edge terms).
@@ -19,6 +20,12 @@ using I = ffi::Buffer<ffi::S32>;
 using R = ffi::ResultBuffer<ffi::F32>;
 
 static inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+static inline float silu(float x) { return x * sigmoid(x); }
+// SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))).
+static inline float silu_grad(float x) {
+  const float sg = sigmoid(x);
+  return sg * (1.f + x * (1.f - sg));
+}
 
 // x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
 // a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
@@ -48,13 +55,14 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
         float ar = 0.f;
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+#pragma omp simd reduction(+ : ar)
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
         const float a = ar * sigmoid(ar) * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          const float s = uh[d] * dvh[d], g = uh[D + d] * dvh[D + d];
-          const float t = uh[2 * D + d] * dvh[2 * D + d];
+          const float s = uh[d] * silu(dvh[d]), g = uh[D + d] * silu(dvh[D + d]);
+          const float t = uh[2 * D + d] * silu(dvh[2 * D + d]);
           const int64_t c = o + d;
           xi[c] += s * a;
           vi[c] += (vj[c] * g + t * u0) * m;
@@ -107,31 +115,33 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
         float ar = 0.f;
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+#pragma omp simd reduction(+ : ar)
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
         const float sg = sigmoid(ar);
         const float a = ar * sg * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
         float* ddvh = ddv + h * 3 * D;
         float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
+#pragma omp simd reduction(+ : da, du0, du1, du2)
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = o + d;
-          const float s = uh[d] * dvh[d], t = uh[2 * D + d] * dvh[2 * D + d];
+          const float s = uh[d] * silu(dvh[d]), t = uh[2 * D + d] * silu(dvh[2 * D + d]);
           da += gxi[c] * s;
-          ddvh[d] = gxi[c] * a * uh[d];
+          ddvh[d] = gxi[c] * a * uh[d] * silu_grad(dvh[d]);
           const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-          ddvh[D + d] = dg * uh[D + d];
+          ddvh[D + d] = dg * uh[D + d] * silu_grad(dvh[D + d]);
           const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-          ddvh[2 * D + d] = dt * uh[2 * D + d];
+          ddvh[2 * D + d] = dt * uh[2 * D + d] * silu_grad(dvh[2 * D + d]);
           du0 += gvi[c] * t * m;
           du1 += gvi[F + c] * t * m;
           du2 += gvi[2 * F + c] * t * m;
         }
         dcut += da * ar * sg * m;
-        // SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))).
         const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          dqi[o + d] += dar * kj[o + d] * dke[o + d];
-          ddk[o + d] = dar * qi[o + d] * kj[o + d];
+          dqi[o + d] += dar * kj[o + d] * silu(dke[o + d]);
+          ddk[o + d] = dar * qi[o + d] * kj[o + d] * silu_grad(dke[o + d]);
         }
       }
       dun[0] = du0;
@@ -159,27 +169,31 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
         float ar = 0.f;
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * dke[o + d];
+#pragma omp simd reduction(+ : ar)
+        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
         const float sg = sigmoid(ar);
         const float a = ar * sg * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
         float* duh = duj + h * 3 * D;
         float da = 0.f;
+#pragma omp simd reduction(+ : da)
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = o + d;
-          da += gxi[c] * uh[d] * dvh[d];
-          duh[d] += gxi[c] * a * dvh[d];
-          const float g = uh[D + d] * dvh[D + d];
+          const float fs = silu(dvh[d]), fg = silu(dvh[D + d]), ft = silu(dvh[2 * D + d]);
+          da += gxi[c] * uh[d] * fs;
+          duh[d] += gxi[c] * a * fs;
+          const float g = uh[D + d] * fg;
           const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-          duh[D + d] += dg * dvh[D + d];
+          duh[D + d] += dg * fg;
           const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-          duh[2 * D + d] += dt * dvh[2 * D + d];
+          duh[2 * D + d] += dt * ft;
           dvj[c] += gvi[c] * g * m;
           dvj[F + c] += gvi[F + c] * g * m;
           dvj[2 * F + c] += gvi[2 * F + c] * g * m;
         }
         const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
-        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * dke[o + d];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * silu(dke[o + d]);
       }
     }
   }

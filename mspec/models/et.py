@@ -381,8 +381,8 @@ class EquivariantMultiHeadAttention(nn.Module):
         vec1, vec2, vec3 = jnp.split(dense(3 * f, use_bias=False, name="vec_proj")(vec), 3, axis=-1)
         vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
 
-        dk = self.activation(dense(f, name="dk_proj")(rbf)).reshape(e, h, d)
-        dv = self.activation(dense(3 * f, name="dv_proj")(rbf)).reshape(e, h, 3 * d)
+        pk = dense(f, name="dk_proj")(rbf)  # [E, F], before the activation
+        pv = dense(3 * f, name="dv_proj")(rbf)  # [E, 3F]
 
         # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D). The
         # messages are multiplied by the mask, which zeroes inactive edges exactly, including the
@@ -391,14 +391,17 @@ class EquivariantMultiHeadAttention(nn.Module):
         # through dv). Formulas: mspec.models.fused_message.
         m = mask.astype(x.dtype)
         cut = cosine_cutoff(r, self.cutoff)
-        args = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec, dk.reshape(e, f),
-                dv.reshape(e, 3 * f), unit, cut, m, senders, receivers)
-        if edge_index is not None:
-            x_agg, vec_agg = fused_message.message_fused(*args, edge_index, h)
+        if self.attn_activation is not nn.silu:
+            raise ValueError("only the SiLU attention activation is implemented")
+        nodes = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec)
+        edges = (unit, cut, m, senders, receivers)
+        if edge_index is not None:  # the kernel applies the SiLU of dk / dv itself
+            if self.activation is not nn.silu:
+                raise ValueError("the fused kernel implements the SiLU filter activation only")
+            x_agg, vec_agg = fused_message.message_fused(*nodes, pk, pv, *edges, edge_index, h)
         else:
-            if self.attn_activation is not nn.silu:
-                raise ValueError("only the SiLU attention activation is implemented")
-            x_agg, vec_agg = fused_message.message_xla(*args, h)
+            dk, dv = self.activation(pk), self.activation(pv)
+            x_agg, vec_agg = fused_message.message_xla(*nodes, dk, dv, *edges, h)
 
         o1, o2, o3 = jnp.split(dense(3 * f, name="o_proj")(x_agg), 3, axis=-1)  # each [N, F]
         dx = vec_dot * o2 + o3

@@ -9,7 +9,8 @@ width D, channel c = h D + d):
 * ``vec_agg_i = sum_e (vec_j g_e + t_e unit_e) mask_e``  ``[N, 3, F]``.
 
 :func:`message_xla` writes this with gathers and segment sums; XLA:CPU materialises several
-``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` runs it as two
+``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` takes the
+filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everything as two
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
 forward; per receiver and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.6x faster for this part of the
@@ -163,8 +164,10 @@ def _fused_bwd(heads, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def message_fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, index, heads: int):
-    """:func:`message_xla` as fused XLA:CPU kernels (float32 only; CPU only).
+def message_fused(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, index, heads: int):
+    """``message_xla(q, k, u, vec, SiLU(pk), SiLU(pv), ...)`` as fused XLA:CPU kernels (float32,
+    CPU only). The filters come before their SiLU (``pk [E, F]``, ``pv [E, 3F]``): the kernel
+    applies it (and its derivative) on the fly, so the activated filters never go to memory.
 
     ``index`` is :func:`edge_index` of the same edges (computed once per model call, shared by the
     layers). Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be
@@ -175,6 +178,6 @@ def message_fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, ind
     f32 = lambda a: a.astype(jnp.float32)
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
-        q, k, u, vec, dk, dv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
+        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
         rperm, rptr, (sperm, sptr), int(heads),
     )
