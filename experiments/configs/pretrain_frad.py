@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 1
     c.data = common.data_config("qm9/full")
     c.model = common.model_config("qm9")
-    # "auto": the fused C++ message-passing kernel on CPU (built on first use; ~1.5x faster
+    # "auto": the fused C++ message-passing kernel on CPU (built on first use; ~1.4x faster
     # steps there, BENCHMARKS.md), XLA ops elsewhere; "xla" / "fused" force one.
     c.model.message_passing = "auto"
     # Noise: "frad" (torsion then Cartesian) or "coord" (Cartesian only).

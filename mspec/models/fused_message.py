@@ -14,7 +14,7 @@ filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everyt
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
 forward; per receiver and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.6x faster for this part of the
-step, 1.26x for the whole QM9-size train step. Its backward gives the
+step, 1.44x for the whole QM9-size train step. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
 are supported), but is itself not differentiable: training on forces (a gradient of a
 gradient) needs ``message_passing="xla"``.
