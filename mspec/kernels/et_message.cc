@@ -27,6 +27,14 @@ static inline float silu_grad(float x) {
   return sg * (1.f + x * (1.f - sg));
 }
 
+// The attention logit of one head: sum_d q_d k_d SiLU(pk_d).
+static inline float head_logit(const float* q, const float* k, const float* pk, int64_t D) {
+  float ar = 0.f;
+#pragma omp simd reduction(+ : ar)
+  for (int64_t d = 0; d < D; ++d) ar += q[d] * k[d] * silu(pk[d]);
+  return ar;
+}
+
 // x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
 // a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
 static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
@@ -54,9 +62,7 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        float ar = 0.f;
-#pragma omp simd reduction(+ : ar)
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
+        const float ar = head_logit(qi + o, kj + o, dke + o, D);
         const float a = ar * sigmoid(ar) * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
 #pragma omp simd
@@ -114,9 +120,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        float ar = 0.f;
-#pragma omp simd reduction(+ : ar)
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
+        const float ar = head_logit(qi + o, kj + o, dke + o, D);
         const float sg = sigmoid(ar);
         const float a = ar * sg * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
@@ -168,9 +172,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        float ar = 0.f;
-#pragma omp simd reduction(+ : ar)
-        for (int64_t d = 0; d < D; ++d) ar += qi[o + d] * kj[o + d] * silu(dke[o + d]);
+        const float ar = head_logit(qi + o, kj + o, dke + o, D);
         const float sg = sigmoid(ar);
         const float a = ar * sg * C[e] * m;
         const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
