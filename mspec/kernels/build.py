@@ -1,6 +1,6 @@
 """Compiles and registers the C++ XLA:CPU kernels (``et_message.cc``) on first use.
 
-The shared library is built once per (source, jaxlib, compiler, CPU) into
+The shared library is built once per (source, jaxlib, compiler, flags, CPU features) into
 ``$MSPEC_KERNEL_CACHE`` (default ``~/.cache/mspec/kernels``) with ``$CXX`` (default ``g++``),
 ``-O3 -march=native -fopenmp -ffast-math`` (fast math lets the compiler vectorise the
 ``exp`` of the in-kernel SiLU; the kernel has no NaN/Inf logic that it could change; the tests
@@ -45,12 +45,26 @@ def cache_dir() -> str:
     )
 
 
+def _cpu_features() -> str:
+    """This CPU's feature flags: ``-march=native`` code must not be loaded on a CPU without them
+    (a cache directory shared by different machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _library_path(compiler: str) -> str:
     import jaxlib
 
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
     key.update(" ".join((jaxlib.__version__, compiler, platform.machine(), *FLAGS)).encode())
+    key.update(_cpu_features().encode())
     return os.path.join(cache_dir(), f"et_message-{key.hexdigest()[:16]}.so")
 
 
