@@ -87,10 +87,13 @@ def run_mspec_worker(
     per = -(-n_mol // microbatches)
     split = [[b[i : i + per] for i in range(0, n_mol, per)] for b in mols_per_batch]
     nodes = max(sum(len(m["atomic_numbers"]) for m in sub) for b in split for sub in b)
-    edges = max(sum(len(m["senders"]) for m in sub) for b in split for sub in b)
+    # Edges of the pair layout (graph.pack): both directions of every pair, then N self-loops.
+    pair_edges = max(
+        sum(len(m["senders"]) - len(m["atomic_numbers"]) for m in sub) for b in split for sub in b
+    )
+    n_node = 8 * ((nodes + 8) // 8) + 1
     budget = graph.Budget(
-        n_node=8 * ((nodes + 8) // 8) + 1, n_edge=8 * ((edges + 7) // 8), n_graph=per + 1,
-        max_torsions=1,
+        n_node=n_node, n_edge=n_node + pair_edges, n_graph=per + 1, max_torsions=1,
     )
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     trainer = train.Trainer(c, train.make_model(c), mesh)

@@ -28,6 +28,8 @@ key                           shape / dtype       meaning
 ``torsion_atoms``             ``[G, T, 4] int32`` rotatable torsions (i, j, k, l) as batch node indices
 ``torsion_mask``              ``[G, T] bool``     True for real torsions
 ``node_moving``               ``[N, T] bool``     atom moves when torsion t *of its own molecule* is set
+``pair_layout``               ``[] bool``         present (True) when the edges are in the pair layout
+                                                  below; batches built by hand may leave it out
 ``spectrum_<name>``           ``[G, L] float32``  raw (unnormalised) spectrum of each molecule slot;
                                                   only for the types in ``Budget.spectra`` (e.g.
                                                   ``spectrum_uv [G, 701]``); 0 in padding slots
@@ -39,7 +41,10 @@ spectrum loss, the contrastive negatives and SpecFormer's BatchNorm statistics. 
 present is declared in the config (``config.spectra.types``), never inferred from the batch.
 
 Edges are every ordered pair (j -> i) of atoms of one molecule closer than
-``cutoff + skin`` (self-loops included), sorted by receiver then sender. The pipeline adds the
+``cutoff + skin`` (self-loops included), in the pair layout of :func:`mspec.graph.pack`: with
+``P = mspec.graph.num_pairs(E, N)``, slots ``[0, P)`` hold each atom pair once, slots ``[P, 2P)``
+the same pairs reversed, and the last ``N`` slots the self-loop of every node slot, so the model
+computes each distance filter once per pair (``pair_layout`` marks such batches). The pipeline adds the
 skin so that the graph stays valid after on-device noise moves the atoms; the model masks edges
 longer than the cutoff itself, and :func:`mspec.graph.active_edges` applies the 32-neighbour cap on
 the noisy positions.

@@ -117,3 +117,40 @@ def test_resume_ignores_how_messages_are_computed():
     a = {"hidden": 64, "message_passing": "auto"}
     assert train.model_math(a) == train.model_math({"hidden": 64})
     assert train.model_math(a) != train.model_math({"hidden": 128})
+
+
+@pytest.mark.parametrize("mode", ["xla", pytest.param("fused", marks=needs_kernel)])
+def test_filters_once_per_pair_equal_filters_per_edge(mode, qm9_sample_dir):
+    """The pair layout's shared distance filters give the per-edge result: values and gradients,
+    also when the neighbour cap keeps only one direction of a pair."""
+    from mspec.models.et import EquivariantTransformer
+
+    builder = datasets.get_builder("qm9/sample", qm9_sample_dir, build=False)
+    source = datasets.open_split(builder, "train")
+    feat = pipeline.Featurizer(radius=5.5, max_z=100)
+    budget = graph.Budget(n_node=120, n_edge=3001, n_graph=7, max_torsions=8)  # odd spare slot
+    b = graph.pack([feat(source[i]) for i in range(6)], budget)
+    rng = np.random.default_rng(0)
+    pos = jnp.asarray(b["positions"] + rng.normal(0, 0.2, b["positions"].shape).astype(np.float32))
+    s, r = jnp.asarray(b["senders"]), jnp.asarray(b["receivers"])
+    mask = graph.active_edges(pos, s, r, jnp.asarray(b["edge_mask"]), 5.0, 6)
+    one_way = np.asarray(mask[: budget.n_pair]) != np.asarray(mask[budget.n_pair : 2 * budget.n_pair])
+    assert one_way.any()  # the cap really drops one direction of some pairs
+    z = jnp.asarray(b["atomic_numbers"])
+    model = EquivariantTransformer(hidden=32, num_layers=2, num_heads=4, num_rbf=16, message_passing=mode)
+    params = model.init(jax.random.key(0), z, pos, s, r, mask)
+    cx = jnp.asarray(rng.standard_normal((120, 32)).astype(np.float32))
+    cv = jnp.asarray(rng.standard_normal((120, 3, 32)).astype(np.float32))
+
+    def loss(p, pairs):
+        x, v = model.apply(p, z, pos, s, r, mask, num_pairs=pairs)
+        keep = jnp.asarray(b["node_mask"], jnp.float32)
+        return jnp.sum(x * cx * keep[:, None]) + jnp.sum(v * cv * keep[:, None, None])
+
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, None)))(params)
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, budget.n_pair)))(params)
+    assert float(l2) == pytest.approx(float(l1), rel=1e-5)
+    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(c, a, atol=1e-5 * (np.abs(a).max() + 1e-12), rtol=0)
+    with pytest.raises(ValueError, match="num_pairs=3 does not match"):
+        model.apply(params, z, pos, s, r, mask, num_pairs=3)

@@ -3,8 +3,11 @@
 // mspec/models/fused_message.py. Compiled on first use by mspec/kernels/build.py.
 //
 // Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];
-// pk [E, F], pv [E, H, 3D]: the filters before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
-// here so that XLA does not write them out and read them back); unit [E, 3]; cut, mask [E]; senders, receivers [E] int32.
+// pk [R, F], pv [R, H, 3D]: filter rows before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
+// here so that XLA does not write them out and read them back); frow [E] int32: the filter row of
+// each edge (both directions of an atom pair share one); unit [E, 3]; cut, mask [E]; senders,
+// receivers [E] int32. The filter cotangents are per edge ([E, F], [E, 3F]): the caller sums
+// the edges of each row.
 // rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
 // sperm / sptr: the same by sender. Every output row is written by exactly one thread, so no
 // atomics: pass 1 runs over receivers, pass 2 over senders (recomputing the per-edge terms).
@@ -38,12 +41,13 @@ static inline float head_logit(const float* q, const float* k, const float* pk, 
 // x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
 // a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
 static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                              I rperm, I rptr, R xagg, R vagg, int64_t H) {
+                              I frow, I rperm, I rptr, R xagg, R vagg, int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
   const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
   const float *C = cut.typed_data(), *M = mask.typed_data();
   const int32_t *S = senders.typed_data(), *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
+  const int32_t* FR = frow.typed_data();
   float *X = xagg->typed_data(), *VA = vagg->typed_data();
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < N; ++i) {
@@ -58,7 +62,7 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
       if (m == 0.f) continue;
       const int64_t j = S[e];
       const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
@@ -83,14 +87,14 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
 
 // Cotangents of every input but the mask and the indices, given gx = d x_agg, gv = d vec_agg.
 static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                               I receivers, I rperm, I rptr, I sperm, I sptr, B gx, B gv, R oq,
+                               I receivers, I frow, I rperm, I rptr, I sperm, I sptr, B gx, B gv, R oq,
                                R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut, int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
   const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
   const float *C = cut.typed_data(), *M = mask.typed_data();
   const float *GX = gx.typed_data(), *GV = gv.typed_data();
-  const int32_t *S = senders.typed_data(), *RC = receivers.typed_data();
+  const int32_t *S = senders.typed_data(), *RC = receivers.typed_data(), *FR = frow.typed_data();
   const int32_t *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
   const int32_t *SPERM = sperm.typed_data(), *SPTR = sptr.typed_data();
   float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
@@ -115,7 +119,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       }
       const int64_t j = S[e];
       const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
       for (int64_t h = 0; h < H; ++h) {
@@ -168,7 +172,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       if (m == 0.f) continue;
       const int64_t i = RC[e];
       const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-      const float *dke = DK + e * F, *dve = DV + e * 3 * F;
+      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
@@ -206,7 +210,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>()
                                   .Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads"));
 
@@ -215,6 +219,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<I>()
                                   .Arg<B>().Arg<B>()
                                   .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Ret<B>().Ret<B>()

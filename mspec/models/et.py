@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mspec import graph
 from mspec.models import fused_message
 
 Array = jax.Array
@@ -284,17 +285,20 @@ class NeighborEmbedding(nn.Module):
         senders: Array,
         receivers: Array,
         mask: Array,
+        num_pairs: int | None = None,
     ) -> Array:
         """Mix the embeddings of the neighbours into ``x``.
 
         Args:
             atomic_numbers: ``[N]`` int.
             x: ``[N, F]`` atom embeddings ``x0``.
-            r: ``[E]`` edge lengths.
-            rbf: ``[E, K]`` radial basis.
+            r: ``[R]`` lengths of the filter rows: ``R = E`` per edge, or ``R = P + 1`` (one per
+                atom pair and one for self-loops) when ``num_pairs = P`` is given.
+            rbf: ``[R, K]`` radial basis of the same rows.
             senders: ``[E]`` sources j.
             receivers: ``[E]`` targets i.
             mask: ``[E]`` bool, active non-self-loop edges.
+            num_pairs: P when the edges are in the pair layout of :func:`mspec.graph.pack`.
 
         Returns:
             ``[N, F]`` features.
@@ -304,6 +308,8 @@ class NeighborEmbedding(nn.Module):
             atomic_numbers
         )  # [N, F]
         w = dense(self.hidden, name="distance_proj")(rbf) * cosine_cutoff(r, self.cutoff)[:, None]
+        if num_pairs is not None:
+            w = graph.expand_pair_rows(w, senders.shape[0])
         msg = emb[senders] * w * mask[:, None]  # [E, F]
         agg = jax.ops.segment_sum(msg, receivers, num_segments=n)  # [N, F]
         return dense(self.hidden, name="combine")(jnp.concatenate([x, agg], axis=-1))
@@ -346,6 +352,7 @@ class EquivariantMultiHeadAttention(nn.Module):
         receivers: Array,
         mask: Array,
         edge_index: tuple[Array, ...] | None = None,
+        num_pairs: int | None = None,
     ) -> tuple[Array, Array]:
         """Compute the residual updates of one layer.
 
@@ -353,13 +360,15 @@ class EquivariantMultiHeadAttention(nn.Module):
             x: ``[N, F]`` scalar features.
             vec: ``[N, 3, F]`` vector features.
             r: ``[E]`` edge lengths.
-            rbf: ``[E, K]`` radial basis.
+            rbf: ``[R, K]`` radial basis of the filter rows: ``R = E`` (one per edge), or
+                ``R = P + 1`` when ``num_pairs = P`` (see :func:`mspec.graph.pair_filter_rows`).
             unit: ``[E, 3]`` unit vectors ``(pos_j - pos_i) / r`` (0 for self-loops).
             senders: ``[E]`` sources j.
             receivers: ``[E]`` targets i.
             mask: ``[E]`` bool, active edges (self-loops included).
             edge_index: :func:`mspec.models.fused_message.edge_index` of the edges to run the
                 message passing as the fused CPU kernel; None: as XLA ops.
+            num_pairs: P when the edges are in the pair layout of :func:`mspec.graph.pack`.
 
         Returns:
             ``(dx [N, F], dvec [N, 3, F])``.
@@ -381,8 +390,9 @@ class EquivariantMultiHeadAttention(nn.Module):
         vec1, vec2, vec3 = jnp.split(dense(3 * f, use_bias=False, name="vec_proj")(vec), 3, axis=-1)
         vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
 
-        pk = dense(f, name="dk_proj")(rbf)  # [E, F], before the activation
-        pv = dense(3 * f, name="dv_proj")(rbf)  # [E, 3F]
+        # One filter per row: both directions of an atom pair have the same length.
+        pk = dense(f, name="dk_proj")(rbf)  # [R, F], before the activation
+        pv = dense(3 * f, name="dv_proj")(rbf)  # [R, 3F]
 
         # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D). The
         # messages are multiplied by the mask, which zeroes inactive edges exactly, including the
@@ -398,9 +408,13 @@ class EquivariantMultiHeadAttention(nn.Module):
         if edge_index is not None:  # the kernel applies the SiLU of dk / dv itself
             if self.activation is not nn.silu:
                 raise ValueError("the fused kernel implements the SiLU filter activation only")
-            x_agg, vec_agg = fused_message.message_fused(*nodes, pk, pv, *edges, edge_index, h)
+            x_agg, vec_agg = fused_message.message_fused(
+                *nodes, pk, pv, *edges, edge_index, h, pairs=num_pairs
+            )
         else:
             dk, dv = self.activation(pk), self.activation(pv)
+            if num_pairs is not None:
+                dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
             x_agg, vec_agg = fused_message.message_xla(*nodes, dk, dv, *edges, h)
 
         o1, o2, o3 = jnp.split(dense(3 * f, name="o_proj")(x_agg), 3, axis=-1)  # each [N, F]
@@ -453,6 +467,7 @@ class EquivariantTransformer(nn.Module):
         senders: Array,
         receivers: Array,
         edge_mask: Array,
+        num_pairs: int | None = None,
     ) -> tuple[Array, Array]:
         """Encode a (padded) batch of molecules.
 
@@ -463,6 +478,10 @@ class EquivariantTransformer(nn.Module):
             receivers: ``[E] int32`` targets i.
             edge_mask: ``[E] bool``, True for real edges (self-loops included). Edges with
                 ``r >= cutoff`` are additionally treated as inactive.
+            num_pairs: None for edges in any order; ``P`` when they are in the pair layout of
+                :func:`mspec.graph.pack` (``P = mspec.graph.num_pairs(E, N)``): the distance
+                filters are then computed once per atom pair instead of once per edge, the same
+                result for about half the filter work.
 
         Returns:
             ``(x [N, F], vec [N, 3, F])``. Rows of padding atoms are not zeroed here.
@@ -483,13 +502,17 @@ class EquivariantTransformer(nn.Module):
         r, unit, _ = edge_geometry(positions, senders, receivers)
         # The pipeline's edge lists carry a skin beyond the cutoff: drop those edges here.
         mask = edge_mask & (r < self.cutoff)  # [E]
-        rbf = expnorm_rbf(r, self.num_rbf, self.cutoff)  # [E, K]
+        r_rows = r if num_pairs is None else graph.pair_rows(r, n)  # [R]
+        if num_pairs is not None and num_pairs != graph.num_pairs(r.shape[0], n):
+            raise ValueError(f"num_pairs={num_pairs} does not match {r.shape[0]} edges, {n} nodes")
+        rbf = expnorm_rbf(r_rows, self.num_rbf, self.cutoff)  # [R, K]
 
         x = nn.Embed(self.max_z, f, embedding_init=normal_embedding, name="embedding")(
             atomic_numbers
         )  # [N, F]
         x = NeighborEmbedding(f, self.cutoff, self.max_z, name="neighbor_embedding")(
-            atomic_numbers, x, r, rbf, senders, receivers, mask & (senders != receivers)
+            atomic_numbers, x, r_rows, rbf, senders, receivers, mask & (senders != receivers),
+            num_pairs,
         )
         vec = jnp.zeros((n, 3, f), x.dtype)
         edge_index = None
@@ -501,7 +524,7 @@ class EquivariantTransformer(nn.Module):
         for layer in range(self.num_layers):
             dx, dvec = EquivariantMultiHeadAttention(
                 f, self.num_heads, self.cutoff, name=f"attention_layers_{layer}"
-            )(x, vec, r, rbf, unit, senders, receivers, mask, edge_index)
+            )(x, vec, r, rbf, unit, senders, receivers, mask, edge_index, num_pairs)
             x = x + dx
             vec = vec + dvec
             if self.interlayer_norm == "affine":

@@ -28,6 +28,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from mspec import graph
 from mspec.kernels import build
 
 Array = jax.Array
@@ -131,23 +132,31 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(14,))
-def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads):
+def _sum_rows(per_edge: Array, pairs: int | None) -> Array:
+    """Cotangents per edge ``[E, C]`` -> per filter row (see :func:`mspec.graph.pair_filter_rows`)."""
+    if pairs is None:
+        return per_edge
+    p = pairs
+    return jnp.concatenate([per_edge[:p] + per_edge[p : 2 * p], per_edge[2 * p :].sum(0, keepdims=True)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(15, 16))
+def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx, heads, pairs):
     n, f = q.shape
-    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, rperm, rptr)
+    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, rperm, rptr)
     out = jax.ffi.ffi_call(
         "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
     )(*ins, heads=heads)
     return tuple(_match_vma(o, *ins) for o in out)
 
 
-def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads):
-    out = _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx, heads)
-    return out, (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx)
+def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx, heads, pairs):
+    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx)
+    return _fused(*args, heads, pairs), args
 
 
-def _fused_bwd(heads, res, cts):
-    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sidx = res
+def _fused_bwd(heads, pairs, res, cts):
+    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx = res
     sperm, sptr = sidx
     n, f = q.shape
     e = senders.shape[0]
@@ -156,18 +165,26 @@ def _fused_bwd(heads, res, cts):
         "mspec_et_message_bwd",
         (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(e, f), _f32(e, 3 * f), _f32(e, 3), _f32(e)),
         vmap_method="sequential",
-    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, rperm, rptr, sperm, sptr, gx, gv, heads=heads)
+    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sperm, sptr, gx, gv, heads=heads)
     grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
-    return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
+    grads[4], grads[5] = _sum_rows(grads[4], pairs), _sum_rows(grads[5], pairs)
+    return (*grads, jnp.zeros_like(mask), None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def message_fused(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, index, heads: int):
+def message_fused(
+    q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, index, heads: int, pairs: int | None = None
+):
     """``message_xla(q, k, u, vec, SiLU(pk), SiLU(pv), ...)`` as fused XLA:CPU kernels (float32,
-    CPU only). The filters come before their SiLU (``pk [E, F]``, ``pv [E, 3F]``): the kernel
-    applies it (and its derivative) on the fly, so the activated filters never go to memory.
+    CPU only). The filters come before their SiLU: the kernel applies it (and its derivative) on
+    the fly, so the activated filters never go to memory.
+
+    ``pairs=None``: ``pk [E, F]``, ``pv [E, 3F]``, one filter row per edge. ``pairs=P``: the edges
+    are in the pair layout of :func:`mspec.graph.pack` and ``pk [P + 1, F]``, ``pv [P + 1, 3F]``
+    hold one row per atom pair plus one for the self-loops
+    (:func:`mspec.graph.pair_filter_rows`); their cotangents are summed over both directions.
 
     ``index`` is :func:`edge_index` of the same edges (computed once per model call, shared by the
     layers). Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be
@@ -175,9 +192,19 @@ def message_fused(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, ind
     """
     build.load()
     rperm, rptr, sperm, sptr = index
+    n, e = q.shape[0], senders.shape[0]
+    if pairs is None:
+        frow = jnp.arange(e, dtype=jnp.int32)
+    else:
+        frow = jnp.asarray(graph.pair_filter_rows(e, n))
+        if graph.num_pairs(e, n) != pairs:
+            raise ValueError(f"pairs={pairs} does not match {e} edges and {n} nodes")
+    rows = e if pairs is None else pairs + 1
+    if pk.shape[0] != rows or pv.shape[0] != rows:
+        raise ValueError(f"pk {pk.shape} and pv {pv.shape} need {rows} filter rows")
     f32 = lambda a: a.astype(jnp.float32)
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
-        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
-        rperm, rptr, (sperm, sptr), int(heads),
+        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers), frow,
+        rperm, rptr, (sperm, sptr), int(heads), pairs,
     )

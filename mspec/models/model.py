@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from mspec import graph
 from mspec.models.et import EquivariantTransformer
 from mspec.models.heads import EquivariantScalar, EquivariantVectorOutput
 
@@ -48,7 +49,9 @@ class Model(nn.Module):
         Args:
             batch: a device batch (see :mod:`mspec.types`); reads ``atomic_numbers [N]``,
                 ``positions [N, 3]``, ``senders [E]``, ``receivers [E]``, ``edge_mask [E]`` and
-                ``node_mask [N]``.
+                ``node_mask [N]``. With the key ``pair_layout`` (written by
+                :func:`mspec.graph.pack`) the edges must be in its pair layout and each distance
+                filter is computed once per atom pair; without it, edges may come in any order.
 
         Returns:
             ``{"node_features": [N, F], "vectors": [N, 3, F], "scalar": [N], "noise": [N, 3]}``
@@ -74,6 +77,12 @@ class Model(nn.Module):
             batch["senders"],
             batch["receivers"],
             batch["edge_mask"],
+            # Batches from graph.pack are in its pair layout: one distance filter per atom pair.
+            num_pairs=(
+                graph.num_pairs(batch["senders"].shape[0], batch["atomic_numbers"].shape[0])
+                if "pair_layout" in batch
+                else None
+            ),
         )
         node_mask = batch["node_mask"].astype(x.dtype)  # [N]
         out = {"node_features": x * node_mask[:, None], "vectors": vec * node_mask[:, None, None]}
