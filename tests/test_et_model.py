@@ -527,3 +527,36 @@ def test_encoder_matches_model(small):
     out = small["apply"](params, batch)
     np.testing.assert_allclose(np.asarray(out["node_features"][:4]), np.asarray(x[:4]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(out["vectors"][:4]), np.asarray(vec[:4]), atol=1e-6)
+
+
+def test_first_layer_skips_the_zero_vector_stream_exactly():
+    """With ``vec = 0`` the skipped ``vec_proj`` / ``o1, o2`` work changes no output and no
+    gradient (those weights get exactly zero gradient either way)."""
+    rng = np.random.default_rng(0)
+    n, e = 10, 40
+    x = jnp.asarray(rng.standard_normal((n, F)).astype(np.float32))
+    vec = jnp.zeros((n, 3, F))
+    s = jnp.asarray(rng.integers(0, n, e).astype(np.int32))
+    r_ = jnp.asarray(rng.integers(0, n, e).astype(np.int32))
+    r = jnp.asarray(rng.uniform(0.5, 6.0, e).astype(np.float32))
+    rbf = et_lib.expnorm_rbf(r, 8, CUTOFF)
+    unit = jnp.asarray(rng.standard_normal((e, 3)).astype(np.float32))
+    mask = jnp.asarray(rng.random(e) > 0.2)
+    args = (x, vec, r, rbf, unit, s, r_, mask)
+    full = et_lib.EquivariantMultiHeadAttention(F, 4, CUTOFF)
+    skip = et_lib.EquivariantMultiHeadAttention(F, 4, CUTOFF, zero_vec_input=True)
+    params = perturb(full.init(jax.random.key(0), *args))
+    assert jax.tree.structure(skip.init(jax.random.key(0), *args)) == jax.tree.structure(params)
+    ct = (rng.standard_normal((n, F)).astype(np.float32), rng.standard_normal((n, 3, F)).astype(np.float32))
+
+    def loss(module, p):
+        dx, dvec = module.apply(p, *args)
+        return jnp.sum(dx * ct[0]) + jnp.sum(dvec * ct[1])
+
+    l1, g1 = jax.value_and_grad(lambda p: loss(full, p))(params)
+    l2, g2 = jax.value_and_grad(lambda p: loss(skip, p))(params)
+    assert float(l2) == pytest.approx(float(l1), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, atol=1e-6 * (np.abs(a).max() + 1e-12), rtol=0)
+    assert not np.any(g2["params"]["vec_proj"]["kernel"])
+    assert not np.any(g2["params"]["o_proj"]["kernel"][:, : 2 * F])

@@ -332,6 +332,10 @@ class EquivariantMultiHeadAttention(nn.Module):
         cutoff: cutoff r_c in Å.
         activation: activation of ``dk`` and ``dv`` (SiLU).
         attn_activation: activation of the attention logits (SiLU).
+        zero_vec_input: the input ``vec`` is exactly zero (the first layer). ``vec_proj`` and the
+            ``o1`` / ``o2`` thirds of ``o_proj`` then only ever meet zeros (``vec3 * o1``,
+            ``vec_dot * o2``), so they are skipped: the same outputs and gradients (zero for
+            those weights) for less work. The parameters are created all the same.
     """
 
     hidden: int
@@ -339,6 +343,7 @@ class EquivariantMultiHeadAttention(nn.Module):
     cutoff: float
     activation: Callable[[Array], Array] = nn.silu
     attn_activation: Callable[[Array], Array] = nn.silu
+    zero_vec_input: bool = False
 
     @nn.compact
     def __call__(
@@ -387,8 +392,12 @@ class EquivariantMultiHeadAttention(nn.Module):
         u = dense(3 * f, name="v_proj")(x).reshape(n, h, 3 * d)  # per head [s | g | t]
 
         # Contiguous F-blocks, applied on the channel axis of each spatial component.
-        vec1, vec2, vec3 = jnp.split(dense(3 * f, use_bias=False, name="vec_proj")(vec), 3, axis=-1)
-        vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
+        vec_proj = dense(3 * f, use_bias=False, name="vec_proj")
+        if self.zero_vec_input:
+            vec_proj(vec[:0])  # creates the parameters; zero rows, no work
+        else:
+            vec1, vec2, vec3 = jnp.split(vec_proj(vec), 3, axis=-1)
+            vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
 
         # One filter per row: both directions of an atom pair have the same length.
         pk = dense(f, name="dk_proj")(rbf)  # [R, F], before the activation
@@ -417,7 +426,12 @@ class EquivariantMultiHeadAttention(nn.Module):
                 dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
             x_agg, vec_agg = fused_message.message_xla(*nodes, dk, dv, *edges, h)
 
-        o1, o2, o3 = jnp.split(dense(3 * f, name="o_proj")(x_agg), 3, axis=-1)  # each [N, F]
+        o_proj = dense(3 * f, name="o_proj")
+        if self.zero_vec_input:  # vec1 = vec2 = vec3 = 0: only o3 reaches the outputs
+            o_proj(x_agg[:0])  # creates the parameters; zero rows, no work
+            w = o_proj.variables["params"]
+            return x_agg @ w["kernel"][:, 2 * f :] + w["bias"][2 * f :], vec_agg
+        o1, o2, o3 = jnp.split(o_proj(x_agg), 3, axis=-1)  # each [N, F]
         dx = vec_dot * o2 + o3
         dvec = vec3 * o1[:, None, :] + vec_agg
         return dx, dvec
@@ -523,7 +537,8 @@ class EquivariantTransformer(nn.Module):
             shared_norm = layer_norm(affine=False, name="shared_layernorm")
         for layer in range(self.num_layers):
             dx, dvec = EquivariantMultiHeadAttention(
-                f, self.num_heads, self.cutoff, name=f"attention_layers_{layer}"
+                f, self.num_heads, self.cutoff, zero_vec_input=layer == 0,
+                name=f"attention_layers_{layer}",
             )(x, vec, r, rbf, unit, senders, receivers, mask, edge_index, num_pairs)
             x = x + dx
             vec = vec + dvec
