@@ -6,14 +6,18 @@
 // pk [R, F], pv [R, H, 3D]: filter rows before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
 // here so that XLA does not write them out and read them back); frow [E] int32: the filter row of
 // each edge (both directions of an atom pair share one); unit [E, 3]; cut, mask [E]; senders,
-// receivers [E] int32. The filter cotangents are per edge ([E, F], [E, 3F]): the caller sums
-// the edges of each row.
+// receivers [E] int32.
 // rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
-// sperm / sptr: the same by sender. Every output row is written by exactly one thread, so no
-// atomics: pass 1 runs over receivers, pass 2 over senders (recomputing the per-edge terms).
+// sperm / sptr: the same by sender; rowperm / rowptr: by filter row. Every output row is written
+// by exactly one thread, so no atomics: the forward runs over receivers; the backward's pass 1
+// over filter rows (dq summed in per-thread buffers, T x N x F floats), pass 2 over senders
+// (recomputing the per-edge terms).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -86,76 +90,100 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
 }
 
 // Cotangents of every input but the mask and the indices, given gx = d x_agg, gv = d vec_agg.
+// The filter cotangents come out per filter row ([R, F], [R, 3F]): pass 1 runs over the rows
+// (rowperm / rowptr: the edges of each row), so each row has one writer and the edges sharing a
+// row are summed in registers, never written out per edge. dq, which a row's edges add to
+// different receivers, is summed in per-thread buffers.
 static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                               I receivers, I frow, I rperm, I rptr, I sperm, I sptr, B gx, B gv, R oq,
-                               R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut, int64_t H) {
+                               I receivers, I frow, I rowperm, I rowptr, I sperm, I sptr, B gx,
+                               B gv, R oq, R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut,
+                               int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
+  const int64_t NR = dk.dimensions()[0];
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
   const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
   const float *C = cut.typed_data(), *M = mask.typed_data();
   const float *GX = gx.typed_data(), *GV = gv.typed_data();
   const int32_t *S = senders.typed_data(), *RC = receivers.typed_data(), *FR = frow.typed_data();
-  const int32_t *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
+  const int32_t *ROWPERM = rowperm.typed_data(), *ROWPTR = rowptr.typed_data();
   const int32_t *SPERM = sperm.typed_data(), *SPTR = sptr.typed_data();
   float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
   float *dV = ovec->typed_data(), *dDK = odk->typed_data(), *dDV = odv->typed_data();
   float *dUN = ounit->typed_data(), *dC = ocut->typed_data();
-  // Pass 1, over receivers: dq (per receiver) and d dk, d dv, d unit, d cut (per edge).
-#pragma omp parallel for schedule(dynamic, 16)
+  const int T = omp_get_max_threads();
+  std::vector<float> dq_parts(static_cast<size_t>(T) * N * F, 0.f);
+  // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
+  // self-loops share, by far the largest: started first, it cannot hold up the end of the loop):
+  // d dk, d dv (per row), d unit, d cut (per edge), dq (per thread, per receiver).
+#pragma omp parallel
+  {
+    float* dq_own = dq_parts.data() + static_cast<size_t>(omp_get_thread_num()) * N * F;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t row = NR - 1; row >= 0; --row) {
+      float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
+      std::memset(ddk, 0, F * sizeof(float));
+      std::memset(ddv, 0, 3 * F * sizeof(float));
+      const float *dke = DK + row * F, *dve = DV + row * 3 * F;
+      for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
+        const int64_t e = ROWPERM[p];
+        float* dun = dUN + e * 3;
+        const float m = M[e];
+        if (m == 0.f) {
+          dun[0] = dun[1] = dun[2] = 0.f;
+          dC[e] = 0.f;
+          continue;
+        }
+        const int64_t i = RC[e], j = S[e];
+        float* dqi = dq_own + i * F;
+        const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+        const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+        const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+        float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * D;
+          const float ar = head_logit(qi + o, kj + o, dke + o, D);
+          const float sg = sigmoid(ar);
+          const float a = ar * sg * C[e] * m;
+          const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
+          float* ddvh = ddv + h * 3 * D;
+          float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
+#pragma omp simd reduction(+ : da, du0, du1, du2)
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t c = o + d;
+            const float s = uh[d] * silu(dvh[d]), t = uh[2 * D + d] * silu(dvh[2 * D + d]);
+            da += gxi[c] * s;
+            ddvh[d] += gxi[c] * a * uh[d] * silu_grad(dvh[d]);
+            const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+            ddvh[D + d] += dg * uh[D + d] * silu_grad(dvh[D + d]);
+            const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+            ddvh[2 * D + d] += dt * uh[2 * D + d] * silu_grad(dvh[2 * D + d]);
+            du0 += gvi[c] * t * m;
+            du1 += gvi[F + c] * t * m;
+            du2 += gvi[2 * F + c] * t * m;
+          }
+          dcut += da * ar * sg * m;
+          const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            dqi[o + d] += dar * kj[o + d] * silu(dke[o + d]);
+            ddk[o + d] += dar * qi[o + d] * kj[o + d] * silu_grad(dke[o + d]);
+          }
+        }
+        dun[0] = du0;
+        dun[1] = du1;
+        dun[2] = du2;
+        dC[e] = dcut;
+      }
+    }
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     float* dqi = dQ + i * F;
-    std::memset(dqi, 0, F * sizeof(float));
-    const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
-      const int64_t e = RPERM[p];
-      float *ddk = dDK + e * F, *ddv = dDV + e * 3 * F, *dun = dUN + e * 3;
-      const float m = M[e];
-      if (m == 0.f) {
-        std::memset(ddk, 0, F * sizeof(float));
-        std::memset(ddv, 0, 3 * F * sizeof(float));
-        dun[0] = dun[1] = dun[2] = 0.f;
-        dC[e] = 0.f;
-        continue;
-      }
-      const int64_t j = S[e];
-      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
-      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
-      float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = h * D;
-        const float ar = head_logit(qi + o, kj + o, dke + o, D);
-        const float sg = sigmoid(ar);
-        const float a = ar * sg * C[e] * m;
-        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D;
-        float* ddvh = ddv + h * 3 * D;
-        float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
-#pragma omp simd reduction(+ : da, du0, du1, du2)
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = o + d;
-          const float s = uh[d] * silu(dvh[d]), t = uh[2 * D + d] * silu(dvh[2 * D + d]);
-          da += gxi[c] * s;
-          ddvh[d] = gxi[c] * a * uh[d] * silu_grad(dvh[d]);
-          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-          ddvh[D + d] = dg * uh[D + d] * silu_grad(dvh[D + d]);
-          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-          ddvh[2 * D + d] = dt * uh[2 * D + d] * silu_grad(dvh[2 * D + d]);
-          du0 += gvi[c] * t * m;
-          du1 += gvi[F + c] * t * m;
-          du2 += gvi[2 * F + c] * t * m;
-        }
-        dcut += da * ar * sg * m;
-        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+    std::memcpy(dqi, dq_parts.data() + i * F, F * sizeof(float));
+    for (int t = 1; t < T; ++t) {
+      const float* part = dq_parts.data() + (static_cast<size_t>(t) * N + i) * F;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          dqi[o + d] += dar * kj[o + d] * silu(dke[o + d]);
-          ddk[o + d] = dar * qi[o + d] * kj[o + d] * silu_grad(dke[o + d]);
-        }
-      }
-      dun[0] = du0;
-      dun[1] = du1;
-      dun[2] = du2;
-      dC[e] = dcut;
+      for (int64_t c = 0; c < F; ++c) dqi[c] += part[c];
     }
   }
   // Pass 2, over senders: dk, du, dvec (per sender), recomputing the per-edge terms.

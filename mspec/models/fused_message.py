@@ -12,7 +12,8 @@ width D, channel c = h D + d):
 ``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` takes the
 filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everything as two
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
-forward; per receiver and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
+forward; per filter row (both directions of an atom pair share one, see
+:func:`mspec.graph.pack`) and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.6x faster for this part of the
 step, 1.44x for the whole QM9-size train step. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
@@ -27,6 +28,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mspec import graph
 from mspec.kernels import build
@@ -132,42 +134,47 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _sum_rows(per_edge: Array, pairs: int | None) -> Array:
-    """Cotangents per edge ``[E, C]`` -> per filter row (see :func:`mspec.graph.pair_filter_rows`)."""
+def _filter_rows(num_edges: int, num_nodes: int, pairs: int | None):
+    """``(frow [E], rowperm [E], rowptr [R + 1])`` int32 numpy: each edge's filter row, and the
+    edges grouped by row (those of row r are ``rowperm[rowptr[r]:rowptr[r + 1]]``)."""
     if pairs is None:
-        return per_edge
-    p = pairs
-    return jnp.concatenate([per_edge[:p] + per_edge[p : 2 * p], per_edge[2 * p :].sum(0, keepdims=True)])
+        frow = np.arange(num_edges, dtype=np.int32)
+    else:
+        if graph.num_pairs(num_edges, num_nodes) != pairs:
+            raise ValueError(f"pairs={pairs} does not match {num_edges} edges and {num_nodes} nodes")
+        frow = graph.pair_filter_rows(num_edges, num_nodes)
+    rowperm = np.argsort(frow, kind="stable").astype(np.int32)
+    rowptr = np.searchsorted(frow[rowperm], np.arange(frow.max() + 2)).astype(np.int32)
+    return frow, rowperm, rowptr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(15, 16))
-def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx, heads, pairs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(15,))
+def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
     n, f = q.shape
-    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, rperm, rptr)
+    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, *rindex)
     out = jax.ffi.ffi_call(
         "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
     )(*ins, heads=heads)
     return tuple(_match_vma(o, *ins) for o in out)
 
 
-def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx, heads, pairs):
-    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx)
-    return _fused(*args, heads, pairs), args
+def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
+    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows)
+    return _fused(*args, heads), args
 
 
-def _fused_bwd(heads, pairs, res, cts):
-    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sidx = res
-    sperm, sptr = sidx
+def _fused_bwd(heads, res, cts):
+    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows = res
     n, f = q.shape
     e = senders.shape[0]
+    r = dk.shape[0]
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
-        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(e, f), _f32(e, 3 * f), _f32(e, 3), _f32(e)),
+        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e)),
         vmap_method="sequential",
-    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rperm, rptr, sperm, sptr, gx, gv, heads=heads)
+    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rows, *sindex, gx, gv, heads=heads)
     grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
-    grads[4], grads[5] = _sum_rows(grads[4], pairs), _sum_rows(grads[5], pairs)
     return (*grads, jnp.zeros_like(mask), None, None, None, None, None, None)
 
 
@@ -184,7 +191,8 @@ def message_fused(
     ``pairs=None``: ``pk [E, F]``, ``pv [E, 3F]``, one filter row per edge. ``pairs=P``: the edges
     are in the pair layout of :func:`mspec.graph.pack` and ``pk [P + 1, F]``, ``pv [P + 1, 3F]``
     hold one row per atom pair plus one for the self-loops
-    (:func:`mspec.graph.pair_filter_rows`); their cotangents are summed over both directions.
+    (:func:`mspec.graph.pair_filter_rows`); the kernel sums their cotangents over the edges
+    of each row itself.
 
     ``index`` is :func:`edge_index` of the same edges (computed once per model call, shared by the
     layers). Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be
@@ -193,18 +201,14 @@ def message_fused(
     build.load()
     rperm, rptr, sperm, sptr = index
     n, e = q.shape[0], senders.shape[0]
-    if pairs is None:
-        frow = jnp.arange(e, dtype=jnp.int32)
-    else:
-        frow = jnp.asarray(graph.pair_filter_rows(e, n))
-        if graph.num_pairs(e, n) != pairs:
-            raise ValueError(f"pairs={pairs} does not match {e} edges and {n} nodes")
-    rows = e if pairs is None else pairs + 1
+    frow, rowperm, rowptr = _filter_rows(e, n, pairs)
+    rows = len(rowptr) - 1
     if pk.shape[0] != rows or pv.shape[0] != rows:
         raise ValueError(f"pk {pk.shape} and pv {pv.shape} need {rows} filter rows")
     f32 = lambda a: a.astype(jnp.float32)
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
-        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers), frow,
-        rperm, rptr, (sperm, sptr), int(heads), pairs,
+        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
+        jnp.asarray(frow), (rperm, rptr), (sperm, sptr), (jnp.asarray(rowperm), jnp.asarray(rowptr)),
+        int(heads),
     )
