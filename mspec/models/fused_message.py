@@ -152,10 +152,14 @@ def _filter_rows(num_edges: int, num_nodes: int, pairs: int | None):
 def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
     n, f = q.shape
     ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, *rindex)
+    r = dk.shape[0]
+    # The last two results are scratch: the sigmoids of the filter rows, computed once per call.
     out = jax.ffi.ffi_call(
-        "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
+        "mspec_et_message_fwd",
+        (_f32(n, f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f)),
+        vmap_method="sequential",
     )(*ins, heads=heads)
-    return tuple(_match_vma(o, *ins) for o in out)
+    return tuple(_match_vma(o, *ins) for o in out[:2])
 
 
 def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
@@ -171,10 +175,11 @@ def _fused_bwd(heads, res, cts):
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
-        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e)),
+        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e),
+         _f32(r, f), _f32(r, 3 * f)),  # the last two: scratch, as in the forward
         vmap_method="sequential",
     )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rows, *sindex, gx, gv, heads=heads)
-    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
+    grads = [_match_vma(g, p) for g, p in zip(grads[:8], (q, k, u, vec, dk, dv, unit, cut))]
     return (*grads, jnp.zeros_like(mask), None, None, None, None, None, None)
 
 
