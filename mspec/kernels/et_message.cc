@@ -27,30 +27,31 @@ using I = ffi::Buffer<ffi::S32>;
 using R = ffi::ResultBuffer<ffi::F32>;
 
 static inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
-// SiLU(x) and SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))), given s = sigmoid(x).
-static inline float silu_s(float x, float s) { return x * s; }
-static inline float silu_grad_s(float x, float s) { return s * (1.f + x * (1.f - s)); }
 
-// The attention logit of one head: sum_d q_d k_d SiLU(pk_d), with sk = sigmoid(pk).
-static inline float head_logit(const float* q, const float* k, const float* pk, const float* sk,
-                               int64_t D) {
+// The attention logit of one head: sum_d q_d k_d dk_d, with the activated filter dk = SiLU(pk).
+static inline float head_logit(const float* q, const float* k, const float* dk, int64_t D) {
   float ar = 0.f;
 #pragma omp simd reduction(+ : ar)
-  for (int64_t d = 0; d < D; ++d) ar += q[d] * k[d] * silu_s(pk[d], sk[d]);
+  for (int64_t d = 0; d < D; ++d) ar += q[d] * k[d] * dk[d];
   return ar;
 }
 
-// sig[r] = sigmoid(x[r]) for the n filter values: once per filter row and call, so the edge
-// loops (2 edges per atom pair, 3 passes) never evaluate exp for the filters.
-static void sigmoid_rows(const float* x, float* sig, int64_t n) {
+// act = SiLU(x) and (unless grad is null) grad = SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+// for the n filter values: once per filter row and call, so that the edge loops (2 edges per
+// atom pair, 3 passes) evaluate no exp for the filters and read one value per channel.
+static void activate_rows(const float* x, float* act, float* grad, int64_t n) {
 #pragma omp parallel for simd schedule(static)
-  for (int64_t r = 0; r < n; ++r) sig[r] = sigmoid(x[r]);
+  for (int64_t r = 0; r < n; ++r) {
+    const float s = sigmoid(x[r]);
+    act[r] = x[r] * s;
+    if (grad != nullptr) grad[r] = s * (1.f + x[r] * (1.f - s));
+  }
 }
 
 // x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
 // a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
 static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                              I frow, I rperm, I rptr, R xagg, R vagg, R sigk, R sigv,
+                              I frow, I rperm, I rptr, R xagg, R vagg, R actk, R actv,
                               int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
@@ -60,9 +61,9 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
   const int32_t* FR = frow.typed_data();
   float *X = xagg->typed_data(), *VA = vagg->typed_data();
   const int64_t NR = dk.dimensions()[0];
-  float *SK = sigk->typed_data(), *SV = sigv->typed_data();
-  sigmoid_rows(DK, SK, NR * F);
-  sigmoid_rows(DV, SV, NR * 3 * F);
+  float *AK = actk->typed_data(), *AV = actv->typed_data();
+  activate_rows(DK, AK, nullptr, NR * F);
+  activate_rows(DV, AV, nullptr, NR * 3 * F);
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < N; ++i) {
     float* xi = X + i * F;
@@ -76,18 +77,17 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
       if (m == 0.f) continue;
       const int64_t j = S[e];
       const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
-      const float *ske = SK + FR[e] * F, *sve = SV + FR[e] * 3 * F;
+      const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        const float ar = head_logit(qi + o, kj + o, dke + o, ske + o, D);
+        const float ar = head_logit(qi + o, kj + o, ake + o, D);
         const float a = ar * sigmoid(ar) * C[e] * m;
-        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D, *svh = sve + h * 3 * D;
+        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          const float s = uh[d] * silu_s(dvh[d], svh[d]), g = uh[D + d] * silu_s(dvh[D + d], svh[D + d]);
-          const float t = uh[2 * D + d] * silu_s(dvh[2 * D + d], svh[2 * D + d]);
+          const float s = uh[d] * avh[d], g = uh[D + d] * avh[D + d];
+          const float t = uh[2 * D + d] * avh[2 * D + d];
           const int64_t c = o + d;
           xi[c] += s * a;
           vi[c] += (vj[c] * g + t * u0) * m;
@@ -108,7 +108,7 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
 static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
                                I receivers, I frow, I rowperm, I rowptr, I sperm, I sptr, B gx,
                                B gv, R oq, R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut,
-                               R sigk, R sigv, int64_t H) {
+                               R actk, R actv, R gradk, R gradv, int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
   const int64_t NR = dk.dimensions()[0];
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
@@ -121,9 +121,10 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
   float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
   float *dV = ovec->typed_data(), *dDK = odk->typed_data(), *dDV = odv->typed_data();
   float *dUN = ounit->typed_data(), *dC = ocut->typed_data();
-  float *SK = sigk->typed_data(), *SV = sigv->typed_data();
-  sigmoid_rows(DK, SK, NR * F);
-  sigmoid_rows(DV, SV, NR * 3 * F);
+  float *AK = actk->typed_data(), *AV = actv->typed_data();
+  float *GK = gradk->typed_data(), *GV_ = gradv->typed_data();
+  activate_rows(DK, AK, GK, NR * F);
+  activate_rows(DV, AV, GV_, NR * 3 * F);
   const int T = omp_get_max_threads();
   std::vector<float> dq_parts(static_cast<size_t>(T) * N * F, 0.f);
   // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
@@ -137,8 +138,8 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
       std::memset(ddk, 0, F * sizeof(float));
       std::memset(ddv, 0, 3 * F * sizeof(float));
-      const float *dke = DK + row * F, *dve = DV + row * 3 * F;
-      const float *ske = SK + row * F, *sve = SV + row * 3 * F;
+      const float *ake = AK + row * F, *ave = AV + row * 3 * F;
+      const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
       for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
         const int64_t e = ROWPERM[p];
         float* dun = dUN + e * 3;
@@ -156,22 +157,23 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
         float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * D;
-          const float ar = head_logit(qi + o, kj + o, dke + o, ske + o, D);
+          const float ar = head_logit(qi + o, kj + o, ake + o, D);
           const float sg = sigmoid(ar);
           const float a = ar * sg * C[e] * m;
-          const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D, *svh = sve + h * 3 * D;
+          const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
           float* ddvh = ddv + h * 3 * D;
+          const float* gvh = gve + h * 3 * D;
           float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
 #pragma omp simd reduction(+ : da, du0, du1, du2)
           for (int64_t d = 0; d < D; ++d) {
             const int64_t c = o + d;
-            const float s = uh[d] * silu_s(dvh[d], svh[d]), t = uh[2 * D + d] * silu_s(dvh[2 * D + d], svh[2 * D + d]);
+            const float s = uh[d] * avh[d], t = uh[2 * D + d] * avh[2 * D + d];
             da += gxi[c] * s;
-            ddvh[d] += gxi[c] * a * uh[d] * silu_grad_s(dvh[d], svh[d]);
+            ddvh[d] += gxi[c] * a * uh[d] * gvh[d];
             const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-            ddvh[D + d] += dg * uh[D + d] * silu_grad_s(dvh[D + d], svh[D + d]);
+            ddvh[D + d] += dg * uh[D + d] * gvh[D + d];
             const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-            ddvh[2 * D + d] += dt * uh[2 * D + d] * silu_grad_s(dvh[2 * D + d], svh[2 * D + d]);
+            ddvh[2 * D + d] += dt * uh[2 * D + d] * gvh[2 * D + d];
             du0 += gvi[c] * t * m;
             du1 += gvi[F + c] * t * m;
             du2 += gvi[2 * F + c] * t * m;
@@ -180,8 +182,8 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
           const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
-            dqi[o + d] += dar * kj[o + d] * silu_s(dke[o + d], ske[o + d]);
-            ddk[o + d] += dar * qi[o + d] * kj[o + d] * silu_grad_s(dke[o + d], ske[o + d]);
+            dqi[o + d] += dar * kj[o + d] * ake[o + d];
+            ddk[o + d] += dar * qi[o + d] * kj[o + d] * gke[o + d];
           }
         }
         dun[0] = du0;
@@ -215,21 +217,20 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       if (m == 0.f) continue;
       const int64_t i = RC[e];
       const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-      const float *dke = DK + FR[e] * F, *dve = DV + FR[e] * 3 * F;
-      const float *ske = SK + FR[e] * F, *sve = SV + FR[e] * 3 * F;
+      const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        const float ar = head_logit(qi + o, kj + o, dke + o, ske + o, D);
+        const float ar = head_logit(qi + o, kj + o, ake + o, D);
         const float sg = sigmoid(ar);
         const float a = ar * sg * C[e] * m;
-        const float *uh = uj + h * 3 * D, *dvh = dve + h * 3 * D, *svh = sve + h * 3 * D;
+        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
         float* duh = duj + h * 3 * D;
         float da = 0.f;
 #pragma omp simd reduction(+ : da)
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = o + d;
-          const float fs = silu_s(dvh[d], svh[d]), fg = silu_s(dvh[D + d], svh[D + d]), ft = silu_s(dvh[2 * D + d], svh[2 * D + d]);
+          const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
           da += gxi[c] * uh[d] * fs;
           duh[d] += gxi[c] * a * fs;
           const float g = uh[D + d] * fg;
@@ -243,7 +244,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
         }
         const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * silu_s(dke[o + d], ske[o + d]);
+        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * ake[o + d];
       }
     }
   }
@@ -268,5 +269,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                                   .Arg<B>().Arg<B>()
                                   .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Ret<B>().Ret<B>()
-                                  .Ret<B>().Ret<B>()
+                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads"));

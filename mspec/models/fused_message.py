@@ -153,7 +153,7 @@ def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rind
     n, f = q.shape
     ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, *rindex)
     r = dk.shape[0]
-    # The last two results are scratch: the sigmoids of the filter rows, computed once per call.
+    # The last two results are scratch: the activated filter rows, computed once per call.
     out = jax.ffi.ffi_call(
         "mspec_et_message_fwd",
         (_f32(n, f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f)),
@@ -176,7 +176,7 @@ def _fused_bwd(heads, res, cts):
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
         (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e),
-         _f32(r, f), _f32(r, 3 * f)),  # the last two: scratch, as in the forward
+         _f32(r, f), _f32(r, 3 * f), _f32(r, f), _f32(r, 3 * f)),  # scratch: SiLU, SiLU' rows
         vmap_method="sequential",
     )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rows, *sindex, gx, gv, heads=heads)
     grads = [_match_vma(g, p) for g, p in zip(grads[:8], (q, k, u, vec, dk, dv, unit, cut))]
