@@ -32,8 +32,8 @@ def radius_graph(positions: np.ndarray, radius: float) -> tuple[np.ndarray, np.n
       radius: inclusion radius in Å (the model cutoff plus the pipeline skin).
 
     Returns:
-      ``(senders [e], receivers [e])`` int32, sorted by receiver then sender, so that the
-      neighbour cap (first 32 by atom index, as torch_cluster does) can be applied in order.
+      ``(senders [e], receivers [e])`` int32, sorted by receiver then sender. Symmetric (every
+      ``j -> i`` comes with its ``i -> j``), as :func:`pack` requires for its pair layout.
     """
     diff = positions[None, :, :] - positions[:, None, :]  # [i, j, 3] = p_j - p_i
     dist2 = np.einsum("ijc,ijc->ij", diff, diff)

@@ -9,15 +9,12 @@
 // receivers [E] int32.
 // rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
 // sperm / sptr: the same by sender; rowperm / rowptr: by filter row. Every output row is written
-// by exactly one thread, so no atomics: the forward runs over receivers; the backward's pass 1
-// over filter rows (dq summed in per-thread buffers, T x N x F floats), pass 2 over senders
-// (recomputing the per-edge terms).
+// by exactly one thread, in a fixed order (deterministic results), so no atomics: the forward
+// runs over receivers; the backward's pass 1 over filter rows (keeping each edge's attention
+// weight and logit cotangent, [E, H]), pass 2 over senders, pass 3 over receivers (dq).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
-
-#include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -104,11 +101,12 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
 // The filter cotangents come out per filter row ([R, F], [R, 3F]): pass 1 runs over the rows
 // (rowperm / rowptr: the edges of each row), so each row has one writer and the edges sharing a
 // row are summed in registers, never written out per edge. dq, which a row's edges add to
-// different receivers, is summed in per-thread buffers.
+// different receivers, comes from pass 3 over receivers.
 static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                               I receivers, I frow, I rowperm, I rowptr, I sperm, I sptr, B gx,
-                               B gv, R oq, R ok, R ou, R ovec, R odk, R odv, R ounit, R ocut,
-                               R actk, R actv, R gradk, R gradv, int64_t H) {
+                               I receivers, I frow, I rperm, I rptr, I rowperm, I rowptr, I sperm,
+                               I sptr, B gx, B gv, R oq, R ok, R ou, R ovec, R odk, R odv,
+                               R ounit, R ocut, R actk, R actv, R gradk, R gradv, R attn,
+                               R dlogit, int64_t H) {
   const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
   const int64_t NR = dk.dimensions()[0];
   const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
@@ -116,6 +114,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
   const float *C = cut.typed_data(), *M = mask.typed_data();
   const float *GX = gx.typed_data(), *GV = gv.typed_data();
   const int32_t *S = senders.typed_data(), *RC = receivers.typed_data(), *FR = frow.typed_data();
+  const int32_t *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
   const int32_t *ROWPERM = rowperm.typed_data(), *ROWPTR = rowptr.typed_data();
   const int32_t *SPERM = sperm.typed_data(), *SPTR = sptr.typed_data();
   float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
@@ -125,14 +124,14 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
   float *GK = gradk->typed_data(), *GV_ = gradv->typed_data();
   activate_rows(DK, AK, GK, NR * F);
   activate_rows(DV, AV, GV_, NR * 3 * F);
-  const int T = omp_get_max_threads();
-  std::vector<float> dq_parts(static_cast<size_t>(T) * N * F, 0.f);
+  // Per edge and head, from pass 1 for passes 2 and 3: the attention weight a and
+  // d loss / d logit (only read for active edges).
+  float *ATT = attn->typed_data(), *DAR = dlogit->typed_data();
   // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
   // self-loops share, by far the largest: started first, it cannot hold up the end of the loop):
-  // d dk, d dv (per row), d unit, d cut (per edge), dq (per thread, per receiver).
+  // d dk, d dv (per row), d unit, d cut, a, d logit (per edge).
 #pragma omp parallel
   {
-    float* dq_own = dq_parts.data() + static_cast<size_t>(omp_get_thread_num()) * N * F;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t row = NR - 1; row >= 0; --row) {
       float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
@@ -150,7 +149,6 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
           continue;
         }
         const int64_t i = RC[e], j = S[e];
-        float* dqi = dq_own + i * F;
         const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
         const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
         const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
@@ -180,11 +178,10 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
           }
           dcut += da * ar * sg * m;
           const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+          ATT[e * H + h] = a;
+          DAR[e * H + h] = dar;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            dqi[o + d] += dar * kj[o + d] * ake[o + d];
-            ddk[o + d] += dar * qi[o + d] * kj[o + d] * gke[o + d];
-          }
+          for (int64_t d = 0; d < D; ++d) ddk[o + d] += dar * qi[o + d] * kj[o + d] * gke[o + d];
         }
         dun[0] = du0;
         dun[1] = du1;
@@ -193,17 +190,25 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       }
     }
   }
-#pragma omp parallel for schedule(static)
+  // Pass 3, over receivers: dq (per receiver, in a fixed edge order, so the result does not
+  // depend on how rows were spread over threads).
+#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < N; ++i) {
     float* dqi = dQ + i * F;
-    std::memcpy(dqi, dq_parts.data() + i * F, F * sizeof(float));
-    for (int t = 1; t < T; ++t) {
-      const float* part = dq_parts.data() + (static_cast<size_t>(t) * N + i) * F;
+    std::memset(dqi, 0, F * sizeof(float));
+    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
+      const int64_t e = RPERM[p];
+      if (M[e] == 0.f) continue;
+      const float *kj = K + S[e] * F, *ake = AK + FR[e] * F;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = h * D;
+        const float dar = DAR[e * H + h];
 #pragma omp simd
-      for (int64_t c = 0; c < F; ++c) dqi[c] += part[c];
+        for (int64_t d = 0; d < D; ++d) dqi[o + d] += dar * kj[o + d] * ake[o + d];
+      }
     }
   }
-  // Pass 2, over senders: dk, du, dvec (per sender), recomputing the per-edge terms.
+  // Pass 2, over senders: dk, du, dvec (per sender).
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t j = 0; j < N; ++j) {
     float *dkj = dK + j * F, *duj = dU + j * 3 * F, *dvj = dV + j * 3 * F;
@@ -221,17 +226,13 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t o = h * D;
-        const float ar = head_logit(qi + o, kj + o, ake + o, D);
-        const float sg = sigmoid(ar);
-        const float a = ar * sg * C[e] * m;
+        const float a = ATT[e * H + h];
         const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
         float* duh = duj + h * 3 * D;
-        float da = 0.f;
-#pragma omp simd reduction(+ : da)
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = o + d;
           const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
-          da += gxi[c] * uh[d] * fs;
           duh[d] += gxi[c] * a * fs;
           const float g = uh[D + d] * fg;
           const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
@@ -242,7 +243,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
           dvj[F + c] += gvi[F + c] * g * m;
           dvj[2 * F + c] += gvi[2 * F + c] * g * m;
         }
-        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+        const float dar = DAR[e * H + h];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * ake[o + d];
       }
@@ -265,9 +266,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
-                                  .Arg<I>()
+                                  .Arg<I>().Arg<I>().Arg<I>()
                                   .Arg<B>().Arg<B>()
                                   .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Ret<B>().Ret<B>()
-                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>()
+                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads"));

@@ -14,8 +14,9 @@ filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everyt
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
 forward; per filter row (both directions of an atom pair share one, see
 :func:`mspec.graph.pack`) and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
-2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.6x faster for this part of the
-step, 1.44x for the whole QM9-size train step. Its backward gives the
+2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.2-2.6x faster for this part of
+the step than the XLA ops, 1.44x for the whole QM9-size train step (before the pair layout,
+which helps both paths). Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
 are supported), but is itself not differentiable: training on forces (a gradient of a
 gradient) needs ``message_passing="xla"``.
@@ -170,15 +171,18 @@ def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, 
 def _fused_bwd(heads, res, cts):
     q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows = res
     n, f = q.shape
+    h = heads
     e = senders.shape[0]
     r = dk.shape[0]
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
         (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e),
-         _f32(r, f), _f32(r, 3 * f), _f32(r, f), _f32(r, 3 * f)),  # scratch: SiLU, SiLU' rows
+         # scratch: SiLU and SiLU' of the filter rows; attention weights and logit cotangents
+         _f32(r, f), _f32(r, 3 * f), _f32(r, f), _f32(r, 3 * f), _f32(e, h), _f32(e, h)),
         vmap_method="sequential",
-    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rows, *sindex, gx, gv, heads=heads)
+    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rindex, *rows, *sindex, gx, gv,
+      heads=heads)
     grads = [_match_vma(g, p) for g, p in zip(grads[:8], (q, k, u, vec, dk, dv, unit, cut))]
     return (*grads, jnp.zeros_like(mask), None, None, None, None, None, None)
 
