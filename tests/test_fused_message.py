@@ -9,6 +9,7 @@ from mspec import graph
 from mspec.data import datasets, pipeline
 from mspec.kernels import build
 from mspec.models import fused_message as fm
+from mspec.models.et import EquivariantTransformer
 from mspec.training import train
 from tests.test_train import tiny_config
 
@@ -123,8 +124,6 @@ def test_resume_ignores_how_messages_are_computed():
 def test_filters_once_per_pair_equal_filters_per_edge(mode, qm9_sample_dir):
     """The pair layout's shared distance filters give the per-edge result: values and gradients,
     also when the neighbour cap keeps only one direction of a pair."""
-    from mspec.models.et import EquivariantTransformer
-
     builder = datasets.get_builder("qm9/sample", qm9_sample_dir, build=False)
     source = datasets.open_split(builder, "train")
     feat = pipeline.Featurizer(radius=5.5, max_z=100)

@@ -11,7 +11,7 @@
 // sperm / sptr: the same by sender; rowperm / rowptr: by filter row. Every output row is written
 // by exactly one thread, in a fixed order (deterministic results), so no atomics: the forward
 // runs over receivers; the backward's pass 1 over filter rows (keeping each edge's attention
-// weight and logit cotangent, [E, H]), pass 2 over senders, pass 3 over receivers (dq).
+// weight and logit cotangent, [E, H]), pass 2 over receivers (dq), pass 3 over senders.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -101,7 +101,7 @@ static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B
 // The filter cotangents come out per filter row ([R, F], [R, 3F]): pass 1 runs over the rows
 // (rowperm / rowptr: the edges of each row), so each row has one writer and the edges sharing a
 // row are summed in registers, never written out per edge. dq, which a row's edges add to
-// different receivers, comes from pass 3 over receivers.
+// different receivers, comes from pass 2 over receivers.
 static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
                                I receivers, I frow, I rperm, I rptr, I rowperm, I rowptr, I sperm,
                                I sptr, B gx, B gv, R oq, R ok, R ou, R ovec, R odk, R odv,
@@ -190,7 +190,7 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       }
     }
   }
-  // Pass 3, over receivers: dq (per receiver, in a fixed edge order, so the result does not
+  // Pass 2, over receivers: dq (per receiver, in a fixed edge order, so the result does not
   // depend on how rows were spread over threads).
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < N; ++i) {
@@ -208,14 +208,14 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       }
     }
   }
-  // Pass 2, over senders: dk, du, dvec (per sender).
+  // Pass 3, over senders: dk, du, dvec (per sender).
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t j = 0; j < N; ++j) {
     float *dkj = dK + j * F, *duj = dU + j * 3 * F, *dvj = dV + j * 3 * F;
     std::memset(dkj, 0, F * sizeof(float));
     std::memset(duj, 0, 3 * F * sizeof(float));
     std::memset(dvj, 0, 3 * F * sizeof(float));
-    const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+    const float *uj = U + j * 3 * F, *vj = V + j * 3 * F;
     for (int32_t p = SPTR[j]; p < SPTR[j + 1]; ++p) {
       const int64_t e = SPERM[p];
       const float m = M[e];

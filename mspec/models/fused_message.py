@@ -13,7 +13,8 @@ width D, channel c = h D + d):
 filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everything as two
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
 forward; per filter row (both directions of an atom pair share one, see
-:func:`mspec.graph.pack`) and then per sender backward, nothing ``[E, 3, F]`` in memory. Measured on
+:func:`mspec.graph.pack`), per receiver and per sender backward, nothing ``[E, 3, F]`` in memory,
+every sum in a fixed order (bitwise-repeatable steps). Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.2-2.6x faster for this part of
 the step than the XLA ops, 1.44x for the whole QM9-size train step (before the pair layout,
 which helps both paths). Its backward gives the
