@@ -31,11 +31,34 @@ def _inputs(seed=0, n=37, e=300, f=64):
     return floats, mask, senders, receivers, cts
 
 
-@needs_kernel
-def test_fused_values_and_gradients_match_xla():
-    floats, mask, s, r, (cx, cv) = _inputs()
-    heads = 8
-    index = fm.edge_index(s, r, floats[0].shape[0])
+def _pair_layout_inputs(seed=0, molecules=9, f=64):
+    """Fully connected molecules of 1-12 atoms (one with a single atom) in graph.pack's pair
+    layout: many components, pair filter rows, and the self-loop row shared by all of them. The
+    mask drops random edges, some pairs in one direction only."""
+    rng = np.random.default_rng(seed)
+    mols = []
+    for g in range(molecules):
+        n = 1 if g == 3 else int(rng.integers(2, 13))
+        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        mols.append({"atomic_numbers": np.ones(n, np.int32),
+                     "positions": rng.normal(size=(n, 3)).astype(np.float32),
+                     "senders": j.ravel().astype(np.int32), "receivers": i.ravel().astype(np.int32),
+                     "torsions": np.zeros((0, 4), np.int32), "moving": np.zeros((0, n), bool)})
+    nodes = sum(len(m["atomic_numbers"]) for m in mols) + 3  # padding nodes
+    edges = nodes + sum(len(m["senders"]) - len(m["atomic_numbers"]) for m in mols) + 11  # spare
+    b = graph.pack(mols, graph.Budget(n_node=nodes, n_edge=edges, n_graph=molecules + 1, max_torsions=1))
+    rows = graph.num_pairs(edges, nodes) + 1
+    rn = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+    floats = [rn(nodes, f), rn(nodes, f), rn(nodes, 3 * f), rn(nodes, 3, f), rn(rows, f),
+              rn(rows, 3 * f), rn(edges, 3), jnp.asarray(rng.random(edges).astype(np.float32))]
+    mask = jnp.asarray((b["edge_mask"] & (rng.random(edges) > 0.15)).astype(np.float32))
+    cts = (rn(nodes, f), rn(nodes, 3, f))
+    return floats, mask, jnp.asarray(b["senders"]), jnp.asarray(b["receivers"]), cts, rows - 1
+
+
+def _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule):
+    cx, cv = cts
+    e = s.shape[0]
 
     def loss(fn):
         def f(*a):
@@ -45,15 +68,48 @@ def test_fused_values_and_gradients_match_xla():
         return jax.jit(jax.value_and_grad(f, argnums=tuple(range(8))))
 
     def xla(q, k, u, vec, pk, pv, unit, cut):  # the kernel takes the filters before their SiLU
-        return fm.message_xla(q, k, u, vec, jax.nn.silu(pk), jax.nn.silu(pv), unit, cut, mask, s, r, heads)
+        dk, dv = jax.nn.silu(pk), jax.nn.silu(pv)
+        if pairs is not None:
+            dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
+        return fm.message_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, heads)
 
     v1, g1 = loss(xla)(*floats)
-    v2, g2 = loss(lambda *a: fm.message_fused(*a, mask, s, r, index, heads))(*floats)
+    v2, g2 = loss(lambda *a: fm.message_fused(*a, mask, s, r, heads, pairs=pairs, schedule=schedule))(*floats)
     assert float(v2) == pytest.approx(float(v1), rel=1e-5)
     for name, a, b in zip("q k u vec pk pv unit cut".split(), g1, g2):
         scale = float(jnp.abs(a).max())
         assert scale > 0, name
         np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0, err_msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("schedule", ["auto", "components", "passes"])
+def test_fused_values_and_gradients_match_xla(schedule):
+    """Random edges in random order, one filter row per edge (one big component)."""
+    floats, mask, s, r, cts = _inputs()
+    _assert_fused_matches_xla(floats, mask, s, r, cts, 8, None, schedule)
+
+
+@needs_kernel
+@pytest.mark.parametrize("schedule", ["auto", "components", "passes"])
+def test_fused_matches_xla_on_pair_rows_across_molecules(schedule):
+    """The pair layout: one component per molecule, pair rows owned by one component, the
+    self-loop row summed over all of them."""
+    floats, mask, s, r, cts, pairs = _pair_layout_inputs()
+    _assert_fused_matches_xla(floats, mask, s, r, cts, 4, pairs, schedule)
+    # The same edges shuffled: the kernel groups them itself.
+    perm = np.random.default_rng(5).permutation(s.shape[0])
+    (q, k, u, vec, pk, pv, unit, cut) = floats
+    frow = graph.pair_filter_rows(s.shape[0], q.shape[0])[perm]
+    dk_rows, dv_rows = pk[frow], pv[frow]  # per-edge rows: same values, any order
+    shuffled = [q, k, u, vec, dk_rows, dv_rows, unit[perm], cut[perm]]
+    _assert_fused_matches_xla(shuffled, mask[perm], s[perm], r[perm], cts, 4, None, schedule)
+
+
+def test_unknown_schedule_is_an_error():
+    floats, mask, s, r, _ = _inputs()
+    with pytest.raises(ValueError, match="Unknown schedule 'threads'"):
+        fm.message_fused(*floats, mask, s, r, 8, schedule="threads")
 
 
 @needs_kernel
@@ -156,16 +212,16 @@ def test_filters_once_per_pair_equal_filters_per_edge(mode, qm9_sample_dir):
 
 
 @needs_kernel
-def test_fused_gradients_are_deterministic():
+@pytest.mark.parametrize("schedule", ["components", "passes"])
+def test_fused_gradients_are_deterministic(schedule):
     """Every output of the kernel is summed in a fixed order, whatever thread runs it (exact
     resume relies on bitwise-repeatable steps)."""
-    floats, mask, s, r, (cx, cv) = _inputs(seed=1, n=60, e=800)
-    index = fm.edge_index(s, r, 60)
+    floats, mask, s, r, (cx, cv), pairs = _pair_layout_inputs(seed=1, molecules=24)
 
     @jax.jit
     def grads(*a):
         def f(*a):
-            x, v = fm.message_fused(*a, mask, s, r, index, 8)
+            x, v = fm.message_fused(*a, mask, s, r, 4, pairs=pairs, schedule=schedule)
             return jnp.sum(x * cx) + jnp.sum(v * cv)
 
         return jax.grad(f, argnums=tuple(range(8)))(*a)

@@ -4,17 +4,37 @@
 //
 // Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];
 // pk [R, F], pv [R, H, 3D]: filter rows before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
-// here so that XLA does not write them out and read them back); frow [E] int32: the filter row of
-// each edge (both directions of an atom pair share one); unit [E, 3]; cut, mask [E]; senders,
-// receivers [E] int32.
-// rperm / rptr: the edges grouped by receiver (edge rperm[p] for p in [rptr[i], rptr[i + 1]));
-// sperm / sptr: the same by sender; rowperm / rowptr: by filter row. Every output row is written
-// by exactly one thread, in a fixed order (deterministic results), so no atomics: the forward
-// runs over receivers; the backward's pass 1 over filter rows (keeping each edge's attention
-// weight and logit cotangent, [E, H]), pass 2 over receivers (dq), pass 3 over senders.
+// here so that XLA does not write them out and read them back); unit [E, 3]; cut, mask [E];
+// senders, receivers [E] int32; frow [E] int32: the filter row of each edge (both directions of
+// an atom pair share one); rowperm / rowptr: the edges grouped by filter row (edge rowperm[p]
+// for p in [rowptr[r], rowptr[r + 1])).
+//
+// Two schedules, chosen per call (attribute "schedule": 0 auto, 1 components, 2 passes):
+//
+// * components (the default whenever it balances): the nodes split into components, the
+//   smallest node ranges that no active edge crosses (the molecules of a packed batch). One
+//   thread does all the work of a component, its filter rows in order: the SiLU (and SiLU') of a
+//   row is computed once into a per-thread buffer and used by all the row's edges in the
+//   component, and every node and row cotangent of the component is summed in that thread, in a
+//   fixed order. One pass forward, one pass backward, no scratch in memory. A filter row whose
+//   edges lie in several components (the pair layout's row shared by all self-loops) gets one
+//   partial sum per component, added up in component order after the parallel loop.
+// * passes (when one component holds too large a share of the edges to spread over the threads,
+//   e.g. one big molecule): the forward runs over receivers; the backward's pass 1 over filter
+//   rows (keeping each edge's attention weight and logit cotangent, [E, H]), pass 2 over
+//   receivers (dq), pass 3 over senders. Activated filter rows go to scratch.
+//
+// Either way every output is written by one thread in a fixed order: results are bitwise
+// repeatable, whatever the threads' timing, and need no atomics.
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -23,21 +43,23 @@ using B = ffi::Buffer<ffi::F32>;
 using I = ffi::Buffer<ffi::S32>;
 using R = ffi::ResultBuffer<ffi::F32>;
 
-static inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+namespace {
+
+enum Schedule : int64_t { kAuto = 0, kComponents = 1, kPasses = 2 };
+
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // The attention logit of one head: sum_d q_d k_d dk_d, with the activated filter dk = SiLU(pk).
-static inline float head_logit(const float* q, const float* k, const float* dk, int64_t D) {
+inline float head_logit(const float* q, const float* k, const float* dk, int64_t D) {
   float ar = 0.f;
 #pragma omp simd reduction(+ : ar)
   for (int64_t d = 0; d < D; ++d) ar += q[d] * k[d] * dk[d];
   return ar;
 }
 
-// act = SiLU(x) and (unless grad is null) grad = SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
-// for the n filter values: once per filter row and call, so that the edge loops (2 edges per
-// atom pair, 3 passes) evaluate no exp for the filters and read one value per channel.
-static void activate_rows(const float* x, float* act, float* grad, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+// act = SiLU(x) and (unless grad is null) grad = SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))).
+inline void activate(const float* x, float* act, float* grad, int64_t n) {
+#pragma omp simd
   for (int64_t r = 0; r < n; ++r) {
     const float s = sigmoid(x[r]);
     act[r] = x[r] * s;
@@ -45,166 +67,450 @@ static void activate_rows(const float* x, float* act, float* grad, int64_t n) {
   }
 }
 
-// x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e, with
-// a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
-static ffi::Error ForwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                              I frow, I rperm, I rptr, R xagg, R vagg, R actk, R actv,
-                              int64_t H) {
-  const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
-  const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
-  const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
-  const float *C = cut.typed_data(), *M = mask.typed_data();
-  const int32_t *S = senders.typed_data(), *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
-  const int32_t* FR = frow.typed_data();
-  float *X = xagg->typed_data(), *VA = vagg->typed_data();
-  const int64_t NR = dk.dimensions()[0];
-  float *AK = actk->typed_data(), *AV = actv->typed_data();
-  activate_rows(DK, AK, nullptr, NR * F);
-  activate_rows(DV, AV, nullptr, NR * 3 * F);
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t i = 0; i < N; ++i) {
-    float* xi = X + i * F;
-    float* vi = VA + i * 3 * F;
-    std::memset(xi, 0, F * sizeof(float));
-    std::memset(vi, 0, 3 * F * sizeof(float));
-    const float* qi = Q + i * F;
-    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
-      const int64_t e = RPERM[p];
-      const float m = M[e];
-      if (m == 0.f) continue;
-      const int64_t j = S[e];
-      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
-      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = h * D;
-        const float ar = head_logit(qi + o, kj + o, ake + o, D);
-        const float a = ar * sigmoid(ar) * C[e] * m;
-        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
+// The same for all rows at once, over the threads (passes schedule).
+void activate_rows(const float* x, float* act, float* grad, int64_t n) {
+  const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) {
+    const int64_t lo = c * chunk, len = std::min(chunk, n - lo);
+    activate(x + lo, act + lo, grad == nullptr ? nullptr : grad + lo, len);
+  }
+}
+
+std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
+
+// The inputs every kernel reads, as raw pointers, and the sizes.
+struct Graph {
+  int64_t N, F, H, D, E, NR;
+  const float *Q, *K, *U, *V, *PK, *PV, *UN, *C, *M;
+  const int32_t *S, *RC, *FR, *ROWPERM, *ROWPTR;
+
+  Graph(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders, I receivers, I frow,
+        I rowperm, I rowptr, int64_t heads)
+      : N(q.dimensions()[0]), F(q.dimensions()[1]), H(heads), D(F / heads),
+        E(senders.dimensions()[0]), NR(pk.dimensions()[0]), Q(q.typed_data()),
+        K(k.typed_data()), U(u.typed_data()), V(vec.typed_data()), PK(pk.typed_data()),
+        PV(pv.typed_data()), UN(unit.typed_data()), C(cut.typed_data()), M(mask.typed_data()),
+        S(senders.typed_data()), RC(receivers.typed_data()), FR(frow.typed_data()),
+        ROWPERM(rowperm.typed_data()), ROWPTR(rowptr.typed_data()) {}
+};
+
+// Edges grouped by a node index (receivers or senders), stable: edge perm[p] for p in
+// [ptr[i], ptr[i + 1]), in increasing edge order (a counting sort).
+void group_by_node(const int32_t* node, int64_t E, int64_t N, std::vector<int32_t>& perm,
+                   std::vector<int32_t>& ptr) {
+  ptr.assign(N + 1, 0);
+  for (int64_t e = 0; e < E; ++e) ++ptr[node[e] + 1];
+  for (int64_t i = 0; i < N; ++i) ptr[i + 1] += ptr[i];
+  perm.resize(E);
+  std::vector<int32_t> next(ptr.begin(), ptr.end() - 1);
+  for (int64_t e = 0; e < E; ++e) perm[next[node[e]]++] = static_cast<int32_t>(e);
+}
+
+// The components schedule: node ranges no active edge crosses, and their edges.
+struct Components {
+  int64_t count = 0;
+  std::vector<int32_t> node_start;  // [count + 1]: component c holds nodes [start[c], start[c+1])
+  std::vector<int32_t> edge_ptr;    // [count + 1]
+  std::vector<int32_t> edges;       // [E]: by component (of the receiver), then filter row
+  std::vector<int32_t> order;       // components, most active edges first
+  int64_t max_work = 0, total_work = 0;
+};
+
+Components find_components(const Graph& g) {
+  Components c;
+  // Each active edge between different nodes covers the gaps between its lower and its higher
+  // node; a component ends at every gap that no edge covers.
+  std::vector<int32_t> open(g.N + 1, 0);
+  for (int64_t e = 0; e < g.E; ++e) {
+    if (g.M[e] == 0.f || g.S[e] == g.RC[e]) continue;
+    ++open[std::min(g.S[e], g.RC[e])];
+    --open[std::max(g.S[e], g.RC[e])];
+  }
+  std::vector<int32_t> component(g.N);
+  c.node_start.push_back(0);
+  int64_t covering = 0;
+  for (int64_t i = 0; i < g.N; ++i) {
+    component[i] = static_cast<int32_t>(c.count);
+    covering += open[i];
+    if (covering == 0) {
+      ++c.count;
+      c.node_start.push_back(static_cast<int32_t>(i + 1));
+    }
+  }
+  // Edges by the component of their receiver, in filter-row order (rowperm), so that a row's
+  // edges in one component are consecutive.
+  c.edge_ptr.assign(c.count + 1, 0);
+  std::vector<int64_t> work(c.count, 0);
+  for (int64_t e = 0; e < g.E; ++e) {
+    ++c.edge_ptr[component[g.RC[e]] + 1];
+    if (g.M[e] != 0.f) ++work[component[g.RC[e]]];
+  }
+  for (int64_t u = 0; u < c.count; ++u) c.edge_ptr[u + 1] += c.edge_ptr[u];
+  c.edges.resize(g.E);
+  std::vector<int32_t> next(c.edge_ptr.begin(), c.edge_ptr.end() - 1);
+  for (int64_t p = 0; p < g.E; ++p) {
+    const int32_t e = g.ROWPERM[p];
+    c.edges[next[component[g.RC[e]]]++] = e;
+  }
+  c.order.resize(c.count);
+  for (int64_t u = 0; u < c.count; ++u) c.order[u] = static_cast<int32_t>(u);
+  // Largest first, so that a big component does not start last and hold up the end.
+  std::stable_sort(c.order.begin(), c.order.end(),
+                   [&](int32_t a, int32_t b) { return work[a] > work[b]; });
+  for (int64_t w : work) {
+    c.max_work = std::max(c.max_work, w);
+    c.total_work += w;
+  }
+  return c;
+}
+
+// Whether the components schedule keeps the threads busy: no component holds more than half a
+// thread's fair share of the active edges.
+bool use_components(const Components& c, int64_t schedule) {
+  if (schedule != kAuto) return schedule == kComponents;
+  const int64_t threads = omp_get_max_threads();
+  return threads == 1 || 2 * threads * c.max_work <= c.total_work;
+}
+
+ffi::Error bad_schedule(int64_t schedule) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "mspec et_message: unknown schedule " + std::to_string(schedule));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: x_agg[i] = sum_e s_e * a_e * m_e; vec_agg[i] = sum_e (vec_j * g_e + t_e unit_e) * m_e,
+// with a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
+
+// One edge's messages into its receiver's rows, given the edge's activated filter row.
+inline void forward_edge(const Graph& g, int64_t e, const float* ak, const float* av, float* X,
+                         float* VA) {
+  const int64_t F = g.F, D = g.D, i = g.RC[e], j = g.S[e];
+  const float m = g.M[e];
+  const float *qi = g.Q + i * F, *kj = g.K + j * F, *uj = g.U + j * 3 * F, *vj = g.V + j * 3 * F;
+  float *xi = X + i * F, *vi = VA + i * 3 * F;
+  const float u0 = g.UN[e * 3], u1 = g.UN[e * 3 + 1], u2 = g.UN[e * 3 + 2];
+  for (int64_t h = 0; h < g.H; ++h) {
+    const int64_t o = h * D;
+    const float ar = head_logit(qi + o, kj + o, ak + o, D);
+    const float a = ar * sigmoid(ar) * g.C[e] * m;
+    const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          const float s = uh[d] * avh[d], g = uh[D + d] * avh[D + d];
-          const float t = uh[2 * D + d] * avh[2 * D + d];
-          const int64_t c = o + d;
-          xi[c] += s * a;
-          vi[c] += (vj[c] * g + t * u0) * m;
-          vi[F + c] += (vj[F + c] * g + t * u1) * m;
-          vi[2 * F + c] += (vj[2 * F + c] * g + t * u2) * m;
+    for (int64_t d = 0; d < D; ++d) {
+      const float s = uh[d] * avh[d], gg = uh[D + d] * avh[D + d];
+      const float t = uh[2 * D + d] * avh[2 * D + d];
+      const int64_t c = o + d;
+      xi[c] += s * a;
+      vi[c] += (vj[c] * gg + t * u0) * m;
+      vi[F + c] += (vj[F + c] * gg + t * u1) * m;
+      vi[2 * F + c] += (vj[2 * F + c] * gg + t * u2) * m;
+    }
+  }
+}
+
+void forward_components(const Graph& g, const Components& comp, float* X, float* VA) {
+  const int64_t F = g.F;
+#pragma omp parallel
+  {
+    std::unique_ptr<float[]> act = scratch(4 * F);  // this thread's activated filter row
+    float *ak = act.get(), *av = ak + F;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < comp.count; ++n) {
+      const int64_t u = comp.order[n];
+      const int64_t lo = comp.node_start[u], hi = comp.node_start[u + 1];
+      std::memset(X + lo * F, 0, (hi - lo) * F * sizeof(float));
+      std::memset(VA + lo * 3 * F, 0, (hi - lo) * 3 * F * sizeof(float));
+      int64_t row = -1;
+      for (int32_t p = comp.edge_ptr[u]; p < comp.edge_ptr[u + 1]; ++p) {
+        const int64_t e = comp.edges[p];
+        if (g.M[e] == 0.f) continue;
+        if (g.FR[e] != row) {
+          row = g.FR[e];
+          activate(g.PK + row * F, ak, nullptr, F);
+          activate(g.PV + row * 3 * F, av, nullptr, 3 * F);
         }
+        forward_edge(g, e, ak, av, X, VA);
       }
     }
   }
+}
+
+void forward_passes(const Graph& g, float* X, float* VA) {
+  const int64_t F = g.F;
+  std::unique_ptr<float[]> AK = scratch(g.NR * F), AV = scratch(g.NR * 3 * F);
+  activate_rows(g.PK, AK.get(), nullptr, g.NR * F);
+  activate_rows(g.PV, AV.get(), nullptr, g.NR * 3 * F);
+  std::vector<int32_t> rperm, rptr;
+  group_by_node(g.RC, g.E, g.N, rperm, rptr);
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t i = 0; i < g.N; ++i) {
+    std::memset(X + i * F, 0, F * sizeof(float));
+    std::memset(VA + i * 3 * F, 0, 3 * F * sizeof(float));
+    for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
+      const int64_t e = rperm[p];
+      if (g.M[e] == 0.f) continue;
+      forward_edge(g, e, AK.get() + g.FR[e] * F, AV.get() + g.FR[e] * 3 * F, X, VA);
+    }
+  }
+}
+
+ffi::Error ForwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
+                       I receivers, I frow, I rowperm, I rowptr, R xagg, R vagg, int64_t heads,
+                       int64_t schedule) {
+  if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
+  const Graph g(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr,
+                heads);
+  float *X = xagg->typed_data(), *VA = vagg->typed_data();
+  if (schedule != kPasses) {
+    const Components comp = find_components(g);
+    if (use_components(comp, schedule)) {
+      forward_components(g, comp, X, VA);
+      return ffi::Error::Success();
+    }
+  }
+  forward_passes(g, X, VA);
   return ffi::Error::Success();
 }
 
-// Cotangents of every input but the mask and the indices, given gx = d x_agg, gv = d vec_agg.
-// The filter cotangents come out per filter row ([R, F], [R, 3F]): pass 1 runs over the rows
-// (rowperm / rowptr: the edges of each row), so each row has one writer and the edges sharing a
-// row are summed in registers, never written out per edge. dq, which a row's edges add to
-// different receivers, comes from pass 2 over receivers.
-static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, B mask, I senders,
-                               I receivers, I frow, I rperm, I rptr, I rowperm, I rowptr, I sperm,
-                               I sptr, B gx, B gv, R oq, R ok, R ou, R ovec, R odk, R odv,
-                               R ounit, R ocut, R actk, R actv, R gradk, R gradv, R attn,
-                               R dlogit, int64_t H) {
-  const int64_t N = q.dimensions()[0], F = q.dimensions()[1], D = F / H;
-  const int64_t NR = dk.dimensions()[0];
-  const float *Q = q.typed_data(), *K = k.typed_data(), *U = u.typed_data(), *V = vec.typed_data();
-  const float *DK = dk.typed_data(), *DV = dv.typed_data(), *UN = unit.typed_data();
-  const float *C = cut.typed_data(), *M = mask.typed_data();
-  const float *GX = gx.typed_data(), *GV = gv.typed_data();
-  const int32_t *S = senders.typed_data(), *RC = receivers.typed_data(), *FR = frow.typed_data();
-  const int32_t *RPERM = rperm.typed_data(), *RPTR = rptr.typed_data();
-  const int32_t *ROWPERM = rowperm.typed_data(), *ROWPTR = rowptr.typed_data();
-  const int32_t *SPERM = sperm.typed_data(), *SPTR = sptr.typed_data();
-  float *dQ = oq->typed_data(), *dK = ok->typed_data(), *dU = ou->typed_data();
-  float *dV = ovec->typed_data(), *dDK = odk->typed_data(), *dDV = odv->typed_data();
-  float *dUN = ounit->typed_data(), *dC = ocut->typed_data();
-  float *AK = actk->typed_data(), *AV = actv->typed_data();
-  float *GK = gradk->typed_data(), *GV_ = gradv->typed_data();
-  activate_rows(DK, AK, GK, NR * F);
-  activate_rows(DV, AV, GV_, NR * 3 * F);
-  // Per edge and head, from pass 1 for passes 2 and 3: the attention weight a and
-  // d loss / d logit (only read for active edges).
-  float *ATT = attn->typed_data(), *DAR = dlogit->typed_data();
-  // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
-  // self-loops share, by far the largest: started first, it cannot hold up the end of the loop):
-  // d dk, d dv (per row), d unit, d cut, a, d logit (per edge).
+// ---------------------------------------------------------------------------------------------
+// Backward: the cotangents of every input but the mask and the indices, given gx = d x_agg and
+// gv = d vec_agg. The filter cotangents come out per filter row ([R, F], [R, 3F]).
+
+struct Grads {
+  const float *GX, *GV;                                   // [N, F], [N, 3, F]
+  float *dQ, *dK, *dU, *dV, *dPK, *dPV, *dUN, *dC;         // outputs
+};
+
+// The components schedule's work for one edge e = j -> i (active), given its row's activated
+// filter (ak, av) and SiLU' (gk, gv): adds to dq_i, dk_j, du_j, dvec_j and the row's cotangent
+// (ddk [F], ddv [3F]); writes d unit_e and d cut_e.
+inline void backward_edge(const Graph& g, const Grads& o, int64_t e, const float* ak,
+                          const float* av, const float* gk, const float* gvr, float* ddk,
+                          float* ddv) {
+  const int64_t F = g.F, D = g.D, i = g.RC[e], j = g.S[e];
+  const float m = g.M[e], ce = g.C[e];
+  const float *qi = g.Q + i * F, *gxi = o.GX + i * F, *gvi = o.GV + i * 3 * F;
+  const float *kj = g.K + j * F, *uj = g.U + j * 3 * F, *vj = g.V + j * 3 * F;
+  float *dqi = o.dQ + i * F, *dkj = o.dK + j * F, *duj = o.dU + j * 3 * F, *dvj = o.dV + j * 3 * F;
+  const float u0 = g.UN[e * 3], u1 = g.UN[e * 3 + 1], u2 = g.UN[e * 3 + 2];
+  float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+  for (int64_t h = 0; h < g.H; ++h) {
+    const int64_t oh = h * D;
+    const float ar = head_logit(qi + oh, kj + oh, ak + oh, D);
+    const float sg = sigmoid(ar);
+    const float a = ar * sg * ce * m;
+    const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D, *gvh = gvr + h * 3 * D;
+    float *ddvh = ddv + h * 3 * D, *duh = duj + h * 3 * D;
+    float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
+#pragma omp simd reduction(+ : da, du0, du1, du2)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = oh + d;
+      const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
+      const float us = uh[d], ug = uh[D + d], ut = uh[2 * D + d];
+      const float gx = gxi[c], g0 = gvi[c], g1 = gvi[F + c], g2 = gvi[2 * F + c];
+      const float t = ut * ft, gg = ug * fg;
+      da += gx * us * fs;
+      const float dg = (g0 * vj[c] + g1 * vj[F + c] + g2 * vj[2 * F + c]) * m;
+      const float dt = (g0 * u0 + g1 * u1 + g2 * u2) * m;
+      ddvh[d] += gx * a * us * gvh[d];
+      ddvh[D + d] += dg * ug * gvh[D + d];
+      ddvh[2 * D + d] += dt * ut * gvh[2 * D + d];
+      du0 += g0 * t * m;
+      du1 += g1 * t * m;
+      du2 += g2 * t * m;
+      duh[d] += gx * a * fs;
+      duh[D + d] += dg * fg;
+      duh[2 * D + d] += dt * ft;
+      dvj[c] += g0 * gg * m;
+      dvj[F + c] += g1 * gg * m;
+      dvj[2 * F + c] += g2 * gg * m;
+    }
+    dcut += da * ar * sg * m;
+    const float dar = da * m * ce * sg * (1.f + ar * (1.f - sg));
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = oh + d;
+      ddk[c] += dar * qi[c] * kj[c] * gk[c];
+      dqi[c] += dar * kj[c] * ak[c];
+      dkj[c] += dar * qi[c] * ak[c];
+    }
+  }
+  o.dUN[e * 3] = du0;
+  o.dUN[e * 3 + 1] = du1;
+  o.dUN[e * 3 + 2] = du2;
+  o.dC[e] = dcut;
+}
+
+void backward_components(const Graph& g, const Grads& o, const Components& comp) {
+  const int64_t F = g.F;
+  // Rows with no edge at all get zero cotangents (the parallel loop only writes rows it sees).
+  for (int64_t row = 0; row < g.NR; ++row) {
+    if (g.ROWPTR[row + 1] == g.ROWPTR[row]) {
+      std::memset(o.dPK + row * F, 0, F * sizeof(float));
+      std::memset(o.dPV + row * 3 * F, 0, 3 * F * sizeof(float));
+    }
+  }
+  // Rows whose edges lie in several components: one [4F] partial sum per (component, row).
+  std::vector<std::vector<int32_t>> partial_rows(comp.count);
+  std::vector<std::vector<float>> partials(comp.count);
 #pragma omp parallel
   {
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t row = NR - 1; row >= 0; --row) {
-      float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
-      std::memset(ddk, 0, F * sizeof(float));
-      std::memset(ddv, 0, 3 * F * sizeof(float));
-      const float *ake = AK + row * F, *ave = AV + row * 3 * F;
-      const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
-      for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
-        const int64_t e = ROWPERM[p];
-        float* dun = dUN + e * 3;
-        const float m = M[e];
-        if (m == 0.f) {
-          dun[0] = dun[1] = dun[2] = 0.f;
-          dC[e] = 0.f;
-          continue;
+    std::unique_ptr<float[]> buf = scratch(12 * F);  // this thread's row: act, SiLU', cotangent
+    float *ak = buf.get(), *av = ak + F, *gk = av + 3 * F, *gvr = gk + F, *ddk = gvr + 3 * F;
+    float* ddv = ddk + F;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < comp.count; ++n) {
+      const int64_t u = comp.order[n];
+      const int64_t lo = comp.node_start[u], hi = comp.node_start[u + 1];
+      std::memset(o.dQ + lo * F, 0, (hi - lo) * F * sizeof(float));
+      std::memset(o.dK + lo * F, 0, (hi - lo) * F * sizeof(float));
+      std::memset(o.dU + lo * 3 * F, 0, (hi - lo) * 3 * F * sizeof(float));
+      std::memset(o.dV + lo * 3 * F, 0, (hi - lo) * 3 * F * sizeof(float));
+      for (int32_t p = comp.edge_ptr[u]; p < comp.edge_ptr[u + 1];) {
+        // The edges [p, end) of this component that share one filter row.
+        const int64_t row = g.FR[comp.edges[p]];
+        int32_t end = p;
+        bool active = false;
+        while (end < comp.edge_ptr[u + 1] && g.FR[comp.edges[end]] == row) {
+          active |= g.M[comp.edges[end]] != 0.f;
+          ++end;
         }
-        const int64_t i = RC[e], j = S[e];
-        const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-        const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-        const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
-        float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t o = h * D;
-          const float ar = head_logit(qi + o, kj + o, ake + o, D);
-          const float sg = sigmoid(ar);
-          const float a = ar * sg * C[e] * m;
-          const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
-          float* ddvh = ddv + h * 3 * D;
-          const float* gvh = gve + h * 3 * D;
-          float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
-#pragma omp simd reduction(+ : da, du0, du1, du2)
-          for (int64_t d = 0; d < D; ++d) {
-            const int64_t c = o + d;
-            const float s = uh[d] * avh[d], t = uh[2 * D + d] * avh[2 * D + d];
-            da += gxi[c] * s;
-            ddvh[d] += gxi[c] * a * uh[d] * gvh[d];
-            const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-            ddvh[D + d] += dg * uh[D + d] * gvh[D + d];
-            const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-            ddvh[2 * D + d] += dt * uh[2 * D + d] * gvh[2 * D + d];
-            du0 += gvi[c] * t * m;
-            du1 += gvi[F + c] * t * m;
-            du2 += gvi[2 * F + c] * t * m;
+        std::memset(ddk, 0, 4 * F * sizeof(float));
+        if (active) {
+          activate(g.PK + row * F, ak, gk, F);
+          activate(g.PV + row * 3 * F, av, gvr, 3 * F);
+        }
+        for (int32_t q = p; q < end; ++q) {
+          const int64_t e = comp.edges[q];
+          if (g.M[e] == 0.f) {
+            o.dUN[e * 3] = o.dUN[e * 3 + 1] = o.dUN[e * 3 + 2] = 0.f;
+            o.dC[e] = 0.f;
+            continue;
           }
-          dcut += da * ar * sg * m;
-          const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
-          ATT[e * H + h] = a;
-          DAR[e * H + h] = dar;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ddk[o + d] += dar * qi[o + d] * kj[o + d] * gke[o + d];
+          backward_edge(g, o, e, ak, av, gk, gvr, ddk, ddv);
         }
-        dun[0] = du0;
-        dun[1] = du1;
-        dun[2] = du2;
-        dC[e] = dcut;
+        if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {  // all of the row's edges: final
+          std::memcpy(o.dPK + row * F, ddk, F * sizeof(float));
+          std::memcpy(o.dPV + row * 3 * F, ddv, 3 * F * sizeof(float));
+        } else {
+          partial_rows[u].push_back(static_cast<int32_t>(row));
+          partials[u].insert(partials[u].end(), ddk, ddk + 4 * F);
+        }
+        p = end;
       }
     }
   }
-  // Pass 2, over receivers: dq (per receiver, in a fixed edge order, so the result does not
-  // depend on how rows were spread over threads).
+  // Shared rows: the components' partial sums, in component order.
+  std::vector<char> started(g.NR, 0);
+  for (int64_t u = 0; u < comp.count; ++u) {
+    for (size_t n = 0; n < partial_rows[u].size(); ++n) {
+      const int64_t row = partial_rows[u][n];
+      const float* part = partials[u].data() + n * 4 * F;
+      float *ddk = o.dPK + row * F, *ddv = o.dPV + row * 3 * F;
+      if (!started[row]) {
+        started[row] = 1;
+        std::memcpy(ddk, part, F * sizeof(float));
+        std::memcpy(ddv, part + F, 3 * F * sizeof(float));
+      } else {
+        for (int64_t c = 0; c < F; ++c) ddk[c] += part[c];
+        for (int64_t c = 0; c < 3 * F; ++c) ddv[c] += part[F + c];
+      }
+    }
+  }
+}
+
+// The passes schedule (see the top of the file).
+void backward_passes(const Graph& g, const Grads& o) {
+  const int64_t N = g.N, F = g.F, H = g.H, D = g.D, NR = g.NR;
+  const float *Q = g.Q, *K = g.K, *U = g.U, *V = g.V, *UN = g.UN, *C = g.C, *M = g.M;
+  const float *GX = o.GX, *GV = o.GV;
+  const int32_t *S = g.S, *RC = g.RC, *FR = g.FR, *ROWPERM = g.ROWPERM, *ROWPTR = g.ROWPTR;
+  float *dQ = o.dQ, *dK = o.dK, *dU = o.dU, *dV = o.dV, *dDK = o.dPK, *dDV = o.dPV;
+  float *dUN = o.dUN, *dC = o.dC;
+  std::unique_ptr<float[]> ak = scratch(NR * F), av = scratch(NR * 3 * F);
+  std::unique_ptr<float[]> gk = scratch(NR * F), gv = scratch(NR * 3 * F);
+  std::unique_ptr<float[]> att = scratch(g.E * H), dlogit = scratch(g.E * H);
+  float *AK = ak.get(), *AV = av.get(), *GK = gk.get(), *GV_ = gv.get();
+  float *ATT = att.get(), *DAR = dlogit.get();
+  activate_rows(g.PK, AK, GK, NR * F);
+  activate_rows(g.PV, AV, GV_, NR * 3 * F);
+  std::vector<int32_t> rperm, rptr, sperm, sptr;
+  group_by_node(RC, g.E, N, rperm, rptr);
+  group_by_node(S, g.E, N, sperm, sptr);
+  // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
+  // self-loops share, by far the largest: started first, it cannot hold up the end of the loop):
+  // d dk, d dv (per row), d unit, d cut, a, d logit (per edge).
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t row = NR - 1; row >= 0; --row) {
+    float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
+    std::memset(ddk, 0, F * sizeof(float));
+    std::memset(ddv, 0, 3 * F * sizeof(float));
+    const float *ake = AK + row * F, *ave = AV + row * 3 * F;
+    const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
+    for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
+      const int64_t e = ROWPERM[p];
+      float* dun = dUN + e * 3;
+      const float m = M[e];
+      if (m == 0.f) {
+        dun[0] = dun[1] = dun[2] = 0.f;
+        dC[e] = 0.f;
+        continue;
+      }
+      const int64_t i = RC[e], j = S[e];
+      const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+      float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t oh = h * D;
+        const float ar = head_logit(qi + oh, kj + oh, ake + oh, D);
+        const float sg = sigmoid(ar);
+        const float a = ar * sg * C[e] * m;
+        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
+        float* ddvh = ddv + h * 3 * D;
+        const float* gvh = gve + h * 3 * D;
+        float da = 0.f;
+#pragma omp simd reduction(+ : da, du0, du1, du2)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t c = oh + d;
+          const float s = uh[d] * avh[d], t = uh[2 * D + d] * avh[2 * D + d];
+          da += gxi[c] * s;
+          ddvh[d] += gxi[c] * a * uh[d] * gvh[d];
+          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+          ddvh[D + d] += dg * uh[D + d] * gvh[D + d];
+          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+          ddvh[2 * D + d] += dt * uh[2 * D + d] * gvh[2 * D + d];
+          du0 += gvi[c] * t * m;
+          du1 += gvi[F + c] * t * m;
+          du2 += gvi[2 * F + c] * t * m;
+        }
+        dcut += da * ar * sg * m;
+        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+        ATT[e * H + h] = a;
+        DAR[e * H + h] = dar;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ddk[oh + d] += dar * qi[oh + d] * kj[oh + d] * gke[oh + d];
+      }
+      dun[0] = du0;
+      dun[1] = du1;
+      dun[2] = du2;
+      dC[e] = dcut;
+    }
+  }
+  // Pass 2, over receivers: dq (per receiver, in a fixed edge order).
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < N; ++i) {
     float* dqi = dQ + i * F;
     std::memset(dqi, 0, F * sizeof(float));
-    for (int32_t p = RPTR[i]; p < RPTR[i + 1]; ++p) {
-      const int64_t e = RPERM[p];
+    for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
+      const int64_t e = rperm[p];
       if (M[e] == 0.f) continue;
       const float *kj = K + S[e] * F, *ake = AK + FR[e] * F;
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = h * D;
+        const int64_t oh = h * D;
         const float dar = DAR[e * H + h];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dqi[o + d] += dar * kj[o + d] * ake[o + d];
+        for (int64_t d = 0; d < D; ++d) dqi[oh + d] += dar * kj[oh + d] * ake[oh + d];
       }
     }
   }
@@ -216,8 +522,8 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
     std::memset(duj, 0, 3 * F * sizeof(float));
     std::memset(dvj, 0, 3 * F * sizeof(float));
     const float *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-    for (int32_t p = SPTR[j]; p < SPTR[j + 1]; ++p) {
-      const int64_t e = SPERM[p];
+    for (int32_t p = sptr[j]; p < sptr[j + 1]; ++p) {
+      const int64_t e = sperm[p];
       const float m = M[e];
       if (m == 0.f) continue;
       const int64_t i = RC[e];
@@ -225,50 +531,70 @@ static ffi::Error BackwardImpl(B q, B k, B u, B vec, B dk, B dv, B unit, B cut, 
       const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
       const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = h * D;
+        const int64_t oh = h * D;
         const float a = ATT[e * H + h];
         const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
         float* duh = duj + h * 3 * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = o + d;
+          const int64_t c = oh + d;
           const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
           duh[d] += gxi[c] * a * fs;
-          const float g = uh[D + d] * fg;
+          const float gg = uh[D + d] * fg;
           const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
           duh[D + d] += dg * fg;
           const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
           duh[2 * D + d] += dt * ft;
-          dvj[c] += gvi[c] * g * m;
-          dvj[F + c] += gvi[F + c] * g * m;
-          dvj[2 * F + c] += gvi[2 * F + c] * g * m;
+          dvj[c] += gvi[c] * gg * m;
+          dvj[F + c] += gvi[F + c] * gg * m;
+          dvj[2 * F + c] += gvi[2 * F + c] * gg * m;
         }
         const float dar = DAR[e * H + h];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dkj[o + d] += dar * qi[o + d] * ake[o + d];
+        for (int64_t d = 0; d < D; ++d) dkj[oh + d] += dar * qi[oh + d] * ake[oh + d];
       }
     }
   }
+}
+
+ffi::Error BackwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
+                        I receivers, I frow, I rowperm, I rowptr, B gx, B gv, R oq, R ok, R ou,
+                        R ovec, R opk, R opv, R ounit, R ocut, int64_t heads, int64_t schedule) {
+  if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
+  const Graph g(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr,
+                heads);
+  const Grads o{gx.typed_data(),     gv.typed_data(),     oq->typed_data(),    ok->typed_data(),
+                ou->typed_data(),    ovec->typed_data(),  opk->typed_data(),   opv->typed_data(),
+                ounit->typed_data(), ocut->typed_data()};
+  if (schedule != kPasses) {
+    const Components comp = find_components(g);
+    if (use_components(comp, schedule)) {
+      backward_components(g, o, comp);
+      return ffi::Error::Success();
+    }
+  }
+  backward_passes(g, o);
   return ffi::Error::Success();
 }
+
+}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
                                   .Ret<B>().Ret<B>()
-                                  .Ret<B>().Ret<B>()
-                                  .Attr<int64_t>("heads"));
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("schedule"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
-                                  .Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
                                   .Arg<B>().Arg<B>()
                                   .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Ret<B>().Ret<B>()
-                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
-                                  .Attr<int64_t>("heads"));
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("schedule"));

@@ -356,7 +356,7 @@ class EquivariantMultiHeadAttention(nn.Module):
         senders: Array,
         receivers: Array,
         mask: Array,
-        edge_index: tuple[Array, ...] | None = None,
+        fused: bool = False,
         num_pairs: int | None = None,
     ) -> tuple[Array, Array]:
         """Compute the residual updates of one layer.
@@ -371,8 +371,8 @@ class EquivariantMultiHeadAttention(nn.Module):
             senders: ``[E]`` sources j.
             receivers: ``[E]`` targets i.
             mask: ``[E]`` bool, active edges (self-loops included).
-            edge_index: :func:`mspec.models.fused_message.edge_index` of the edges to run the
-                message passing as the fused CPU kernel; None: as XLA ops.
+            fused: run the message passing as the fused CPU kernel
+                (:func:`mspec.models.fused_message.message_fused`); False: as XLA ops.
             num_pairs: P when the edges are in the pair layout of :func:`mspec.graph.pack`.
 
         Returns:
@@ -414,11 +414,11 @@ class EquivariantMultiHeadAttention(nn.Module):
             raise ValueError("only the SiLU attention activation is implemented")
         nodes = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec)
         edges = (unit, cut, m, senders, receivers)
-        if edge_index is not None:  # the kernel applies the SiLU of dk / dv itself
+        if fused:  # the kernel applies the SiLU of dk / dv itself
             if self.activation is not nn.silu:
                 raise ValueError("the fused kernel implements the SiLU filter activation only")
             x_agg, vec_agg = fused_message.message_fused(
-                *nodes, pk, pv, *edges, edge_index, h, pairs=num_pairs
+                *nodes, pk, pv, *edges, h, pairs=num_pairs
             )
         else:
             dk, dv = self.activation(pk), self.activation(pv)
@@ -529,9 +529,7 @@ class EquivariantTransformer(nn.Module):
             num_pairs,
         )
         vec = jnp.zeros((n, 3, f), x.dtype)
-        edge_index = None
-        if fused_message.use_fused(self.message_passing, x.dtype):
-            edge_index = fused_message.edge_index(senders, receivers, n)
+        fused = fused_message.use_fused(self.message_passing, x.dtype)
 
         if self.interlayer_norm == "shared_noaffine":
             shared_norm = layer_norm(affine=False, name="shared_layernorm")
@@ -539,7 +537,7 @@ class EquivariantTransformer(nn.Module):
             dx, dvec = EquivariantMultiHeadAttention(
                 f, self.num_heads, self.cutoff, zero_vec_input=layer == 0,
                 name=f"attention_layers_{layer}",
-            )(x, vec, r, rbf, unit, senders, receivers, mask, edge_index, num_pairs)
+            )(x, vec, r, rbf, unit, senders, receivers, mask, fused, num_pairs)
             x = x + dx
             vec = vec + dvec
             if self.interlayer_norm == "affine":

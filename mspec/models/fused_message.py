@@ -11,10 +11,10 @@ width D, channel c = h D + d):
 :func:`message_xla` writes this with gathers and segment sums; XLA:CPU materialises several
 ``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` takes the
 filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everything as two
-XLA FFI custom calls (``mspec/kernels/et_message.cc``): one pass over the edges per receiver
-forward; per filter row (both directions of an atom pair share one, see
-:func:`mspec.graph.pack`), per receiver and per sender backward, nothing ``[E, 3, F]`` in memory,
-every sum in a fixed order (bitwise-repeatable steps). Measured on
+XLA FFI custom calls (``mspec/kernels/et_message.cc``): by default one thread per molecule
+(connected component), one pass over its edges forward and one backward, the SiLU of each filter
+row (both directions of an atom pair share one, see :func:`mspec.graph.pack`) computed once;
+nothing ``[E, 3, F]`` in memory, every sum in a fixed order (bitwise-repeatable steps). Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): 2.2-2.6x faster for this part of
 the step than the XLA ops, 1.44x for the whole QM9-size train step (before the pair layout,
 which helps both paths). Its backward gives the
@@ -64,23 +64,6 @@ def message_xla(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, heads
     x_agg = jax.ops.segment_sum(x_msg, receivers, num_segments=n).reshape(n, f)
     vec_agg = jax.ops.segment_sum(vec_msg, receivers, num_segments=n).reshape(n, 3, f)
     return x_agg, vec_agg
-
-
-def edge_index(senders: Array, receivers: Array, num_nodes: int) -> tuple[Array, ...]:
-    """Edges grouped by receiver and by sender, for :func:`message_fused` (any edge order).
-
-    Returns:
-        ``(rperm [E], rptr [N + 1], sperm [E], sptr [N + 1])`` int32: the edges of receiver i are
-        ``rperm[rptr[i]:rptr[i + 1]]``, those of sender j ``sperm[sptr[j]:sptr[j + 1]]``.
-    """
-    nodes = jnp.arange(num_nodes + 1, dtype=jnp.int32)
-
-    def group(idx):
-        perm = jnp.argsort(idx, stable=True).astype(jnp.int32)
-        ptr = jnp.searchsorted(idx[perm], nodes, side="left").astype(jnp.int32)
-        return perm, ptr
-
-    return (*group(receivers.astype(jnp.int32)), *group(senders.astype(jnp.int32)))
 
 
 _fallback_noted = False
@@ -150,49 +133,45 @@ def _filter_rows(num_edges: int, num_nodes: int, pairs: int | None):
     return frow, rowperm, rowptr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(15,))
-def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
+SCHEDULES = {"auto": 0, "components": 1, "passes": 2}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(14, 15))
+def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
     n, f = q.shape
-    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, frow, *rindex)
-    r = dk.shape[0]
-    # The last two results are scratch: the activated filter rows, computed once per call.
+    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
     out = jax.ffi.ffi_call(
-        "mspec_et_message_fwd",
-        (_f32(n, f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f)),
-        vmap_method="sequential",
-    )(*ins, heads=heads)
-    return tuple(_match_vma(o, *ins) for o in out[:2])
+        "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
+    )(*ins, heads=heads, schedule=schedule)
+    return tuple(_match_vma(o, *ins) for o in out)
 
 
-def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows, heads):
-    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows)
-    return _fused(*args, heads), args
+def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
+    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
+    return _fused(*args, heads, schedule), args
 
 
-def _fused_bwd(heads, res, cts):
-    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rindex, sindex, rows = res
+def _fused_bwd(heads, schedule, res, cts):
+    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr = res
     n, f = q.shape
-    h = heads
     e = senders.shape[0]
     r = dk.shape[0]
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
-        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e),
-         # scratch: SiLU and SiLU' of the filter rows; attention weights and logit cotangents
-         _f32(r, f), _f32(r, 3 * f), _f32(r, f), _f32(r, 3 * f), _f32(e, h), _f32(e, h)),
+        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e)),
         vmap_method="sequential",
-    )(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, *rindex, *rows, *sindex, gx, gv,
-      heads=heads)
-    grads = [_match_vma(g, p) for g, p in zip(grads[:8], (q, k, u, vec, dk, dv, unit, cut))]
-    return (*grads, jnp.zeros_like(mask), None, None, None, None, None, None)
+    )(*res, gx, gv, heads=heads, schedule=schedule)
+    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
+    return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def message_fused(
-    q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, index, heads: int, pairs: int | None = None
+    q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, heads: int, pairs: int | None = None,
+    schedule: str = "auto",
 ):
     """``message_xla(q, k, u, vec, SiLU(pk), SiLU(pv), ...)`` as fused XLA:CPU kernels (float32,
     CPU only). The filters come before their SiLU: the kernel applies it (and its derivative) on
@@ -202,14 +181,21 @@ def message_fused(
     are in the pair layout of :func:`mspec.graph.pack` and ``pk [P + 1, F]``, ``pv [P + 1, 3F]``
     hold one row per atom pair plus one for the self-loops
     (:func:`mspec.graph.pair_filter_rows`); the kernel sums their cotangents over the edges
-    of each row itself.
+    of each row itself. Edges may come in any order.
 
-    ``index`` is :func:`edge_index` of the same edges (computed once per model call, shared by the
-    layers). Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be
-    built here.
+    ``schedule`` (how the work is spread over the threads; results are the same, bitwise
+    repeatable either way): ``"components"`` gives each connected component of the active edges
+    (each molecule of a packed batch) to one thread, which then runs the forward and the
+    backward in one pass over the component's edges, computing the SiLU of each filter row once;
+    ``"passes"`` runs over receivers (forward) and over filter rows, receivers and senders
+    (backward), which spreads one big component over all threads; ``"auto"`` picks
+    ``components`` unless one component holds more than half a thread's share of the edges.
+
+    Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be built here.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; expected one of {tuple(SCHEDULES)}")
     build.load()
-    rperm, rptr, sperm, sptr = index
     n, e = q.shape[0], senders.shape[0]
     frow, rowperm, rowptr = _filter_rows(e, n, pairs)
     rows = len(rowptr) - 1
@@ -219,6 +205,5 @@ def message_fused(
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
         q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
-        jnp.asarray(frow), (rperm, rptr), (sperm, sptr), (jnp.asarray(rowperm), jnp.asarray(rowptr)),
-        int(heads),
+        jnp.asarray(frow), jnp.asarray(rowperm), jnp.asarray(rowptr), int(heads), SCHEDULES[schedule],
     )
