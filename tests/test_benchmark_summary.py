@@ -34,3 +34,16 @@ def test_ratios_pair_same_setting_and_repeat_and_keep_bf16_reference_apart():
 
 def test_no_reference_rows_gives_no_ratio_lines():
     assert ratio_summary([_row("mspec", 40.0, config="qm9")], ["hugetlb"]) == []
+
+
+def test_microbatched_runs_get_their_own_lines():
+    rows = [
+        _row("mspec", 40.0, config="qm9"),
+        _row("mspec", 50.0, config="qm9, microbatches=4"),
+        _row("mspec", 99.0, config="tiny"),  # not QM9-size: never compared
+        _row("torchmd-net (2 thr)", 25.0, precision="float32"),
+    ]
+    lines = ratio_summary(rows, ["hugetlb"])
+    assert any(l.startswith("- qm9, hugetlb malloc") and "1.60x" in l for l in lines)
+    assert any(l.startswith("- qm9, microbatches=4, hugetlb malloc") and "2.00x" in l for l in lines)
+    assert not any("tiny" in l for l in lines)
