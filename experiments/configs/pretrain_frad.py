@@ -34,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 400_000  # sets the schedule length
     # Each step accumulates gradients over this many packed sub-batches of
     # batch_size / microbatches molecules: same loss and gradients, peak memory roughly divided
-    # by it (batch 128 on 2 CPU cores: 1, 2, 4 sub-batches at the same speed with 8.0, 4.7,
-    # 2.9 GB; 8 at ~0.9x with 2.0 GB; BENCHMARKS.md). 0 = automatic: on CPU, sub-batches of at
+    # by it (batch 128 on 2 CPU cores: 1, 2, 4, 8 sub-batches peak at 2.5, 1.85, 1.45, 1.3 GB,
+    # and sub-batches ran faster than one batch; BENCHMARKS.md). 0 = automatic: on CPU, sub-batches of at
     # most 32 molecules per device; on GPU/TPU, 1. Values > 1 need loss.target_normalization
     # "tau" or "none" (automatic picks 1 with "running"); denoising pre-training only.
     c.microbatches = 0

@@ -136,9 +136,9 @@ def check_config(config) -> None:
 
 
 # With config.microbatches = 0 (automatic), a CPU device packs at most this many molecules per
-# sub-batch. Measured at batch 128 on 2 cores (BENCHMARKS.md): 1, 2 or 4 sub-batches (128, 64 or
-# 32 molecules) run at the same speed with peak memory 8.0, 4.7 and 2.9 GB; 8 sub-batches of 16
-# are 10-15% slower.
+# sub-batch. Measured at batch 128 on 2 cores with the fused kernel (BENCHMARKS.md): 1, 2, 4 or 8
+# sub-batches peak at 2.5, 1.85, 1.45 and 1.3 GB, and 4 sub-batches of 32 ran at 73-79 mol/s
+# against 57-70 for one batch of 128 (2, 4 and 8 within noise of each other).
 AUTO_CPU_SUBBATCH_MOLECULES = 32
 
 
@@ -146,8 +146,8 @@ def auto_microbatches(batch_size: int, num_devices: int, platform: str) -> int:
     """Sub-batches per step chosen by ``config.microbatches = 0``.
 
     On CPU, enough sub-batches that each device packs at most
-    :data:`AUTO_CPU_SUBBATCH_MOLECULES` molecules at a time: the same speed there at a fraction of
-    the memory. On accelerators, 1: large batches keep them busy.
+    :data:`AUTO_CPU_SUBBATCH_MOLECULES` molecules at a time: there as fast or faster than one
+    batch, at a fraction of the memory. On accelerators, 1: large batches keep them busy.
     """
     if platform != "cpu":
         return 1
