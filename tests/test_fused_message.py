@@ -230,3 +230,41 @@ def test_fused_gradients_are_deterministic(schedule):
     for _ in range(3):
         for a, b in zip(first, jax.device_get(grads(*floats))):
             np.testing.assert_array_equal(a, b)
+
+
+_THREADS_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from mspec.models import fused_message as fm
+from tests.test_fused_message import _pair_layout_inputs
+outs = []
+for molecules in (24, 3):  # many components (per molecule) and few (the passes schedule)
+    floats, mask, s, r, (cx, cv), pairs = _pair_layout_inputs(seed=2, molecules=molecules)
+    def f(*a):
+        x, v = fm.message_fused(*a, mask, s, r, 4, pairs=pairs)
+        return jnp.sum(x * cx) + jnp.sum(v * cv)
+    outs += jax.device_get(jax.jit(jax.grad(f, argnums=tuple(range(8))))(*floats))
+np.savez(sys.argv[1], *outs)
+"""
+
+
+@needs_kernel
+def test_fused_results_do_not_depend_on_the_thread_count(tmp_path):
+    """The automatic schedule looks at the batch only: a run resumed in a process with other
+    OpenMP settings repeats the same steps bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for threads in ("1", "2", "3"):
+        out = tmp_path / f"grads_{threads}.npz"
+        env = dict(os.environ, OMP_NUM_THREADS=threads, JAX_PLATFORMS="cpu")
+        subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(out)], cwd=repo, env=env,
+                       check=True, timeout=300)
+        with np.load(out) as z:
+            results.append([z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)

@@ -19,15 +19,13 @@
 //   fixed order. One pass forward, one pass backward, no scratch in memory. A filter row whose
 //   edges lie in several components (the pair layout's row shared by all self-loops) gets one
 //   partial sum per component, added up in component order after the parallel loop.
-// * passes (when one component holds too large a share of the edges to spread over the threads,
-//   e.g. one big molecule): the forward runs over receivers; the backward's pass 1 over filter
+// * passes (when one component holds more than 1/8 of the active edges, e.g. a few big
+//   molecules): the forward runs over receivers; the backward's pass 1 over filter
 //   rows (keeping each edge's attention weight and logit cotangent, [E, H]), pass 2 over
 //   receivers (dq), pass 3 over senders. Activated filter rows go to scratch.
 //
 // Either way every output is written by one thread in a fixed order: results are bitwise
 // repeatable, whatever the threads' timing, and need no atomics.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -165,12 +163,13 @@ Components find_components(const Graph& g) {
   return c;
 }
 
-// Whether the components schedule keeps the threads busy: no component holds more than half a
-// thread's fair share of the active edges.
+// Whether the components schedule spreads well: no component holds more than 1/8 of the active
+// edges. The rule looks at the batch only, never at the thread count: the two schedules round
+// differently, and a run resumed in another process (or with other OMP settings, which libraries
+// such as PySCF change at run time) must repeat the same steps bit for bit.
 bool use_components(const Components& c, int64_t schedule) {
   if (schedule != kAuto) return schedule == kComponents;
-  const int64_t threads = omp_get_max_threads();
-  return threads == 1 || 2 * threads * c.max_work <= c.total_work;
+  return 8 * c.max_work <= c.total_work;
 }
 
 ffi::Error bad_schedule(int64_t schedule) {

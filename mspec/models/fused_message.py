@@ -189,7 +189,8 @@ def message_fused(
     backward in one pass over the component's edges, computing the SiLU of each filter row once;
     ``"passes"`` runs over receivers (forward) and over filter rows, receivers and senders
     (backward), which spreads one big component over all threads; ``"auto"`` picks
-    ``components`` unless one component holds more than half a thread's share of the edges.
+    ``components`` unless one component holds more than 1/8 of the active edges (a rule that looks
+    at the batch only, so results never depend on the thread count).
 
     Raises :class:`mspec.kernels.build.KernelUnavailable` when the kernels cannot be built here.
     """
