@@ -16,8 +16,8 @@ XLA FFI custom calls (``mspec/kernels/et_message.cc``): by default one thread pe
 row (both directions of an atom pair share one, see :func:`mspec.graph.pack`) computed once;
 nothing ``[E, 3, F]`` in memory, every sum in a fixed order (bitwise-repeatable steps). Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): one layer forward and backward 5.3x
-faster than the XLA ops at batch 128; with it the QM9-size train step runs at 2.2x torchmd-net
-3.1.0's. Its backward gives the
+faster than the XLA ops at batch 128; with it the default QM9-size train step ran at
+1.9-2.2x torchmd-net 3.1.0's in four runs. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
 are supported), but is itself not differentiable: training on forces (a gradient of a
 gradient) needs ``message_passing="xla"``.

@@ -137,8 +137,8 @@ def check_config(config) -> None:
 
 # With config.microbatches = 0 (automatic), a CPU device packs at most this many molecules per
 # sub-batch. Measured at batch 128 on 2 cores with the fused kernel (BENCHMARKS.md): 1, 2, 4 or 8
-# sub-batches peak at 2.5, 1.85, 1.45 and 1.3 GB, and 4 sub-batches of 32 ran at 73-79 mol/s
-# against 57-70 for one batch of 128 (2, 4 and 8 within noise of each other).
+# sub-batches peak at 2.5, 1.85, 1.45 and 1.3 GB, and 4 sub-batches of 32 ran at 64-79 mol/s
+# against 53-71 for one batch of 128 (faster in each of 14 paired runs) (2, 4 and 8 within noise of each other).
 AUTO_CPU_SUBBATCH_MOLECULES = 32
 
 
