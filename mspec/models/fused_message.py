@@ -123,13 +123,13 @@ def _filter_rows(num_edges: int, num_nodes: int, pairs: int | None):
     """``(frow [E], rowperm [E], rowptr [R + 1])`` int32 numpy: each edge's filter row, and the
     edges grouped by row (those of row r are ``rowperm[rowptr[r]:rowptr[r + 1]]``)."""
     if pairs is None:
-        frow = np.arange(num_edges, dtype=np.int32)
+        frow, rows = np.arange(num_edges, dtype=np.int32), num_edges
     else:
         if graph.num_pairs(num_edges, num_nodes) != pairs:
             raise ValueError(f"pairs={pairs} does not match {num_edges} edges and {num_nodes} nodes")
-        frow = graph.pair_filter_rows(num_edges, num_nodes)
+        frow, rows = graph.pair_filter_rows(num_edges, num_nodes), pairs + 1
     rowperm = np.argsort(frow, kind="stable").astype(np.int32)
-    rowptr = np.searchsorted(frow[rowperm], np.arange(frow.max() + 2)).astype(np.int32)
+    rowptr = np.searchsorted(frow[rowperm], np.arange(rows + 1)).astype(np.int32)
     return frow, rowperm, rowptr
 
 
@@ -183,8 +183,8 @@ def message_fused(
     (:func:`mspec.graph.pair_filter_rows`); the kernel sums their cotangents over the edges
     of each row itself. Edges may come in any order.
 
-    ``schedule`` (how the work is spread over the threads; results are the same, bitwise
-    repeatable either way): ``"components"`` gives each connected component of the active edges
+    ``schedule`` (how the work is spread over the threads; the two agree to float rounding, and
+    each is bitwise repeatable): ``"components"`` gives each connected component of the active edges
     (each molecule of a packed batch) to one thread, which then runs the forward and the
     backward in one pass over the component's edges, computing the SiLU of each filter row once;
     ``"passes"`` runs over receivers (forward) and over filter rows, receivers and senders
