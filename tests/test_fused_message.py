@@ -233,7 +233,7 @@ def test_fused_gradients_are_deterministic(schedule):
 
 
 _THREADS_SCRIPT = """
-import sys
+import os, sys
 import jax, jax.numpy as jnp, numpy as np
 from mspec.models import fused_message as fm
 from tests.test_fused_message import _pair_layout_inputs
@@ -244,27 +244,37 @@ for molecules in (24, 3):  # many components (per molecule) and few (the passes 
         x, v = fm.message_fused(*a, mask, s, r, 4, pairs=pairs)
         return jnp.sum(x * cx) + jnp.sum(v * cv)
     outs += jax.device_get(jax.jit(jax.grad(f, argnums=tuple(range(8))))(*floats))
-np.savez(sys.argv[1], *outs)
+# The process's OS threads: XLA's thread pools grow with the CPUs the process may use.
+np.savez(sys.argv[1], *outs, threads=len(os.listdir("/proc/self/task")))
 """
 
 
 @needs_kernel
 def test_fused_results_do_not_depend_on_the_thread_count(tmp_path):
-    """The automatic schedule looks at the batch only: a run resumed in a process with other
-    OpenMP settings repeats the same steps bit for bit."""
+    """The kernel runs on XLA's intra-op thread pool, whose size follows the CPUs the process may
+    use; the automatic schedule looks at the batch only. So a run resumed in a process with
+    another thread count repeats the same steps bit for bit (one CPU vs all of them here)."""
     import os
     import subprocess
     import sys
 
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs os.sched_setaffinity (Linux)")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    results = []
-    for threads in ("1", "2", "3"):
-        out = tmp_path / f"grads_{threads}.npz"
-        env = dict(os.environ, OMP_NUM_THREADS=threads, JAX_PLATFORMS="cpu")
+    cpus = sorted(os.sched_getaffinity(0))
+    results, threads = [], []
+    for allowed in ({cpus[0]}, set(cpus)):
+        out = tmp_path / f"grads_{len(allowed)}.npz"
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
         subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(out)], cwd=repo, env=env,
-                       check=True, timeout=300)
+                       check=True, timeout=300,
+                       preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed))
         with np.load(out) as z:
-            results.append([z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))])
+            arrays = [k for k in z.files if k.startswith("arr_")]
+            results.append([z[k] for k in sorted(arrays, key=lambda k: int(k.split("_")[1]))])
+            threads.append(int(z["threads"]))
+    if len(cpus) > 1:  # the affinity did change the size of XLA's thread pool
+        assert threads[0] < threads[1], threads
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)

@@ -2,14 +2,15 @@
 
 The shared library is built once per (source, jaxlib, compiler, flags, CPU features) into
 ``$MSPEC_KERNEL_CACHE`` (default ``~/.cache/mspec/kernels``) with ``$CXX`` (default ``g++``),
-``-O3 -march=native -fopenmp -ffast-math`` (fast math lets the compiler vectorise the
+``-O3 -march=native -fopenmp-simd -ffast-math`` (fast math lets the compiler vectorise the
 ``exp`` of the in-kernel SiLU; the kernel has no NaN/Inf logic that it could change; the tests
 check its values and gradients against the XLA ops), against the XLA FFI headers that ship with
-jaxlib; later
-processes load the cached file. The kernels use OpenMP threads (``OMP_NUM_THREADS``, default: one
-per core). Nothing is downloaded. When the build fails (no compiler, no OpenMP), :func:`load`
-raises :class:`KernelUnavailable` with the compiler's message; the model's ``message_passing =
-"auto"`` then falls back to the XLA implementation and says so once.
+jaxlib; later processes load the cached file. ``-fopenmp-simd`` only enables the vectorisation
+pragmas: the kernels start no threads of their own but run their parallel loops on XLA's
+intra-op thread pool (the FFI ``ThreadPool`` context), the threads that also run XLA's own ops,
+so the cores are never oversubscribed. Nothing is downloaded. When the build fails (no
+compiler), :func:`load` raises :class:`KernelUnavailable` with the compiler's message; the
+model's ``message_passing = "auto"`` then falls back to the XLA implementation and says so once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "et_message.cc")
 TARGETS = {"mspec_et_message_fwd": "EtMessageForward", "mspec_et_message_bwd": "EtMessageBackward"}
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-w")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-w")
 
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None

@@ -26,11 +26,20 @@
 //
 // Either way every output is written by one thread in a fixed order: results are bitwise
 // repeatable, whatever the threads' timing, and need no atomics.
+//
+// Threads: the parallel loops run on XLA's own intra-op thread pool (the FFI's ThreadPool
+// context), the threads that also run XLA's GEMMs and fusions. XLA runs independent ops at the
+// same time (e.g. this kernel beside the layer's vec_proj GEMM); with a thread pool of the
+// kernel's own (OpenMP) the two would oversubscribe the cores and spin against each other.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -65,17 +74,70 @@ inline void activate(const float* x, float* act, float* grad, int64_t n) {
   }
 }
 
-// The same for all rows at once, over the threads (passes schedule).
-void activate_rows(const float* x, float* act, float* grad, int64_t n) {
-  const int64_t chunk = 4096;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) {
-    const int64_t lo = c * chunk, len = std::min(chunk, n - lo);
-    activate(x + lo, act + lo, grad == nullptr ? nullptr : grad + lo, len);
+std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
+
+// ---------------------------------------------------------------------------------------------
+// A parallel loop on XLA's thread pool. Items [0, n) are claimed in chunks of `grain` from a
+// shared counter (dynamic scheduling: the first items go first); each worker gets its own
+// scratch of `scratch_floats` floats. The calling thread works too, then waits for the chunks
+// other workers have claimed and not yet finished. Helpers that start after the loop has run
+// out of items return at once without touching the body, so the loop state they share is
+// reference counted.
+
+using LoopBody = std::function<void(int64_t lo, int64_t hi, float* scratch)>;
+
+struct LoopState {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t n = 0, grain = 1, scratch_floats = 0;
+  const LoopBody* body = nullptr;  // valid while done < n
+  std::mutex mu;
+  std::condition_variable finished;
+};
+
+void run_worker(LoopState& s) {
+  std::unique_ptr<float[]> buf;
+  for (;;) {
+    const int64_t lo = s.next.fetch_add(s.grain);
+    if (lo >= s.n) return;
+    const int64_t hi = std::min(lo + s.grain, s.n);
+    if (!buf && s.scratch_floats > 0) buf = scratch(s.scratch_floats);
+    (*s.body)(lo, hi, buf.get());
+    if (s.done.fetch_add(hi - lo) + (hi - lo) == s.n) {
+      // Under the lock: the waiter is either before its check (and will see done == n) or
+      // already waiting (and gets the notification).
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.finished.notify_all();
+    }
   }
 }
 
-std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t scratch_floats,
+                  const LoopBody& body) {
+  if (n <= 0) return;
+  auto state = std::make_shared<LoopState>();
+  state->n = n;
+  state->grain = grain;
+  state->scratch_floats = scratch_floats;
+  state->body = &body;
+  const int64_t chunks = (n + grain - 1) / grain;
+  // num_threads() is 0 when XLA provides no pool: then the caller does everything.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { run_worker(*state); });
+  run_worker(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->finished.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// activate() for all rows at once, over the threads (passes schedule).
+void activate_rows(ffi::ThreadPool& pool, const float* x, float* act, float* grad, int64_t n) {
+  const int64_t chunk = 4096;
+  parallel_for(pool, (n + chunk - 1) / chunk, 1, 0, [&](int64_t c0, int64_t c1, float*) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * chunk, len = std::min(chunk, n - lo);
+      activate(x + lo, act + lo, grad == nullptr ? nullptr : grad + lo, len);
+    }
+  });
+}
 
 // The inputs every kernel reads, as raw pointers, and the sizes.
 struct Graph {
@@ -165,8 +227,8 @@ Components find_components(const Graph& g) {
 
 // Whether the components schedule spreads well: no component holds more than 1/8 of the active
 // edges. The rule looks at the batch only, never at the thread count: the two schedules round
-// differently, and a run resumed in another process (or with other OMP settings, which libraries
-// such as PySCF change at run time) must repeat the same steps bit for bit.
+// differently, and a run resumed in another process (with another number of CPUs, hence of XLA
+// threads) must repeat the same steps bit for bit.
 bool use_components(const Components& c, int64_t schedule) {
   if (schedule != kAuto) return schedule == kComponents;
   return 8 * c.max_work <= c.total_work;
@@ -207,14 +269,13 @@ inline void forward_edge(const Graph& g, int64_t e, const float* ak, const float
   }
 }
 
-void forward_components(const Graph& g, const Components& comp, float* X, float* VA) {
+void forward_components(ffi::ThreadPool& pool, const Graph& g, const Components& comp, float* X,
+                        float* VA) {
   const int64_t F = g.F;
-#pragma omp parallel
-  {
-    std::unique_ptr<float[]> act = scratch(4 * F);  // this thread's activated filter row
-    float *ak = act.get(), *av = ak + F;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < comp.count; ++n) {
+  // Scratch: this thread's activated filter row.
+  parallel_for(pool, comp.count, 1, 4 * F, [&](int64_t n0, int64_t n1, float* act) {
+    float *ak = act, *av = ak + F;
+    for (int64_t n = n0; n < n1; ++n) {
       const int64_t u = comp.order[n];
       const int64_t lo = comp.node_start[u], hi = comp.node_start[u + 1];
       std::memset(X + lo * F, 0, (hi - lo) * F * sizeof(float));
@@ -231,29 +292,30 @@ void forward_components(const Graph& g, const Components& comp, float* X, float*
         forward_edge(g, e, ak, av, X, VA);
       }
     }
-  }
+  });
 }
 
-void forward_passes(const Graph& g, float* X, float* VA) {
+void forward_passes(ffi::ThreadPool& pool, const Graph& g, float* X, float* VA) {
   const int64_t F = g.F;
   std::unique_ptr<float[]> AK = scratch(g.NR * F), AV = scratch(g.NR * 3 * F);
-  activate_rows(g.PK, AK.get(), nullptr, g.NR * F);
-  activate_rows(g.PV, AV.get(), nullptr, g.NR * 3 * F);
+  activate_rows(pool, g.PK, AK.get(), nullptr, g.NR * F);
+  activate_rows(pool, g.PV, AV.get(), nullptr, g.NR * 3 * F);
   std::vector<int32_t> rperm, rptr;
   group_by_node(g.RC, g.E, g.N, rperm, rptr);
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t i = 0; i < g.N; ++i) {
-    std::memset(X + i * F, 0, F * sizeof(float));
-    std::memset(VA + i * 3 * F, 0, 3 * F * sizeof(float));
-    for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
-      const int64_t e = rperm[p];
-      if (g.M[e] == 0.f) continue;
-      forward_edge(g, e, AK.get() + g.FR[e] * F, AV.get() + g.FR[e] * 3 * F, X, VA);
+  parallel_for(pool, g.N, 16, 0, [&](int64_t i0, int64_t i1, float*) {
+    for (int64_t i = i0; i < i1; ++i) {
+      std::memset(X + i * F, 0, F * sizeof(float));
+      std::memset(VA + i * 3 * F, 0, 3 * F * sizeof(float));
+      for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
+        const int64_t e = rperm[p];
+        if (g.M[e] == 0.f) continue;
+        forward_edge(g, e, AK.get() + g.FR[e] * F, AV.get() + g.FR[e] * 3 * F, X, VA);
+      }
     }
-  }
+  });
 }
 
-ffi::Error ForwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
                        I receivers, I frow, I rowperm, I rowptr, R xagg, R vagg, int64_t heads,
                        int64_t schedule) {
   if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
@@ -263,11 +325,11 @@ ffi::Error ForwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, 
   if (schedule != kPasses) {
     const Components comp = find_components(g);
     if (use_components(comp, schedule)) {
-      forward_components(g, comp, X, VA);
+      forward_components(pool, g, comp, X, VA);
       return ffi::Error::Success();
     }
   }
-  forward_passes(g, X, VA);
+  forward_passes(pool, g, X, VA);
   return ffi::Error::Success();
 }
 
@@ -340,7 +402,8 @@ inline void backward_edge(const Graph& g, const Grads& o, int64_t e, const float
   o.dC[e] = dcut;
 }
 
-void backward_components(const Graph& g, const Grads& o, const Components& comp) {
+void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
+                         const Components& comp) {
   const int64_t F = g.F;
   // Rows with no edge at all get zero cotangents (the parallel loop only writes rows it sees).
   for (int64_t row = 0; row < g.NR; ++row) {
@@ -352,13 +415,11 @@ void backward_components(const Graph& g, const Grads& o, const Components& comp)
   // Rows whose edges lie in several components: one [4F] partial sum per (component, row).
   std::vector<std::vector<int32_t>> partial_rows(comp.count);
   std::vector<std::vector<float>> partials(comp.count);
-#pragma omp parallel
-  {
-    std::unique_ptr<float[]> buf = scratch(12 * F);  // this thread's row: act, SiLU', cotangent
-    float *ak = buf.get(), *av = ak + F, *gk = av + 3 * F, *gvr = gk + F, *ddk = gvr + 3 * F;
+  // Scratch: this thread's filter row: activation, SiLU', cotangent.
+  parallel_for(pool, comp.count, 1, 12 * F, [&](int64_t n0, int64_t n1, float* buf) {
+    float *ak = buf, *av = ak + F, *gk = av + 3 * F, *gvr = gk + F, *ddk = gvr + 3 * F;
     float* ddv = ddk + F;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < comp.count; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
       const int64_t u = comp.order[n];
       const int64_t lo = comp.node_start[u], hi = comp.node_start[u + 1];
       std::memset(o.dQ + lo * F, 0, (hi - lo) * F * sizeof(float));
@@ -398,7 +459,7 @@ void backward_components(const Graph& g, const Grads& o, const Components& comp)
         p = end;
       }
     }
-  }
+  });
   // Shared rows: the components' partial sums, in component order.
   std::vector<char> started(g.NR, 0);
   for (int64_t u = 0; u < comp.count; ++u) {
@@ -419,7 +480,7 @@ void backward_components(const Graph& g, const Grads& o, const Components& comp)
 }
 
 // The passes schedule (see the top of the file).
-void backward_passes(const Graph& g, const Grads& o) {
+void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
   const int64_t N = g.N, F = g.F, H = g.H, D = g.D, NR = g.NR;
   const float *Q = g.Q, *K = g.K, *U = g.U, *V = g.V, *UN = g.UN, *C = g.C, *M = g.M;
   const float *GX = o.GX, *GV = o.GV;
@@ -431,132 +492,136 @@ void backward_passes(const Graph& g, const Grads& o) {
   std::unique_ptr<float[]> att = scratch(g.E * H), dlogit = scratch(g.E * H);
   float *AK = ak.get(), *AV = av.get(), *GK = gk.get(), *GV_ = gv.get();
   float *ATT = att.get(), *DAR = dlogit.get();
-  activate_rows(g.PK, AK, GK, NR * F);
-  activate_rows(g.PV, AV, GV_, NR * 3 * F);
+  activate_rows(pool, g.PK, AK, GK, NR * F);
+  activate_rows(pool, g.PV, AV, GV_, NR * 3 * F);
   std::vector<int32_t> rperm, rptr, sperm, sptr;
   group_by_node(RC, g.E, N, rperm, rptr);
   group_by_node(S, g.E, N, sperm, sptr);
   // Pass 1, over filter rows, last row first (in the pair layout the last row is the one all
   // self-loops share, by far the largest: started first, it cannot hold up the end of the loop):
   // d dk, d dv (per row), d unit, d cut, a, d logit (per edge).
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t row = NR - 1; row >= 0; --row) {
-    float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
-    std::memset(ddk, 0, F * sizeof(float));
-    std::memset(ddv, 0, 3 * F * sizeof(float));
-    const float *ake = AK + row * F, *ave = AV + row * 3 * F;
-    const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
-    for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
-      const int64_t e = ROWPERM[p];
-      float* dun = dUN + e * 3;
-      const float m = M[e];
-      if (m == 0.f) {
-        dun[0] = dun[1] = dun[2] = 0.f;
-        dC[e] = 0.f;
-        continue;
-      }
-      const int64_t i = RC[e], j = S[e];
-      const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-      const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
-      float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t oh = h * D;
-        const float ar = head_logit(qi + oh, kj + oh, ake + oh, D);
-        const float sg = sigmoid(ar);
-        const float a = ar * sg * C[e] * m;
-        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
-        float* ddvh = ddv + h * 3 * D;
-        const float* gvh = gve + h * 3 * D;
-        float da = 0.f;
+  parallel_for(pool, NR, 16, 0, [&](int64_t n0, int64_t n1, float*) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t row = NR - 1 - n;
+      float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
+      std::memset(ddk, 0, F * sizeof(float));
+      std::memset(ddv, 0, 3 * F * sizeof(float));
+      const float *ake = AK + row * F, *ave = AV + row * 3 * F;
+      const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
+      for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
+        const int64_t e = ROWPERM[p];
+        float* dun = dUN + e * 3;
+        const float m = M[e];
+        if (m == 0.f) {
+          dun[0] = dun[1] = dun[2] = 0.f;
+          dC[e] = 0.f;
+          continue;
+        }
+        const int64_t i = RC[e], j = S[e];
+        const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+        const float *kj = K + j * F, *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+        const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+        float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t oh = h * D;
+          const float ar = head_logit(qi + oh, kj + oh, ake + oh, D);
+          const float sg = sigmoid(ar);
+          const float a = ar * sg * C[e] * m;
+          const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
+          float* ddvh = ddv + h * 3 * D;
+          const float* gvh = gve + h * 3 * D;
+          float da = 0.f;
 #pragma omp simd reduction(+ : da, du0, du1, du2)
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = oh + d;
-          const float s = uh[d] * avh[d], t = uh[2 * D + d] * avh[2 * D + d];
-          da += gxi[c] * s;
-          ddvh[d] += gxi[c] * a * uh[d] * gvh[d];
-          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-          ddvh[D + d] += dg * uh[D + d] * gvh[D + d];
-          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-          ddvh[2 * D + d] += dt * uh[2 * D + d] * gvh[2 * D + d];
-          du0 += gvi[c] * t * m;
-          du1 += gvi[F + c] * t * m;
-          du2 += gvi[2 * F + c] * t * m;
-        }
-        dcut += da * ar * sg * m;
-        const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
-        ATT[e * H + h] = a;
-        DAR[e * H + h] = dar;
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t c = oh + d;
+            const float s = uh[d] * avh[d], t = uh[2 * D + d] * avh[2 * D + d];
+            da += gxi[c] * s;
+            ddvh[d] += gxi[c] * a * uh[d] * gvh[d];
+            const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+            ddvh[D + d] += dg * uh[D + d] * gvh[D + d];
+            const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+            ddvh[2 * D + d] += dt * uh[2 * D + d] * gvh[2 * D + d];
+            du0 += gvi[c] * t * m;
+            du1 += gvi[F + c] * t * m;
+            du2 += gvi[2 * F + c] * t * m;
+          }
+          dcut += da * ar * sg * m;
+          const float dar = da * m * C[e] * sg * (1.f + ar * (1.f - sg));
+          ATT[e * H + h] = a;
+          DAR[e * H + h] = dar;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ddk[oh + d] += dar * qi[oh + d] * kj[oh + d] * gke[oh + d];
+          for (int64_t d = 0; d < D; ++d) ddk[oh + d] += dar * qi[oh + d] * kj[oh + d] * gke[oh + d];
+        }
+        dun[0] = du0;
+        dun[1] = du1;
+        dun[2] = du2;
+        dC[e] = dcut;
       }
-      dun[0] = du0;
-      dun[1] = du1;
-      dun[2] = du2;
-      dC[e] = dcut;
     }
-  }
+  });
   // Pass 2, over receivers: dq (per receiver, in a fixed edge order).
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t i = 0; i < N; ++i) {
-    float* dqi = dQ + i * F;
-    std::memset(dqi, 0, F * sizeof(float));
-    for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
-      const int64_t e = rperm[p];
-      if (M[e] == 0.f) continue;
-      const float *kj = K + S[e] * F, *ake = AK + FR[e] * F;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t oh = h * D;
-        const float dar = DAR[e * H + h];
+  parallel_for(pool, N, 16, 0, [&](int64_t i0, int64_t i1, float*) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* dqi = dQ + i * F;
+      std::memset(dqi, 0, F * sizeof(float));
+      for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
+        const int64_t e = rperm[p];
+        if (M[e] == 0.f) continue;
+        const float *kj = K + S[e] * F, *ake = AK + FR[e] * F;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t oh = h * D;
+          const float dar = DAR[e * H + h];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dqi[oh + d] += dar * kj[oh + d] * ake[oh + d];
-      }
-    }
-  }
-  // Pass 3, over senders: dk, du, dvec (per sender).
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t j = 0; j < N; ++j) {
-    float *dkj = dK + j * F, *duj = dU + j * 3 * F, *dvj = dV + j * 3 * F;
-    std::memset(dkj, 0, F * sizeof(float));
-    std::memset(duj, 0, 3 * F * sizeof(float));
-    std::memset(dvj, 0, 3 * F * sizeof(float));
-    const float *uj = U + j * 3 * F, *vj = V + j * 3 * F;
-    for (int32_t p = sptr[j]; p < sptr[j + 1]; ++p) {
-      const int64_t e = sperm[p];
-      const float m = M[e];
-      if (m == 0.f) continue;
-      const int64_t i = RC[e];
-      const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-      const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
-      const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t oh = h * D;
-        const float a = ATT[e * H + h];
-        const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
-        float* duh = duj + h * 3 * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = oh + d;
-          const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
-          duh[d] += gxi[c] * a * fs;
-          const float gg = uh[D + d] * fg;
-          const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
-          duh[D + d] += dg * fg;
-          const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
-          duh[2 * D + d] += dt * ft;
-          dvj[c] += gvi[c] * gg * m;
-          dvj[F + c] += gvi[F + c] * gg * m;
-          dvj[2 * F + c] += gvi[2 * F + c] * gg * m;
+          for (int64_t d = 0; d < D; ++d) dqi[oh + d] += dar * kj[oh + d] * ake[oh + d];
         }
-        const float dar = DAR[e * H + h];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dkj[oh + d] += dar * qi[oh + d] * ake[oh + d];
       }
     }
-  }
+  });
+  // Pass 3, over senders: dk, du, dvec (per sender).
+  parallel_for(pool, N, 16, 0, [&](int64_t j0, int64_t j1, float*) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float *dkj = dK + j * F, *duj = dU + j * 3 * F, *dvj = dV + j * 3 * F;
+      std::memset(dkj, 0, F * sizeof(float));
+      std::memset(duj, 0, 3 * F * sizeof(float));
+      std::memset(dvj, 0, 3 * F * sizeof(float));
+      const float *uj = U + j * 3 * F, *vj = V + j * 3 * F;
+      for (int32_t p = sptr[j]; p < sptr[j + 1]; ++p) {
+        const int64_t e = sperm[p];
+        const float m = M[e];
+        if (m == 0.f) continue;
+        const int64_t i = RC[e];
+        const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
+        const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
+        const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t oh = h * D;
+          const float a = ATT[e * H + h];
+          const float *uh = uj + h * 3 * D, *avh = ave + h * 3 * D;
+          float* duh = duj + h * 3 * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t c = oh + d;
+            const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
+            duh[d] += gxi[c] * a * fs;
+            const float gg = uh[D + d] * fg;
+            const float dg = (gvi[c] * vj[c] + gvi[F + c] * vj[F + c] + gvi[2 * F + c] * vj[2 * F + c]) * m;
+            duh[D + d] += dg * fg;
+            const float dt = (gvi[c] * u0 + gvi[F + c] * u1 + gvi[2 * F + c] * u2) * m;
+            duh[2 * D + d] += dt * ft;
+            dvj[c] += gvi[c] * gg * m;
+            dvj[F + c] += gvi[F + c] * gg * m;
+            dvj[2 * F + c] += gvi[2 * F + c] * gg * m;
+          }
+          const float dar = DAR[e * H + h];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dkj[oh + d] += dar * qi[oh + d] * ake[oh + d];
+        }
+      }
+    }
+  });
 }
 
-ffi::Error BackwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
                         I receivers, I frow, I rowperm, I rowptr, B gx, B gv, R oq, R ok, R ou,
                         R ovec, R opk, R opv, R ounit, R ocut, int64_t heads, int64_t schedule) {
   if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
@@ -568,11 +633,11 @@ ffi::Error BackwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask,
   if (schedule != kPasses) {
     const Components comp = find_components(g);
     if (use_components(comp, schedule)) {
-      backward_components(g, o, comp);
+      backward_components(pool, g, o, comp);
       return ffi::Error::Success();
     }
   }
-  backward_passes(g, o);
+  backward_passes(pool, g, o);
   return ffi::Error::Success();
 }
 
@@ -580,6 +645,7 @@ ffi::Error BackwardImpl(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
@@ -589,6 +655,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
