@@ -5,7 +5,7 @@
 Real QM9 molecules (deterministic sample, seed 0), their directed edges within 5 Å (self-loops
 included) packed by ``graph.pack`` into the pair layout, masked by the cutoff and 32-neighbour cap
 as in the model; random projections and filters of the qm9 config's sizes, one filter row per atom
-pair. Both start from the filter rows before their SiLU (the kernel applies it itself).
+pair. Both start from the filter rows [pk | pv] before their bias and SiLU (the kernel applies both).
 Times ``jax.value_and_grad`` of a linear function of both outputs with respect to all eight float
 inputs (:mod:`mspec.models.fused_message`), median of ``--repeats`` interleaved timings.
 """
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     rows = pairs + 1
     rng = np.random.default_rng(0)
     rn = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-    floats = (rn(n, f), rn(n, f), rn(n, 3 * f), rn(n, 3, f), rn(rows, f), rn(rows, 3 * f), rn(e, 3),
+    # q, k, u, vec, filter rows [pk | pv] before bias and SiLU, the bias, unit, cut
+    floats = (rn(n, f), rn(n, f), rn(n, 3 * f), rn(n, 3, f), rn(rows, 4 * f), rn(4 * f), rn(e, 3),
               jnp.asarray(rng.random(e).astype(np.float32)))
     cx, cv = rn(n, f), rn(n, 3, f)
 
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
     fixed = (cx, cv, mask, s, r)
 
     def timed(fn):
-        def loss(q, k, u, vec, pk, pv, unit, cut, cx, cv, mask, s, r):
-            x, v = fn(q, k, u, vec, pk, pv, unit, cut, mask, s, r)
+        def loss(q, k, u, vec, filters, bias, unit, cut, cx, cv, mask, s, r):
+            x, v = fn(q, k, u, vec, filters, bias, unit, cut, mask, s, r)
             return jnp.sum(x * cx) + jnp.sum(v * cv)
 
         step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8))))
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
 
         return once
 
-    def xla_ops(q, k, u, vec, pk, pv, unit, cut, mask, s, r):  # both from pre-SiLU rows
-        dk, dv = (graph.expand_pair_rows(jax.nn.silu(x), e) for x in (pk, pv))
+    def xla_ops(q, k, u, vec, filters, bias, unit, cut, mask, s, r):  # both from pre-bias rows
+        dk, dv = (graph.expand_pair_rows(jax.nn.silu(x), e) for x in jnp.split(filters + bias, [f], 1))
         return fm.message_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, args.heads)
 
     impls = {

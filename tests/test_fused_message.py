@@ -21,7 +21,8 @@ needs_kernel = pytest.mark.skipif(
 def _inputs(seed=0, n=37, e=300, f=64):
     rng = np.random.default_rng(seed)
     rn = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
-    floats = [rn(n, f), rn(n, f), rn(n, 3 * f), rn(n, 3, f), rn(e, f), rn(e, 3 * f), rn(e, 3),
+    # q, k, u, vec, filter rows [pk | pv] before bias and SiLU, their bias, unit, cut
+    floats = [rn(n, f), rn(n, f), rn(n, 3 * f), rn(n, 3, f), rn(e, 4 * f), rn(4 * f), rn(e, 3),
               jnp.asarray(rng.random(e).astype(np.float32))]
     mask = jnp.asarray((rng.random(e) > 0.2).astype(np.float32))
     # Random, unsorted edges with repeats: the kernel must not assume the pipeline's order.
@@ -49,8 +50,8 @@ def _pair_layout_inputs(seed=0, molecules=9, f=64):
     b = graph.pack(mols, graph.Budget(n_node=nodes, n_edge=edges, n_graph=molecules + 1, max_torsions=1))
     rows = graph.num_pairs(edges, nodes) + 1
     rn = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
-    floats = [rn(nodes, f), rn(nodes, f), rn(nodes, 3 * f), rn(nodes, 3, f), rn(rows, f),
-              rn(rows, 3 * f), rn(edges, 3), jnp.asarray(rng.random(edges).astype(np.float32))]
+    floats = [rn(nodes, f), rn(nodes, f), rn(nodes, 3 * f), rn(nodes, 3, f), rn(rows, 4 * f),
+              rn(4 * f), rn(edges, 3), jnp.asarray(rng.random(edges).astype(np.float32))]
     mask = jnp.asarray((b["edge_mask"] & (rng.random(edges) > 0.15)).astype(np.float32))
     cts = (rn(nodes, f), rn(nodes, 3, f))
     return floats, mask, jnp.asarray(b["senders"]), jnp.asarray(b["receivers"]), cts, rows - 1
@@ -67,8 +68,9 @@ def _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule):
 
         return jax.jit(jax.value_and_grad(f, argnums=tuple(range(8))))
 
-    def xla(q, k, u, vec, pk, pv, unit, cut):  # the kernel takes the filters before their SiLU
-        dk, dv = jax.nn.silu(pk), jax.nn.silu(pv)
+    def xla(q, k, u, vec, filters, bias, unit, cut):  # the kernel adds the bias, applies the SiLU
+        f = q.shape[1]
+        dk, dv = jax.nn.silu(filters[:, :f] + bias[:f]), jax.nn.silu(filters[:, f:] + bias[f:])
         if pairs is not None:
             dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
         return fm.message_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, heads)
@@ -76,7 +78,7 @@ def _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule):
     v1, g1 = loss(xla)(*floats)
     v2, g2 = loss(lambda *a: fm.message_fused(*a, mask, s, r, heads, pairs=pairs, schedule=schedule))(*floats)
     assert float(v2) == pytest.approx(float(v1), rel=1e-5)
-    for name, a, b in zip("q k u vec pk pv unit cut".split(), g1, g2):
+    for name, a, b in zip("q k u vec filters bias unit cut".split(), g1, g2):
         scale = float(jnp.abs(a).max())
         assert scale > 0, name
         np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0, err_msg=name)
@@ -99,10 +101,9 @@ def test_fused_matches_xla_on_pair_rows_across_molecules(schedule):
     _assert_fused_matches_xla(floats, mask, s, r, cts, 4, pairs, schedule)
     # The same edges shuffled: the kernel groups them itself.
     perm = np.random.default_rng(5).permutation(s.shape[0])
-    (q, k, u, vec, pk, pv, unit, cut) = floats
+    (q, k, u, vec, filters, bias, unit, cut) = floats
     frow = graph.pair_filter_rows(s.shape[0], q.shape[0])[perm]
-    dk_rows, dv_rows = pk[frow], pv[frow]  # per-edge rows: same values, any order
-    shuffled = [q, k, u, vec, dk_rows, dv_rows, unit[perm], cut[perm]]
+    shuffled = [q, k, u, vec, filters[frow], bias, unit[perm], cut[perm]]  # per-edge rows
     _assert_fused_matches_xla(shuffled, mask[perm], s[perm], r[perm], cts, 4, None, schedule)
 
 
@@ -110,6 +111,14 @@ def test_unknown_schedule_is_an_error():
     floats, mask, s, r, _ = _inputs()
     with pytest.raises(ValueError, match="Unknown schedule 'threads'"):
         fm.message_fused(*floats, mask, s, r, 8, schedule="threads")
+
+
+def test_filter_shapes_are_checked():
+    (q, k, u, vec, filters, bias, unit, cut), mask, s, r, _ = _inputs()
+    with pytest.raises(ValueError, match=r"filters \(300, 192\) .* must be \(300, 256\)"):
+        fm.message_fused(q, k, u, vec, filters[:, :192], bias, unit, cut, mask, s, r, 8)
+    with pytest.raises(ValueError, match=r"filter_bias \(64,\)"):
+        fm.message_fused(q, k, u, vec, filters, bias[:64], unit, cut, mask, s, r, 8)
 
 
 @needs_kernel

@@ -3,8 +3,9 @@
 // mspec/models/fused_message.py. Compiled on first use by mspec/kernels/build.py.
 //
 // Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];
-// pk [R, F], pv [R, H, 3D]: filter rows before their SiLU (dk = SiLU(pk), dv = SiLU(pv), applied
-// here so that XLA does not write them out and read them back); unit [E, 3]; cut, mask [E];
+// pkv [R, 4F]: filter rows [pk | pv] before their bias and SiLU, as one GEMM writes them, with
+// bias [4F]: dk = SiLU(pk + bias[:F]) [R, F], dv = SiLU(pv + bias[F:]) [R, H, 3D] (applied here,
+// so that XLA does not write them out and read them back); unit [E, 3]; cut, mask [E];
 // senders, receivers [E] int32; frow [E] int32: the filter row of each edge (both directions of
 // an atom pair share one); rowperm / rowptr: the edges grouped by filter row (edge rowperm[p]
 // for p in [rowptr[r], rowptr[r + 1])).
@@ -64,13 +65,15 @@ inline float head_logit(const float* q, const float* k, const float* dk, int64_t
   return ar;
 }
 
-// act = SiLU(x) and (unless grad is null) grad = SiLU'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))).
-inline void activate(const float* x, float* act, float* grad, int64_t n) {
+// With z = x + bias: act = SiLU(z) and (unless grad is null) grad = SiLU'(z)
+// = sigmoid(z) (1 + z (1 - sigmoid(z))).
+inline void activate(const float* x, const float* bias, float* act, float* grad, int64_t n) {
 #pragma omp simd
   for (int64_t r = 0; r < n; ++r) {
-    const float s = sigmoid(x[r]);
-    act[r] = x[r] * s;
-    if (grad != nullptr) grad[r] = s * (1.f + x[r] * (1.f - s));
+    const float z = x[r] + bias[r];
+    const float s = sigmoid(z);
+    act[r] = z * s;
+    if (grad != nullptr) grad[r] = s * (1.f + z * (1.f - s));
   }
 }
 
@@ -128,32 +131,36 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t scrat
   state->finished.wait(lock, [&] { return state->done.load() == n; });
 }
 
-// activate() for all rows at once, over the threads (passes schedule).
-void activate_rows(ffi::ThreadPool& pool, const float* x, float* act, float* grad, int64_t n) {
-  const int64_t chunk = 4096;
-  parallel_for(pool, (n + chunk - 1) / chunk, 1, 0, [&](int64_t c0, int64_t c1, float*) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * chunk, len = std::min(chunk, n - lo);
-      activate(x + lo, act + lo, grad == nullptr ? nullptr : grad + lo, len);
-    }
-  });
-}
 
 // The inputs every kernel reads, as raw pointers, and the sizes.
 struct Graph {
   int64_t N, F, H, D, E, NR;
-  const float *Q, *K, *U, *V, *PK, *PV, *UN, *C, *M;
+  const float *Q, *K, *U, *V, *PKV, *BIAS, *UN, *C, *M;
   const int32_t *S, *RC, *FR, *ROWPERM, *ROWPTR;
 
-  Graph(B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders, I receivers, I frow,
-        I rowperm, I rowptr, int64_t heads)
+  Graph(B q, B k, B u, B vec, B pkv, B bias, B unit, B cut, B mask, I senders, I receivers,
+        I frow, I rowperm, I rowptr, int64_t heads)
       : N(q.dimensions()[0]), F(q.dimensions()[1]), H(heads), D(F / heads),
-        E(senders.dimensions()[0]), NR(pk.dimensions()[0]), Q(q.typed_data()),
-        K(k.typed_data()), U(u.typed_data()), V(vec.typed_data()), PK(pk.typed_data()),
-        PV(pv.typed_data()), UN(unit.typed_data()), C(cut.typed_data()), M(mask.typed_data()),
-        S(senders.typed_data()), RC(receivers.typed_data()), FR(frow.typed_data()),
-        ROWPERM(rowperm.typed_data()), ROWPTR(rowptr.typed_data()) {}
+        E(senders.dimensions()[0]), NR(pkv.dimensions()[0]), Q(q.typed_data()),
+        K(k.typed_data()), U(u.typed_data()), V(vec.typed_data()), PKV(pkv.typed_data()),
+        BIAS(bias.typed_data()), UN(unit.typed_data()), C(cut.typed_data()),
+        M(mask.typed_data()), S(senders.typed_data()), RC(receivers.typed_data()),
+        FR(frow.typed_data()), ROWPERM(rowperm.typed_data()), ROWPTR(rowptr.typed_data()) {}
+
+  // Activated filter row r (and, unless grad is null, its SiLU') into act [4F]: [dk | dv].
+  void activate_row(int64_t r, float* act, float* grad) const {
+    activate(PKV + r * 4 * F, BIAS, act, grad, 4 * F);
+  }
 };
+
+// Graph::activate_row for all rows, over the threads (passes schedule): act, grad [R, 4F].
+void activate_rows(ffi::ThreadPool& pool, const Graph& g, float* act, float* grad) {
+  const int64_t F = g.F;
+  parallel_for(pool, g.NR, 64, 0, [&](int64_t r0, int64_t r1, float*) {
+    for (int64_t r = r0; r < r1; ++r)
+      g.activate_row(r, act + r * 4 * F, grad == nullptr ? nullptr : grad + r * 4 * F);
+  });
+}
 
 // Edges grouped by a node index (receivers or senders), stable: edge perm[p] for p in
 // [ptr[i], ptr[i + 1]), in increasing edge order (a counting sort).
@@ -272,7 +279,7 @@ inline void forward_edge(const Graph& g, int64_t e, const float* ak, const float
 void forward_components(ffi::ThreadPool& pool, const Graph& g, const Components& comp, float* X,
                         float* VA) {
   const int64_t F = g.F;
-  // Scratch: this thread's activated filter row.
+  // Scratch: this thread's activated filter row [dk | dv].
   parallel_for(pool, comp.count, 1, 4 * F, [&](int64_t n0, int64_t n1, float* act) {
     float *ak = act, *av = ak + F;
     for (int64_t n = n0; n < n1; ++n) {
@@ -286,8 +293,7 @@ void forward_components(ffi::ThreadPool& pool, const Graph& g, const Components&
         if (g.M[e] == 0.f) continue;
         if (g.FR[e] != row) {
           row = g.FR[e];
-          activate(g.PK + row * F, ak, nullptr, F);
-          activate(g.PV + row * 3 * F, av, nullptr, 3 * F);
+          g.activate_row(row, act, nullptr);
         }
         forward_edge(g, e, ak, av, X, VA);
       }
@@ -297,9 +303,8 @@ void forward_components(ffi::ThreadPool& pool, const Graph& g, const Components&
 
 void forward_passes(ffi::ThreadPool& pool, const Graph& g, float* X, float* VA) {
   const int64_t F = g.F;
-  std::unique_ptr<float[]> AK = scratch(g.NR * F), AV = scratch(g.NR * 3 * F);
-  activate_rows(pool, g.PK, AK.get(), nullptr, g.NR * F);
-  activate_rows(pool, g.PV, AV.get(), nullptr, g.NR * 3 * F);
+  std::unique_ptr<float[]> ACT = scratch(g.NR * 4 * F);
+  activate_rows(pool, g, ACT.get(), nullptr);
   std::vector<int32_t> rperm, rptr;
   group_by_node(g.RC, g.E, g.N, rperm, rptr);
   parallel_for(pool, g.N, 16, 0, [&](int64_t i0, int64_t i1, float*) {
@@ -309,18 +314,19 @@ void forward_passes(ffi::ThreadPool& pool, const Graph& g, float* X, float* VA) 
       for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
         const int64_t e = rperm[p];
         if (g.M[e] == 0.f) continue;
-        forward_edge(g, e, AK.get() + g.FR[e] * F, AV.get() + g.FR[e] * 3 * F, X, VA);
+        const float* act = ACT.get() + g.FR[e] * 4 * F;
+        forward_edge(g, e, act, act + F, X, VA);
       }
     }
   });
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
-                       I receivers, I frow, I rowperm, I rowptr, R xagg, R vagg, int64_t heads,
-                       int64_t schedule) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B bias, B unit, B cut,
+                       B mask, I senders, I receivers, I frow, I rowperm, I rowptr, R xagg, R vagg,
+                       int64_t heads, int64_t schedule) {
   if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
-  const Graph g(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr,
-                heads);
+  const Graph g(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm,
+                rowptr, heads);
   float *X = xagg->typed_data(), *VA = vagg->typed_data();
   if (schedule != kPasses) {
     const Components comp = find_components(g);
@@ -335,11 +341,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pk, B pv, B
 
 // ---------------------------------------------------------------------------------------------
 // Backward: the cotangents of every input but the mask and the indices, given gx = d x_agg and
-// gv = d vec_agg. The filter cotangents come out per filter row ([R, F], [R, 3F]).
+// gv = d vec_agg. The filter cotangents come out per filter row ([R, 4F], the cotangent of
+// [pk | pv] + bias), and summed over the rows for the bias ([4F]).
 
 struct Grads {
-  const float *GX, *GV;                                   // [N, F], [N, 3, F]
-  float *dQ, *dK, *dU, *dV, *dPK, *dPV, *dUN, *dC;         // outputs
+  const float *GX, *GV;                                // [N, F], [N, 3, F]
+  float *dQ, *dK, *dU, *dV, *dPKV, *dBIAS, *dUN, *dC;  // outputs
 };
 
 // The components schedule's work for one edge e = j -> i (active), given its row's activated
@@ -408,16 +415,17 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
   // Rows with no edge at all get zero cotangents (the parallel loop only writes rows it sees).
   for (int64_t row = 0; row < g.NR; ++row) {
     if (g.ROWPTR[row + 1] == g.ROWPTR[row]) {
-      std::memset(o.dPK + row * F, 0, F * sizeof(float));
-      std::memset(o.dPV + row * 3 * F, 0, 3 * F * sizeof(float));
+      std::memset(o.dPKV + row * 4 * F, 0, 4 * F * sizeof(float));
     }
   }
   // Rows whose edges lie in several components: one [4F] partial sum per (component, row).
   std::vector<std::vector<int32_t>> partial_rows(comp.count);
   std::vector<std::vector<float>> partials(comp.count);
-  // Scratch: this thread's filter row: activation, SiLU', cotangent.
+  // Each component's share of the bias cotangent (the sum of its row cotangents), [count, 4F].
+  std::vector<float> bias_parts(comp.count * 4 * F, 0.f);
+  // Scratch: this thread's filter row: activation [dk | dv], SiLU', cotangent; 4F each.
   parallel_for(pool, comp.count, 1, 12 * F, [&](int64_t n0, int64_t n1, float* buf) {
-    float *ak = buf, *av = ak + F, *gk = av + 3 * F, *gvr = gk + F, *ddk = gvr + 3 * F;
+    float *ak = buf, *av = ak + F, *gk = buf + 4 * F, *gvr = gk + F, *ddk = buf + 8 * F;
     float* ddv = ddk + F;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t u = comp.order[n];
@@ -436,10 +444,7 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
           ++end;
         }
         std::memset(ddk, 0, 4 * F * sizeof(float));
-        if (active) {
-          activate(g.PK + row * F, ak, gk, F);
-          activate(g.PV + row * 3 * F, av, gvr, 3 * F);
-        }
+        if (active) g.activate_row(row, ak, gk);
         for (int32_t q = p; q < end; ++q) {
           const int64_t e = comp.edges[q];
           if (g.M[e] == 0.f) {
@@ -450,32 +455,35 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
           backward_edge(g, o, e, ak, av, gk, gvr, ddk, ddv);
         }
         if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {  // all of the row's edges: final
-          std::memcpy(o.dPK + row * F, ddk, F * sizeof(float));
-          std::memcpy(o.dPV + row * 3 * F, ddv, 3 * F * sizeof(float));
+          std::memcpy(o.dPKV + row * 4 * F, ddk, 4 * F * sizeof(float));
         } else {
           partial_rows[u].push_back(static_cast<int32_t>(row));
           partials[u].insert(partials[u].end(), ddk, ddk + 4 * F);
         }
+        float* bias_part = bias_parts.data() + u * 4 * F;
+#pragma omp simd
+        for (int64_t c = 0; c < 4 * F; ++c) bias_part[c] += ddk[c];
         p = end;
       }
     }
   });
-  // Shared rows: the components' partial sums, in component order.
+  // Shared rows: the components' partial sums, in component order; the same for the bias.
   std::vector<char> started(g.NR, 0);
+  std::memset(o.dBIAS, 0, 4 * F * sizeof(float));
   for (int64_t u = 0; u < comp.count; ++u) {
     for (size_t n = 0; n < partial_rows[u].size(); ++n) {
       const int64_t row = partial_rows[u][n];
       const float* part = partials[u].data() + n * 4 * F;
-      float *ddk = o.dPK + row * F, *ddv = o.dPV + row * 3 * F;
+      float* dpkv = o.dPKV + row * 4 * F;
       if (!started[row]) {
         started[row] = 1;
-        std::memcpy(ddk, part, F * sizeof(float));
-        std::memcpy(ddv, part + F, 3 * F * sizeof(float));
+        std::memcpy(dpkv, part, 4 * F * sizeof(float));
       } else {
-        for (int64_t c = 0; c < F; ++c) ddk[c] += part[c];
-        for (int64_t c = 0; c < 3 * F; ++c) ddv[c] += part[F + c];
+        for (int64_t c = 0; c < 4 * F; ++c) dpkv[c] += part[c];
       }
     }
+    const float* bias_part = bias_parts.data() + u * 4 * F;
+    for (int64_t c = 0; c < 4 * F; ++c) o.dBIAS[c] += bias_part[c];
   }
 }
 
@@ -485,15 +493,14 @@ void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
   const float *Q = g.Q, *K = g.K, *U = g.U, *V = g.V, *UN = g.UN, *C = g.C, *M = g.M;
   const float *GX = o.GX, *GV = o.GV;
   const int32_t *S = g.S, *RC = g.RC, *FR = g.FR, *ROWPERM = g.ROWPERM, *ROWPTR = g.ROWPTR;
-  float *dQ = o.dQ, *dK = o.dK, *dU = o.dU, *dV = o.dV, *dDK = o.dPK, *dDV = o.dPV;
+  float *dQ = o.dQ, *dK = o.dK, *dU = o.dU, *dV = o.dV, *dPKV = o.dPKV;
   float *dUN = o.dUN, *dC = o.dC;
-  std::unique_ptr<float[]> ak = scratch(NR * F), av = scratch(NR * 3 * F);
-  std::unique_ptr<float[]> gk = scratch(NR * F), gv = scratch(NR * 3 * F);
+  // Activated rows and their SiLU', [R, 4F] each; a row is [dk | dv].
+  std::unique_ptr<float[]> act = scratch(NR * 4 * F), grad = scratch(NR * 4 * F);
   std::unique_ptr<float[]> att = scratch(g.E * H), dlogit = scratch(g.E * H);
-  float *AK = ak.get(), *AV = av.get(), *GK = gk.get(), *GV_ = gv.get();
+  float *ACT = act.get(), *GRAD = grad.get();
   float *ATT = att.get(), *DAR = dlogit.get();
-  activate_rows(pool, g.PK, AK, GK, NR * F);
-  activate_rows(pool, g.PV, AV, GV_, NR * 3 * F);
+  activate_rows(pool, g, ACT, GRAD);
   std::vector<int32_t> rperm, rptr, sperm, sptr;
   group_by_node(RC, g.E, N, rperm, rptr);
   group_by_node(S, g.E, N, sperm, sptr);
@@ -503,11 +510,10 @@ void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
   parallel_for(pool, NR, 16, 0, [&](int64_t n0, int64_t n1, float*) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = NR - 1 - n;
-      float *ddk = dDK + row * F, *ddv = dDV + row * 3 * F;
-      std::memset(ddk, 0, F * sizeof(float));
-      std::memset(ddv, 0, 3 * F * sizeof(float));
-      const float *ake = AK + row * F, *ave = AV + row * 3 * F;
-      const float *gke = GK + row * F, *gve = GV_ + row * 3 * F;
+      float *ddk = dPKV + row * 4 * F, *ddv = ddk + F;
+      std::memset(ddk, 0, 4 * F * sizeof(float));
+      const float *ake = ACT + row * 4 * F, *ave = ake + F;
+      const float *gke = GRAD + row * 4 * F, *gve = gke + F;
       for (int32_t p = ROWPTR[row]; p < ROWPTR[row + 1]; ++p) {
         const int64_t e = ROWPERM[p];
         float* dun = dUN + e * 3;
@@ -567,7 +573,7 @@ void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
       for (int32_t p = rptr[i]; p < rptr[i + 1]; ++p) {
         const int64_t e = rperm[p];
         if (M[e] == 0.f) continue;
-        const float *kj = K + S[e] * F, *ake = AK + FR[e] * F;
+        const float *kj = K + S[e] * F, *ake = ACT + FR[e] * 4 * F;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t oh = h * D;
           const float dar = DAR[e * H + h];
@@ -591,7 +597,7 @@ void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
         if (m == 0.f) continue;
         const int64_t i = RC[e];
         const float *qi = Q + i * F, *gxi = GX + i * F, *gvi = GV + i * 3 * F;
-        const float *ake = AK + FR[e] * F, *ave = AV + FR[e] * 3 * F;
+        const float *ake = ACT + FR[e] * 4 * F, *ave = ake + F;
         const float u0 = UN[e * 3], u1 = UN[e * 3 + 1], u2 = UN[e * 3 + 2];
         for (int64_t h = 0; h < H; ++h) {
           const int64_t oh = h * D;
@@ -619,16 +625,32 @@ void backward_passes(ffi::ThreadPool& pool, const Graph& g, const Grads& o) {
       }
     }
   });
+  // The bias: the row cotangents summed over the rows, in row order, one block of 64 channels
+  // per work item.
+  const int64_t block = 64;
+  parallel_for(pool, (4 * F + block - 1) / block, 1, 0, [&](int64_t b0, int64_t b1, float*) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * block, hi = std::min(4 * F, lo + block);
+      float* db = o.dBIAS;
+      for (int64_t c = lo; c < hi; ++c) db[c] = 0.f;
+      for (int64_t row = 0; row < NR; ++row) {
+        const float* dpkv = dPKV + row * 4 * F;
+#pragma omp simd
+        for (int64_t c = lo; c < hi; ++c) db[c] += dpkv[c];
+      }
+    }
+  });
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pk, B pv, B unit, B cut, B mask, I senders,
-                        I receivers, I frow, I rowperm, I rowptr, B gx, B gv, R oq, R ok, R ou,
-                        R ovec, R opk, R opv, R ounit, R ocut, int64_t heads, int64_t schedule) {
+ffi::Error BackwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B bias, B unit, B cut,
+                        B mask, I senders, I receivers, I frow, I rowperm, I rowptr, B gx, B gv,
+                        R oq, R ok, R ou, R ovec, R opkv, R obias, R ounit, R ocut, int64_t heads,
+                        int64_t schedule) {
   if (schedule < kAuto || schedule > kPasses) return bad_schedule(schedule);
-  const Graph g(q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr,
-                heads);
-  const Grads o{gx.typed_data(),     gv.typed_data(),     oq->typed_data(),    ok->typed_data(),
-                ou->typed_data(),    ovec->typed_data(),  opk->typed_data(),   opv->typed_data(),
+  const Graph g(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm,
+                rowptr, heads);
+  const Grads o{gx.typed_data(),     gv.typed_data(),     oq->typed_data(),   ok->typed_data(),
+                ou->typed_data(),    ovec->typed_data(),  opkv->typed_data(), obias->typed_data(),
                 ounit->typed_data(), ocut->typed_data()};
   if (schedule != kPasses) {
     const Components comp = find_components(g);

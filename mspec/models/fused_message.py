@@ -10,7 +10,8 @@ width D, channel c = h D + d):
 
 :func:`message_xla` writes this with gathers and segment sums; XLA:CPU materialises several
 ``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` takes the
-filters before their SiLU (``dk = SiLU(pk)``, ``dv = SiLU(pv)``) and runs everything as two
+filters before their bias and SiLU, as one GEMM writes them (``[pk | pv]``, ``[R, 4F]``, with
+``dk = SiLU(pk + bk)``, ``dv = SiLU(pv + bv)``), and runs everything as two
 XLA FFI custom calls (``mspec/kernels/et_message.cc``): by default one thread per molecule
 (connected component), one pass over its edges forward and one backward, the SiLU of each filter
 row (both directions of an atom pair share one, see :func:`mspec.graph.pack`) computed once;
@@ -137,32 +138,32 @@ SCHEDULES = {"auto": 0, "components": 1, "passes": 2}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(14, 15))
-def _fused(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
+def _fused(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
     n, f = q.shape
-    ins = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
+    ins = (q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
     out = jax.ffi.ffi_call(
         "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
     )(*ins, heads=heads, schedule=schedule)
     return tuple(_match_vma(o, *ins) for o in out)
 
 
-def _fused_fwd(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
-    args = (q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
+def _fused_fwd(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
+    args = (q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
     return _fused(*args, heads, schedule), args
 
 
 def _fused_bwd(heads, schedule, res, cts):
-    q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, frow, rowperm, rowptr = res
+    q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr = res
     n, f = q.shape
     e = senders.shape[0]
-    r = dk.shape[0]
+    r = pkv.shape[0]
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
-        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, f), _f32(r, 3 * f), _f32(e, 3), _f32(e)),
+        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, 4 * f), _f32(4 * f), _f32(e, 3), _f32(e)),
         vmap_method="sequential",
     )(*res, gx, gv, heads=heads, schedule=schedule)
-    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, dk, dv, unit, cut))]
+    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut))]
     return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
 
 
@@ -170,18 +171,24 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def message_fused(
-    q, k, u, vec, pk, pv, unit, cut, mask, senders, receivers, heads: int, pairs: int | None = None,
-    schedule: str = "auto",
+    q, k, u, vec, filters, filter_bias, unit, cut, mask, senders, receivers, heads: int,
+    pairs: int | None = None, schedule: str = "auto",
 ):
-    """``message_xla(q, k, u, vec, SiLU(pk), SiLU(pv), ...)`` as fused XLA:CPU kernels (float32,
-    CPU only). The filters come before their SiLU: the kernel applies it (and its derivative) on
-    the fly, so the activated filters never go to memory.
+    """``message_xla(q, k, u, vec, dk, dv, ...)`` as fused XLA:CPU kernels (float32, CPU only),
+    with ``dk = SiLU(filters[:, :F] + filter_bias[:F])`` and
+    ``dv = SiLU(filters[:, F:] + filter_bias[F:])``.
 
-    ``pairs=None``: ``pk [E, F]``, ``pv [E, 3F]``, one filter row per edge. ``pairs=P``: the edges
-    are in the pair layout of :func:`mspec.graph.pack` and ``pk [P + 1, F]``, ``pv [P + 1, 3F]``
-    hold one row per atom pair plus one for the self-loops
-    (:func:`mspec.graph.pair_filter_rows`); the kernel sums their cotangents over the edges
-    of each row itself. Edges may come in any order.
+    ``filters [R, 4F]`` are the rows ``[pk | pv]`` of the ``dk_proj`` and ``dv_proj`` Linears
+    before their bias, as one GEMM of the radial basis with the two kernels side by side writes
+    them; ``filter_bias [4F]`` is the two biases side by side. The kernel adds the bias and
+    applies the SiLU (and its derivative) on the fly, so the activated filters never go to
+    memory; its backward returns the cotangent of every row and, summed over the rows, of the
+    bias.
+
+    ``pairs=None``: ``R = E``, one filter row per edge. ``pairs=P``: the edges are in the pair
+    layout of :func:`mspec.graph.pack` and ``R = P + 1``: one row per atom pair plus one for the
+    self-loops (:func:`mspec.graph.pair_filter_rows`); the kernel sums their cotangents over the
+    edges of each row itself. Edges may come in any order.
 
     ``schedule`` (how the work is spread over the threads; the two agree to float rounding, and
     each is bitwise repeatable): ``"components"`` gives each connected component of the active edges
@@ -196,15 +203,23 @@ def message_fused(
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; expected one of {tuple(SCHEDULES)}")
-    build.load()
     n, e = q.shape[0], senders.shape[0]
     frow, rowperm, rowptr = _filter_rows(e, n, pairs)
     rows = len(rowptr) - 1
-    if pk.shape[0] != rows or pv.shape[0] != rows:
-        raise ValueError(f"pk {pk.shape} and pv {pv.shape} need {rows} filter rows")
+    width = 4 * q.shape[1]
+    if filters.shape != (rows, width) or filter_bias.shape != (width,):
+        raise ValueError(
+            f"filters {filters.shape} and filter_bias {filter_bias.shape} must be "
+            f"({rows}, {width}) and ({width},): {rows} filter rows of [pk | pv]"
+        )
+    build.load()
+    # Under shard_map the bias (a parameter) is device-invariant while the rows vary: mark it
+    # varying here, so that autodiff sums its per-device cotangents over the devices (the
+    # transpose of this cast), as it does for the weights.
+    filter_bias = _match_vma(filter_bias, filters, q)
     f32 = lambda a: a.astype(jnp.float32)
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
-        q, k, u, vec, pk, pv, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
+        q, k, u, vec, filters, filter_bias, unit, f32(cut), f32(mask), i32(senders), i32(receivers),
         jnp.asarray(frow), jnp.asarray(rowperm), jnp.asarray(rowptr), int(heads), SCHEDULES[schedule],
     )
