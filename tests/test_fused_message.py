@@ -243,6 +243,8 @@ def test_fused_gradients_are_deterministic(schedule):
 
 _THREADS_SCRIPT = """
 import os, sys
+# The CPUs this process may use, set before jax starts its thread pools.
+os.sched_setaffinity(0, [int(c) for c in os.environ["MSPEC_TEST_CPUS"].split(",")])
 import jax, jax.numpy as jnp, numpy as np
 from mspec.models import fused_message as fm
 from tests.test_fused_message import _pair_layout_inputs
@@ -274,10 +276,10 @@ def test_fused_results_do_not_depend_on_the_thread_count(tmp_path):
     results, threads = [], []
     for allowed in ({cpus[0]}, set(cpus)):
         out = tmp_path / f"grads_{len(allowed)}.npz"
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   MSPEC_TEST_CPUS=",".join(str(c) for c in sorted(allowed)))
         subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(out)], cwd=repo, env=env,
-                       check=True, timeout=300,
-                       preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed))
+                       check=True, timeout=300)
         with np.load(out) as z:
             arrays = [k for k in z.files if k.startswith("arr_")]
             results.append([z[k] for k in sorted(arrays, key=lambda k: int(k.split("_")[1]))])
