@@ -18,7 +18,8 @@ row (both directions of an atom pair share one, see :func:`mspec.graph.pack`) co
 nothing ``[E, 3, F]`` in memory, every sum in a fixed order (bitwise-repeatable steps). Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): one layer forward and backward 5.3x
 faster than the XLA ops at batch 128; with it the default QM9-size train step ran at
-1.9-2.2x torchmd-net 3.1.0's in four runs. Its backward gives the
+1.9-2.3x torchmd-net 3.1.0's in six runs. The parallel loops run on XLA's own
+intra-op thread pool. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
 are supported), but is itself not differentiable: training on forces (a gradient of a
 gradient) needs ``message_passing="xla"``.
