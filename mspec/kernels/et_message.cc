@@ -421,7 +421,10 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
   // Rows whose edges lie in several components: one [4F] partial sum per (component, row).
   std::vector<std::vector<int32_t>> partial_rows(comp.count);
   std::vector<std::vector<float>> partials(comp.count);
-  // Each component's share of the bias cotangent (the sum of its row cotangents), [count, 4F].
+  // Each component's share of the bias cotangent (the sum of its row cotangents), [count, 4F],
+  // added while each row's cotangent is still in cache (the passes schedule instead sums the
+  // finished rows in a second pass; here that pass over [R, 4F] would cost as much as the
+  // reduction XLA did before).
   std::vector<float> bias_parts(comp.count * 4 * F, 0.f);
   // Scratch: this thread's filter row: activation [dk | dv], SiLU', cotangent; 4F each.
   parallel_for(pool, comp.count, 1, 12 * F, [&](int64_t n0, int64_t n1, float* buf) {

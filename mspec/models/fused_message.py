@@ -17,7 +17,7 @@ XLA FFI custom calls (``mspec/kernels/et_message.cc``): by default one thread pe
 row (both directions of an atom pair share one, see :func:`mspec.graph.pack`) computed once;
 nothing ``[E, 3, F]`` in memory, every sum in a fixed order (bitwise-repeatable steps). Measured on
 2 cores (``benchmarks/message_passing.py``, BENCHMARKS.md): one layer forward and backward 5.3x
-faster than the XLA ops at batch 128; with it the default QM9-size train step ran at
+and 6.0x faster than the XLA ops at batch 128 (two kernel versions); with it the default QM9-size train step ran at
 1.9-2.3x torchmd-net 3.1.0's in six runs. The parallel loops run on XLA's own
 intra-op thread pool. Its backward gives the
 first-order gradients of every float input (so the denoising losses and forces from autodiff
