@@ -93,6 +93,16 @@ def test_fused_values_and_gradients_match_xla(schedule):
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads", [2, 32])
+def test_fused_matches_xla_for_other_head_widths(heads):
+    """F = 64: 2 heads of D = 32 (the width the kernel compiles as a constant, as in the papers'
+    8 x 32) and 32 heads of D = 2 (more heads than one block of attention weights)."""
+    floats, mask, s, r, cts, pairs = _pair_layout_inputs(seed=3)
+    for schedule in ("components", "passes"):
+        _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule)
+
+
+@needs_kernel
 @pytest.mark.parametrize("schedule", ["auto", "components", "passes"])
 def test_fused_matches_xla_on_pair_rows_across_molecules(schedule):
     """The pair layout: one component per molecule, pair rows owned by one component, the

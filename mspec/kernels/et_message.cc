@@ -55,7 +55,33 @@ namespace {
 
 enum Schedule : int64_t { kAuto = 0, kComponents = 1, kPasses = 2 };
 
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+// Heads whose attention weights one edge computes together (a stack array).
+constexpr int64_t kHeadBlock = 16;
+
+// exp(x) for the SiLU, inline so that loops over a filter row vectorise without a libm call:
+// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6 polynomial for
+// e^r (relative error about 1e-7, like expf), times 2^n built in the exponent bits. x is clamped
+// to [-87, 88], where 2^n stays a normal float: beyond, exp saturates (SiLU is then 0 or x to
+// float precision).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 
 // The attention logit of one head: sum_d q_d k_d dk_d, with the activated filter dk = SiLU(pk).
 inline float head_logit(const float* q, const float* k, const float* dk, int64_t D) {
@@ -251,27 +277,42 @@ ffi::Error bad_schedule(int64_t schedule) {
 // with a_e = SiLU(sum_d q_i k_j dk_e) * cut_e per head and [s | g | t] = u_j * dv_e.
 
 // One edge's messages into its receiver's rows, given the edge's activated filter row.
+// kD > 0: the head width D as a compile-time constant (instantiated for D = 32, the papers' 8
+// heads of 256 channels), so the per-head loops compile to whole vector registers with no loop
+// or remainder; kD = 0 reads D from the graph (any width). Same arithmetic either way.
+template <int64_t kD>
 inline void forward_edge(const Graph& g, int64_t e, const float* ak, const float* av, float* X,
                          float* VA) {
-  const int64_t F = g.F, D = g.D, i = g.RC[e], j = g.S[e];
+  const int64_t F = g.F, D = kD > 0 ? kD : g.D, i = g.RC[e], j = g.S[e];
   const float m = g.M[e];
   const float *qi = g.Q + i * F, *kj = g.K + j * F, *uj = g.U + j * 3 * F, *vj = g.V + j * 3 * F;
   float *xi = X + i * F, *vi = VA + i * 3 * F;
   const float u0 = g.UN[e * 3], u1 = g.UN[e * 3 + 1], u2 = g.UN[e * 3 + 2];
-  for (int64_t h = 0; h < g.H; ++h) {
-    const int64_t o = h * D;
-    const float ar = head_logit(qi + o, kj + o, ak + o, D);
-    const float a = ar * sigmoid(ar) * g.C[e] * m;
-    const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D;
+  const float w = g.C[e] * m;
+  for (int64_t h0 = 0; h0 < g.H; h0 += kHeadBlock) {
+    // The attention weights of a block of heads first, so that their sigmoids vectorise.
+    const int64_t nh = std::min(kHeadBlock, g.H - h0);
+    float att[kHeadBlock];
+    for (int64_t b = 0; b < nh; ++b) {
+      const int64_t o = (h0 + b) * D;
+      att[b] = head_logit(qi + o, kj + o, ak + o, D);
+    }
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const float s = uh[d] * avh[d], gg = uh[D + d] * avh[D + d];
-      const float t = uh[2 * D + d] * avh[2 * D + d];
-      const int64_t c = o + d;
-      xi[c] += s * a;
-      vi[c] += (vj[c] * gg + t * u0) * m;
-      vi[F + c] += (vj[F + c] * gg + t * u1) * m;
-      vi[2 * F + c] += (vj[2 * F + c] * gg + t * u2) * m;
+    for (int64_t b = 0; b < nh; ++b) att[b] *= sigmoid(att[b]) * w;
+    for (int64_t b = 0; b < nh; ++b) {
+      const int64_t h = h0 + b, o = h * D;
+      const float a = att[b];
+      const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const float s = uh[d] * avh[d], gg = uh[D + d] * avh[D + d];
+        const float t = uh[2 * D + d] * avh[2 * D + d];
+        const int64_t c = o + d;
+        xi[c] += s * a;
+        vi[c] += (vj[c] * gg + t * u0) * m;
+        vi[F + c] += (vj[F + c] * gg + t * u1) * m;
+        vi[2 * F + c] += (vj[2 * F + c] * gg + t * u2) * m;
+      }
     }
   }
 }
@@ -295,7 +336,11 @@ void forward_components(ffi::ThreadPool& pool, const Graph& g, const Components&
           row = g.FR[e];
           g.activate_row(row, act, nullptr);
         }
-        forward_edge(g, e, ak, av, X, VA);
+        if (g.D == 32) {
+          forward_edge<32>(g, e, ak, av, X, VA);
+        } else {
+          forward_edge<0>(g, e, ak, av, X, VA);
+        }
       }
     }
   });
@@ -315,7 +360,11 @@ void forward_passes(ffi::ThreadPool& pool, const Graph& g, float* X, float* VA) 
         const int64_t e = rperm[p];
         if (g.M[e] == 0.f) continue;
         const float* act = ACT.get() + g.FR[e] * 4 * F;
-        forward_edge(g, e, act, act + F, X, VA);
+        if (g.D == 32) {
+          forward_edge<32>(g, e, act, act + F, X, VA);
+        } else {
+          forward_edge<0>(g, e, act, act + F, X, VA);
+        }
       }
     }
   });
@@ -352,55 +401,66 @@ struct Grads {
 // The components schedule's work for one edge e = j -> i (active), given its row's activated
 // filter (ak, av) and SiLU' (gk, gv): adds to dq_i, dk_j, du_j, dvec_j and the row's cotangent
 // (ddk [F], ddv [3F]); writes d unit_e and d cut_e.
+template <int64_t kD>
 inline void backward_edge(const Graph& g, const Grads& o, int64_t e, const float* ak,
                           const float* av, const float* gk, const float* gvr, float* ddk,
                           float* ddv) {
-  const int64_t F = g.F, D = g.D, i = g.RC[e], j = g.S[e];
+  const int64_t F = g.F, D = kD > 0 ? kD : g.D, i = g.RC[e], j = g.S[e];
   const float m = g.M[e], ce = g.C[e];
   const float *qi = g.Q + i * F, *gxi = o.GX + i * F, *gvi = o.GV + i * 3 * F;
   const float *kj = g.K + j * F, *uj = g.U + j * 3 * F, *vj = g.V + j * 3 * F;
   float *dqi = o.dQ + i * F, *dkj = o.dK + j * F, *duj = o.dU + j * 3 * F, *dvj = o.dV + j * 3 * F;
   const float u0 = g.UN[e * 3], u1 = g.UN[e * 3 + 1], u2 = g.UN[e * 3 + 2];
   float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
-  for (int64_t h = 0; h < g.H; ++h) {
-    const int64_t oh = h * D;
-    const float ar = head_logit(qi + oh, kj + oh, ak + oh, D);
-    const float sg = sigmoid(ar);
-    const float a = ar * sg * ce * m;
-    const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D, *gvh = gvr + h * 3 * D;
-    float *ddvh = ddv + h * 3 * D, *duh = duj + h * 3 * D;
-    float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
-#pragma omp simd reduction(+ : da, du0, du1, du2)
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t c = oh + d;
-      const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
-      const float us = uh[d], ug = uh[D + d], ut = uh[2 * D + d];
-      const float gx = gxi[c], g0 = gvi[c], g1 = gvi[F + c], g2 = gvi[2 * F + c];
-      const float t = ut * ft, gg = ug * fg;
-      da += gx * us * fs;
-      const float dg = (g0 * vj[c] + g1 * vj[F + c] + g2 * vj[2 * F + c]) * m;
-      const float dt = (g0 * u0 + g1 * u1 + g2 * u2) * m;
-      ddvh[d] += gx * a * us * gvh[d];
-      ddvh[D + d] += dg * ug * gvh[D + d];
-      ddvh[2 * D + d] += dt * ut * gvh[2 * D + d];
-      du0 += g0 * t * m;
-      du1 += g1 * t * m;
-      du2 += g2 * t * m;
-      duh[d] += gx * a * fs;
-      duh[D + d] += dg * fg;
-      duh[2 * D + d] += dt * ft;
-      dvj[c] += g0 * gg * m;
-      dvj[F + c] += g1 * gg * m;
-      dvj[2 * F + c] += g2 * gg * m;
+  for (int64_t h0 = 0; h0 < g.H; h0 += kHeadBlock) {
+    // The logits and sigmoids of a block of heads first, so that the sigmoids vectorise.
+    const int64_t nh = std::min(kHeadBlock, g.H - h0);
+    float logit[kHeadBlock], sig[kHeadBlock];
+    for (int64_t b = 0; b < nh; ++b) {
+      const int64_t oh = (h0 + b) * D;
+      logit[b] = head_logit(qi + oh, kj + oh, ak + oh, D);
     }
-    dcut += da * ar * sg * m;
-    const float dar = da * m * ce * sg * (1.f + ar * (1.f - sg));
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t c = oh + d;
-      ddk[c] += dar * qi[c] * kj[c] * gk[c];
-      dqi[c] += dar * kj[c] * ak[c];
-      dkj[c] += dar * qi[c] * ak[c];
+    for (int64_t b = 0; b < nh; ++b) sig[b] = sigmoid(logit[b]);
+    for (int64_t b = 0; b < nh; ++b) {
+      const int64_t h = h0 + b, oh = h * D;
+      const float ar = logit[b], sg = sig[b];
+      const float a = ar * sg * ce * m;
+      const float *uh = uj + h * 3 * D, *avh = av + h * 3 * D, *gvh = gvr + h * 3 * D;
+      float *ddvh = ddv + h * 3 * D, *duh = duj + h * 3 * D;
+      float da = 0.f;  // d loss / d (SiLU(ar) * cut * m)
+#pragma omp simd reduction(+ : da, du0, du1, du2)
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = oh + d;
+        const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
+        const float us = uh[d], ug = uh[D + d], ut = uh[2 * D + d];
+        const float gx = gxi[c], g0 = gvi[c], g1 = gvi[F + c], g2 = gvi[2 * F + c];
+        const float t = ut * ft, gg = ug * fg;
+        da += gx * us * fs;
+        const float dg = (g0 * vj[c] + g1 * vj[F + c] + g2 * vj[2 * F + c]) * m;
+        const float dt = (g0 * u0 + g1 * u1 + g2 * u2) * m;
+        ddvh[d] += gx * a * us * gvh[d];
+        ddvh[D + d] += dg * ug * gvh[D + d];
+        ddvh[2 * D + d] += dt * ut * gvh[2 * D + d];
+        du0 += g0 * t * m;
+        du1 += g1 * t * m;
+        du2 += g2 * t * m;
+        duh[d] += gx * a * fs;
+        duh[D + d] += dg * fg;
+        duh[2 * D + d] += dt * ft;
+        dvj[c] += g0 * gg * m;
+        dvj[F + c] += g1 * gg * m;
+        dvj[2 * F + c] += g2 * gg * m;
+      }
+      dcut += da * ar * sg * m;
+      const float dar = da * m * ce * sg * (1.f + ar * (1.f - sg));
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = oh + d;
+        ddk[c] += dar * qi[c] * kj[c] * gk[c];
+        dqi[c] += dar * kj[c] * ak[c];
+        dkj[c] += dar * qi[c] * ak[c];
+      }
     }
   }
   o.dUN[e * 3] = du0;
@@ -455,7 +515,11 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
             o.dC[e] = 0.f;
             continue;
           }
-          backward_edge(g, o, e, ak, av, gk, gvr, ddk, ddv);
+          if (g.D == 32) {
+            backward_edge<32>(g, o, e, ak, av, gk, gvr, ddk, ddv);
+          } else {
+            backward_edge<0>(g, o, e, ak, av, gk, gvr, ddk, ddv);
+          }
         }
         if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {  // all of the row's edges: final
           std::memcpy(o.dPKV + row * 4 * F, ddk, 4 * F * sizeof(float));
