@@ -237,12 +237,12 @@ class FinetuneTrainer:
     def _forward(self, params, rng, batch, training: bool) -> dict:
         """Outputs with a leading device axis ``[D, ...]``; each device its own rows."""
 
-        def per_device(params, keys, batch):
+        def one_device(params, keys, batch):
             return jax.lax.map(lambda a: self._one(params, a[0], a[1], training), (keys, batch))
 
         keys = jax.random.split(rng, batch["node_mask"].shape[0])
-        return jax.shard_map(
-            per_device, mesh=self.mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data")
+        return train.per_device(
+            one_device, self.mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data")
         )(params, keys, batch)
 
     # ---- losses ----------------------------------------------------------------------------

@@ -225,9 +225,9 @@ class MolSpectraTrainer(train.Trainer):
     def _structure(self, params, rng, batch):
         n_dev = batch["node_mask"].shape[0]
         keys = jax.random.split(rng, n_dev)
-        return jax.shard_map(
+        return train.per_device(
             self._device_structure,
-            mesh=self.mesh,
+            self.mesh,
             in_specs=(P(), P("data"), P("data")),
             out_specs=(P("data"), P("data"), P("data")),
         )(self._et_params(params), keys, batch)
