@@ -1,4 +1,5 @@
-"""Compiles and registers the C++ XLA:CPU kernels (``et_message.cc``) on first use.
+"""Compiles and registers the C++ XLA:CPU kernels (``et_message.cc``: the ET message passing;
+``eqln.cc``: the equivariant layer norm; ``parallel_for.h``) on first use.
 
 The shared library is built once per (source, jaxlib, compiler, flags, CPU features) into
 ``$MSPEC_KERNEL_CACHE`` (default ``~/.cache/mspec/kernels``) with ``$CXX`` (default ``g++``),
@@ -27,8 +28,17 @@ import threading
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "et_message.cc")
-TARGETS = {"mspec_et_message_fwd": "EtMessageForward", "mspec_et_message_bwd": "EtMessageBackward"}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("et_message.cc", "eqln.cc"))
+HEADERS = (os.path.join(_HERE, "parallel_for.h"),)
+TARGETS = {
+    "mspec_et_message_fwd": "EtMessageForward",
+    "mspec_et_message_bwd": "EtMessageBackward",
+    "mspec_eqln_cov": "EqlnCov",
+    "mspec_eqln_cov_bwd": "EqlnCovBackward",
+    "mspec_eqln_apply": "EqlnApply",
+    "mspec_eqln_apply_bwd": "EqlnApplyBackward",
+}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-w")
 
 _lock = threading.Lock()
@@ -62,8 +72,10 @@ def _cpu_features() -> str:
 def _library_path(compiler: str) -> str:
     import jaxlib
 
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read())
+    key = hashlib.sha256()
+    for source in (*SOURCES, *HEADERS):
+        with open(source, "rb") as f:
+            key.update(f.read())
     key.update(" ".join((jaxlib.__version__, compiler, platform.machine(), *FLAGS)).encode())
     key.update(_cpu_features().encode())
     return os.path.join(cache_dir(), f"et_message-{key.hexdigest()[:16]}.so")
@@ -76,13 +88,14 @@ def _build(path: str, compiler: str) -> None:
     # Build into a temporary file and rename: concurrent processes never load a partial library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
-    logging.getLogger("mspec").info("building the fused message-passing kernel: %s", " ".join(cmd))
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", tmp]
+    logging.getLogger("mspec").info("building the fused CPU kernels: %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise KernelUnavailable(
-                f"compiling {SOURCE} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+                f"compiling {' '.join(SOURCES)} failed (exit {proc.returncode}):\n"
+                f"{proc.stderr[-2000:]}"
             )
         os.replace(tmp, path)
     finally:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mspec import graph
-from mspec.models import fused_message
+from mspec.models import fused_eqln, fused_message
 
 Array = jax.Array
 
@@ -233,17 +233,24 @@ class EquivariantLayerNorm(nn.Module):
     """
 
     @nn.compact
-    def __call__(self, vec: Array) -> Array:
+    def __call__(self, vec: Array, fused: bool = False) -> Array:
         """Whiten vector features.
 
         Args:
             vec: ``[N, 3, F]`` vector features.
+            fused: compute the ``[N, 3, F]`` steps (covariance, whitening and weight) with the
+                fused CPU kernels of :mod:`mspec.models.fused_eqln` when the computation is in
+                float32; the same values to float rounding.
 
         Returns:
             ``[N, 3, F]`` whitened features, in the input dtype.
         """
         features = vec.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (features,), jnp.float32)
+        if fused and _eqln_compute_dtype() == jnp.float32 and vec.dtype == jnp.float32:
+            cov = fused_eqln.eqln_covariance(vec)
+            cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=cov.dtype))
+            return fused_eqln.eqln_apply(vec, _inv_sqrt_psd(cov), weight)
         v = vec.astype(_eqln_compute_dtype())
         v = v - jnp.mean(v, axis=-1, keepdims=True)
         cov = jnp.einsum("nif,njf->nij", v, v) / features  # [N, 3, 3]
@@ -551,10 +558,10 @@ class EquivariantTransformer(nn.Module):
             elif self.interlayer_norm == "shared_noaffine":
                 x = shared_norm(x)
             if self.interlayer_norm != "none":
-                vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec)
+                vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec, fused)
 
         x = layer_norm(name="out_norm")(x)
         if self.vector_norm == "whitened":
-            vec = EquivariantLayerNorm(name="out_norm_vec")(vec)
+            vec = EquivariantLayerNorm(name="out_norm_vec")(vec, fused)
         assert x.shape == (n, f) and vec.shape == (n, 3, f)
         return x, vec

@@ -1,0 +1,104 @@
+"""The ``[N, 3, F]`` parts of the whitened equivariant layer norm as fused XLA:CPU kernels.
+
+:class:`mspec.models.et.EquivariantLayerNorm` computes, per atom, with ``vc = v - mean_F(v)``::
+
+    C   = vc vc^T / F                       (eqln_covariance)
+    M   = (C + eps diag(1, 2, 3))^-1/2      (3 x 3, in JAX: _inv_sqrt_psd and its custom JVP)
+    out = w * (M vc)                        (eqln_apply)
+
+XLA runs the two ``[N, 3, F]`` steps as batched 3 x 3 GEMMs, centring and weighting passes, and
+as many again backward; the kernels of ``mspec/kernels/eqln.cc`` do each in one pass per atom.
+The cotangents (the centring's derivative included):
+
+* covariance: ``d v = (G + G^T) vc / F`` for ``G = d C``;
+* apply: with ``u = w * g``: ``d M = u vc^T``, ``d v = M^T u - mean_F(M^T u)``,
+  ``d w = sum over atoms and components of g * (M vc)``.
+
+float32 on CPU, first-order gradients only (``jax.custom_vjp``); the model uses them on the same
+condition as the fused message passing (:func:`mspec.models.fused_message.use_fused`). Tests
+compare values and gradients with the XLA formulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mspec.kernels import build
+from mspec.models.fused_message import _match_vma
+
+Array = jax.Array
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _check(vec: Array) -> None:
+    if vec.ndim != 3 or vec.shape[1] != 3 or vec.dtype != jnp.float32:
+        raise ValueError(f"vector features must be float32 [N, 3, F], got {vec.dtype} {vec.shape}")
+
+
+@jax.custom_vjp
+def _covariance(vec):
+    n = vec.shape[0]
+    out = jax.ffi.ffi_call("mspec_eqln_cov", _f32(n, 3, 3), vmap_method="sequential")(vec)
+    return _match_vma(out, vec)
+
+
+def _covariance_fwd(vec):
+    return _covariance(vec), vec
+
+
+def _covariance_bwd(vec, g):
+    gvec = jax.ffi.ffi_call("mspec_eqln_cov_bwd", _f32(*vec.shape), vmap_method="sequential")(vec, g)
+    return (_match_vma(gvec, vec),)
+
+
+_covariance.defvjp(_covariance_fwd, _covariance_bwd)
+
+
+@jax.custom_vjp
+def _apply(vec, mat, weight):
+    out = jax.ffi.ffi_call("mspec_eqln_apply", _f32(*vec.shape), vmap_method="sequential")(
+        vec, mat, weight
+    )
+    return _match_vma(out, vec, mat, weight)
+
+
+def _apply_fwd(vec, mat, weight):
+    return _apply(vec, mat, weight), (vec, mat, weight)
+
+
+def _apply_bwd(res, g):
+    vec, mat, weight = res
+    gvec, gmat, gweight = jax.ffi.ffi_call(
+        "mspec_eqln_apply_bwd",
+        (_f32(*vec.shape), _f32(*mat.shape), _f32(*weight.shape)),
+        vmap_method="sequential",
+    )(vec, mat, weight, g)
+    return _match_vma(gvec, vec), _match_vma(gmat, mat), _match_vma(gweight, weight)
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def eqln_covariance(vec: Array) -> Array:
+    """``vc vc^T / F`` per atom, ``vc = vec - mean_F(vec)``: ``vec [N, 3, F]`` -> ``[N, 3, 3]``."""
+    _check(vec)
+    build.load()
+    return _covariance(vec)
+
+
+def eqln_apply(vec: Array, mat: Array, weight: Array) -> Array:
+    """``weight * (mat @ (vec - mean_F(vec)))`` per atom: ``vec [N, 3, F]``, ``mat [N, 3, 3]``,
+    ``weight [F]`` -> ``[N, 3, F]``."""
+    _check(vec)
+    n, _, f = vec.shape
+    if mat.shape != (n, 3, 3) or weight.shape != (f,):
+        raise ValueError(f"mat {mat.shape} and weight {weight.shape} must be ({n}, 3, 3) and ({f},)")
+    build.load()
+    # Under shard_map the weight (a parameter) is device-invariant: mark it varying so that
+    # autodiff sums its per-device cotangents (as for the message kernel's filter bias).
+    weight = _match_vma(weight.astype(jnp.float32), vec)
+    return _apply(vec, mat.astype(jnp.float32), weight)
