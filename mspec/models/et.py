@@ -471,9 +471,10 @@ class EquivariantTransformer(nn.Module):
             on vec).
         vector_norm: final norm on ``vec``: ``"whitened"`` (EqLN) or ``"none"``.
         message_passing: ``"xla"`` (XLA ops, any backend, any order of differentiation),
-            ``"fused"`` (C++ kernel for XLA:CPU, float32, first-order gradients only; faster on
-            CPU) or ``"auto"`` (fused on CPU when the kernel builds, else XLA). See
-            :mod:`mspec.models.fused_message`.
+            ``"fused"`` (C++ kernels for XLA:CPU, float32, first-order gradients only; faster on
+            CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
+            or ``"auto"`` (fused on CPU when the kernels build, else XLA). See
+            :mod:`mspec.models.fused_message` and :mod:`mspec.models.fused_eqln`.
     """
 
     hidden: int = 256
