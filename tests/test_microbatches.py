@@ -56,8 +56,12 @@ def test_microbatched_gradients_equal_one_batch(qm9_sample_dir):
     assert l1 > 0
     assert l2 == pytest.approx(l1, rel=1e-5)
     assert m2 == pytest.approx(m1, rel=1e-5)
+    # Float rounding differs with the grouping (sums over other atoms, other kernel blocks) and the
+    # whitened vector norm amplifies it where a small model's vectors are nearly planar, so the
+    # absolute tolerance is relative to each gradient's scale; a wrong sub-batch weighting moves
+    # gradients by a sizeable fraction of it.
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
 
 
 def _losses(workdir):
