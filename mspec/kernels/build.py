@@ -4,7 +4,7 @@
 The shared library is built once per (source, jaxlib, compiler, flags, CPU features) into
 ``$MSPEC_KERNEL_CACHE`` (default ``~/.cache/mspec/kernels``) with ``$CXX`` (default ``g++``),
 ``-O3 -march=native -fopenmp-simd -ffast-math`` (fast math lets the compiler vectorise the
-``exp`` of the in-kernel SiLU; the kernel has no NaN/Inf logic that it could change; the tests
+kernels' sums and their inline ``exp``; they have no NaN/Inf logic that it could change; the tests
 check its values and gradients against the XLA ops), against the XLA FFI headers that ship with
 jaxlib; later processes load the cached file. ``-fopenmp-simd`` only enables the vectorisation
 pragmas: the kernels start no threads of their own but run their parallel loops on XLA's

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mspec.kernels import build
-from mspec.models.fused_message import _match_vma
+from mspec.models.fused_message import match_vma
 
 Array = jax.Array
 
@@ -43,7 +43,7 @@ def _check(vec: Array) -> None:
 def _covariance(vec):
     n = vec.shape[0]
     out = jax.ffi.ffi_call("mspec_eqln_cov", _f32(n, 3, 3), vmap_method="sequential")(vec)
-    return _match_vma(out, vec)
+    return match_vma(out, vec)
 
 
 def _covariance_fwd(vec):
@@ -52,7 +52,7 @@ def _covariance_fwd(vec):
 
 def _covariance_bwd(vec, g):
     gvec = jax.ffi.ffi_call("mspec_eqln_cov_bwd", _f32(*vec.shape), vmap_method="sequential")(vec, g)
-    return (_match_vma(gvec, vec),)
+    return (match_vma(gvec, vec),)
 
 
 _covariance.defvjp(_covariance_fwd, _covariance_bwd)
@@ -63,7 +63,7 @@ def _apply(vec, mat, weight):
     out = jax.ffi.ffi_call("mspec_eqln_apply", _f32(*vec.shape), vmap_method="sequential")(
         vec, mat, weight
     )
-    return _match_vma(out, vec, mat, weight)
+    return match_vma(out, vec, mat, weight)
 
 
 def _apply_fwd(vec, mat, weight):
@@ -77,7 +77,7 @@ def _apply_bwd(res, g):
         (_f32(*vec.shape), _f32(*mat.shape), _f32(*weight.shape)),
         vmap_method="sequential",
     )(vec, mat, weight, g)
-    return _match_vma(gvec, vec), _match_vma(gmat, mat), _match_vma(gweight, weight)
+    return match_vma(gvec, vec), match_vma(gmat, mat), match_vma(gweight, weight)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
@@ -100,5 +100,5 @@ def eqln_apply(vec: Array, mat: Array, weight: Array) -> Array:
     build.load()
     # Under shard_map the weight (a parameter) is device-invariant: mark it varying so that
     # autodiff sums its per-device cotangents (as for the message kernel's filter bias).
-    weight = _match_vma(weight.astype(jnp.float32), vec)
+    weight = match_vma(weight.astype(jnp.float32), vec)
     return _apply(vec, mat.astype(jnp.float32), weight)

@@ -110,7 +110,7 @@ def _varying(x: Array) -> frozenset:
     return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
-def _match_vma(out: Array, *refs: Array) -> Array:
+def match_vma(out: Array, *refs: Array) -> Array:
     """Gives a custom call's result the varying mesh axes of its inputs: under ``shard_map``
     the FFI call returns device-invariant types, which autodiff would not accept."""
     axes = frozenset().union(*(_varying(r) for r in refs)) - _varying(out)
@@ -145,7 +145,7 @@ def _fused(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, r
     out = jax.ffi.ffi_call(
         "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
     )(*ins, heads=heads, schedule=schedule)
-    return tuple(_match_vma(o, *ins) for o in out)
+    return tuple(match_vma(o, *ins) for o in out)
 
 
 def _fused_fwd(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, heads, schedule):
@@ -164,7 +164,7 @@ def _fused_bwd(heads, schedule, res, cts):
         (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, 4 * f), _f32(4 * f), _f32(e, 3), _f32(e)),
         vmap_method="sequential",
     )(*res, gx, gv, heads=heads, schedule=schedule)
-    grads = [_match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut))]
+    grads = [match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut))]
     return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
 
 
@@ -217,7 +217,7 @@ def message_fused(
     # Under shard_map the bias (a parameter) is device-invariant while the rows vary: mark it
     # varying here, so that autodiff sums its per-device cotangents over the devices (the
     # transpose of this cast), as it does for the weights.
-    filter_bias = _match_vma(filter_bias, filters, q)
+    filter_bias = match_vma(filter_bias, filters, q)
     f32 = lambda a: a.astype(jnp.float32)
     i32 = lambda a: a.astype(jnp.int32)
     return _fused(
