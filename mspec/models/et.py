@@ -247,15 +247,18 @@ class EquivariantLayerNorm(nn.Module):
         """
         features = vec.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (features,), jnp.float32)
-        if fused and _eqln_compute_dtype() == jnp.float32 and vec.dtype == jnp.float32:
+        use_kernels = fused and _eqln_compute_dtype() == jnp.float32 and vec.dtype == jnp.float32
+        if use_kernels:
             cov = fused_eqln.eqln_covariance(vec)
-            cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=cov.dtype))
-            return fused_eqln.eqln_apply(vec, _inv_sqrt_psd(cov), weight)
-        v = vec.astype(_eqln_compute_dtype())
-        v = v - jnp.mean(v, axis=-1, keepdims=True)
-        cov = jnp.einsum("nif,njf->nij", v, v) / features  # [N, 3, 3]
-        cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=v.dtype))
-        out = jnp.einsum("nij,njf->nif", _inv_sqrt_psd(cov), v)
+        else:
+            v = vec.astype(_eqln_compute_dtype())
+            v = v - jnp.mean(v, axis=-1, keepdims=True)
+            cov = jnp.einsum("nif,njf->nij", v, v) / features  # [N, 3, 3]
+        cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=cov.dtype))
+        whiten = _inv_sqrt_psd(cov)
+        if use_kernels:
+            return fused_eqln.eqln_apply(vec, whiten, weight)
+        out = jnp.einsum("nij,njf->nif", whiten, v)
         return out.astype(vec.dtype) * weight.astype(vec.dtype)
 
 

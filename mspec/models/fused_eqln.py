@@ -25,13 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from mspec.kernels import build
-from mspec.models.fused_message import match_vma
+from mspec.models.fused_message import f32_shape, match_vma
 
 Array = jax.Array
-
-
-def _f32(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _check(vec: Array) -> None:
@@ -42,7 +38,7 @@ def _check(vec: Array) -> None:
 @jax.custom_vjp
 def _covariance(vec):
     n = vec.shape[0]
-    out = jax.ffi.ffi_call("mspec_eqln_cov", _f32(n, 3, 3), vmap_method="sequential")(vec)
+    out = jax.ffi.ffi_call("mspec_eqln_cov", f32_shape(n, 3, 3), vmap_method="sequential")(vec)
     return match_vma(out, vec)
 
 
@@ -51,7 +47,9 @@ def _covariance_fwd(vec):
 
 
 def _covariance_bwd(vec, g):
-    gvec = jax.ffi.ffi_call("mspec_eqln_cov_bwd", _f32(*vec.shape), vmap_method="sequential")(vec, g)
+    gvec = jax.ffi.ffi_call(
+        "mspec_eqln_cov_bwd", f32_shape(*vec.shape), vmap_method="sequential"
+    )(vec, g)
     return (match_vma(gvec, vec),)
 
 
@@ -60,7 +58,7 @@ _covariance.defvjp(_covariance_fwd, _covariance_bwd)
 
 @jax.custom_vjp
 def _apply(vec, mat, weight):
-    out = jax.ffi.ffi_call("mspec_eqln_apply", _f32(*vec.shape), vmap_method="sequential")(
+    out = jax.ffi.ffi_call("mspec_eqln_apply", f32_shape(*vec.shape), vmap_method="sequential")(
         vec, mat, weight
     )
     return match_vma(out, vec, mat, weight)
@@ -74,7 +72,7 @@ def _apply_bwd(res, g):
     vec, mat, weight = res
     gvec, gmat, gweight = jax.ffi.ffi_call(
         "mspec_eqln_apply_bwd",
-        (_f32(*vec.shape), _f32(*mat.shape), _f32(*weight.shape)),
+        (f32_shape(*vec.shape), f32_shape(*mat.shape), f32_shape(*weight.shape)),
         vmap_method="sequential",
     )(vec, mat, weight, g)
     return match_vma(gvec, vec), match_vma(gmat, mat), match_vma(gweight, weight)
@@ -96,7 +94,9 @@ def eqln_apply(vec: Array, mat: Array, weight: Array) -> Array:
     _check(vec)
     n, _, f = vec.shape
     if mat.shape != (n, 3, 3) or weight.shape != (f,):
-        raise ValueError(f"mat {mat.shape} and weight {weight.shape} must be ({n}, 3, 3) and ({f},)")
+        raise ValueError(
+            f"mat {mat.shape} and weight {weight.shape} must be ({n}, 3, 3) and ({f},)"
+        )
     build.load()
     # Under shard_map the weight (a parameter) is device-invariant: mark it varying so that
     # autodiff sums its per-device cotangents (as for the message kernel's filter bias).

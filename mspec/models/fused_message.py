@@ -117,7 +117,7 @@ def match_vma(out: Array, *refs: Array) -> Array:
     return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
 
-def _f32(*shape):
+def f32_shape(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
@@ -143,7 +143,7 @@ def _fused(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, r
     n, f = q.shape
     ins = (q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr)
     out = jax.ffi.ffi_call(
-        "mspec_et_message_fwd", (_f32(n, f), _f32(n, 3, f)), vmap_method="sequential"
+        "mspec_et_message_fwd", (f32_shape(n, f), f32_shape(n, 3, f)), vmap_method="sequential"
     )(*ins, heads=heads, schedule=schedule)
     return tuple(match_vma(o, *ins) for o in out)
 
@@ -161,7 +161,10 @@ def _fused_bwd(heads, schedule, res, cts):
     gx, gv = cts
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
-        (_f32(n, f), _f32(n, f), _f32(n, 3 * f), _f32(n, 3, f), _f32(r, 4 * f), _f32(4 * f), _f32(e, 3), _f32(e)),
+        tuple(
+            f32_shape(*shape)
+            for shape in ((n, f), (n, f), (n, 3 * f), (n, 3, f), (r, 4 * f), (4 * f,), (e, 3), (e,))
+        ),
         vmap_method="sequential",
     )(*res, gx, gv, heads=heads, schedule=schedule)
     grads = [match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut))]
