@@ -5,6 +5,11 @@ Configs:
     (GFN2-xTB IR/Raman, B3LYP/def2-SVP + sTDA UV; level of theory read from ``meta.json``),
     ``data_pipelines/spectra/data/qm9_gfn2/{sticks.jsonl[.gz], meta.json}`` unless ``source_dir``
     is given, broadened here onto the QM9S grids (:mod:`data_pipelines.spectra.broadening`).
+  * ``gfn2_qm9train``: the same sticks, restricted to molecules of QM9's training split (the
+    seed-1 110,000 of :func:`data_pipelines.qm9pack_source.split_indices`; the sticks were
+    computed along a permutation of all of QM9, so about 16 % are QM9 validation/test molecules,
+    counted as ``excluded_qm9_validation_or_test``). Use it when the encoder is judged on QM9:
+    pre-training then never sees a held-out molecule (``experiments.reproduce`` does).
   * ``release``: the real QM9S spectra (B3LYP/def2-TZVP), from ``source_dir`` holding either
     MolSpectra's ``processed/data_with_uv_ir_raman.pt`` (OSF ``qm9sp.zip``; read without torch)
     or the figshare ``uv_boraden.csv``, ``ir_boraden.csv``, ``raman_boraden.csv`` + ``qm9s.pt``.
@@ -77,6 +82,11 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "gfn2 stick spectra or the QM9S release, joined to qm9pack QM9."}
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="gfn2", description="Locally computed GFN2/sTDA sticks."),
+        tfds.core.BuilderConfig(
+            name="gfn2_qm9train",
+            description="The gfn2 sticks of molecules in QM9's training split only (seed-1 "
+            "110,000 / 10,000 / rest): pre-training on it never sees a QM9 validation or test "
+            "molecule, which a study judged on QM9 needs."),
         tfds.core.BuilderConfig(name="release", description="The real QM9S spectra."),
     ]
     DEFAULT_CONFIG_NAME = "gfn2"
@@ -119,7 +129,7 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
         """True when a prepared ``gfn2`` dataset was built from other stick spectra than the
         ones now in its source directory (e.g. the shipped file grew in a new release), so
         :func:`mspec.data.datasets.get_builder` rebuilds it instead of serving stale data."""
-        if self.builder_config.name != "gfn2":
+        if not self.builder_config.name.startswith("gfn2"):
             return False
         built = self.info.metadata.get("source_sha256")
         try:
@@ -134,7 +144,7 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
         """``(store, info)``: random-access spectra (``len``, ``[i]``, ``.indices``) + metadata."""
         config = self.builder_config.name
         directory = self._source_dir or qm9._manual_dir(dl_manager)
-        if config == "gfn2":
+        if config.startswith("gfn2"):
             directory = directory or DEFAULT_GFN2_DIR
             spectra, meta = read_sticks(directory)
             records = sorted(tqdm.tqdm(spectra, desc="broaden sticks", unit="mol"),
@@ -168,9 +178,14 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
         qm9_records = _qm9pack_by_index(set(indices))
         kept = [p for p, i in enumerate(indices) if i in qm9_records]
         skipped = [i for i in indices if i not in qm9_records]
-        if self.builder_config.name == "gfn2" and skipped:
+        if self.builder_config.name.startswith("gfn2") and skipped:
             raise QM9SSourceError(f"{info['source']}: stick spectra for QM9 indices {skipped[:5]} "
                                   "that are not characterised QM9 molecules in qm9pack")
+        heldout = []
+        if self.builder_config.name == "gfn2_qm9train":
+            train_positions = set(qm9pack_source.split_indices()[0].tolist())
+            heldout = [indices[p] for p in kept if qm9_records[indices[p]]["pyg_idx"] not in train_positions]
+            kept = [p for p in kept if qm9_records[indices[p]]["pyg_idx"] in train_positions]
         if not kept:
             raise QM9SSourceError(f"{info['source']}: no molecule joins to QM9")
 
@@ -187,6 +202,7 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
             **info,
             "num_molecules": len(kept),
             "skipped_not_in_qm9": len(skipped),
+            "excluded_qm9_validation_or_test": len(heldout),
             "split_sizes": {k: int(len(v)) for k, v in splits.items()},
             "torsion_status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
             "coord_noise_fallback": sum(s != "ok" for s in statuses),
@@ -201,7 +217,9 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(meta)
         self._report = {**meta, "skipped_not_in_qm9_indices": skipped}
         print(f"QM9S ({self.builder_config.name}): {len(kept)} molecules, {len(skipped)} skipped "
-              "(not in QM9)", file=sys.stderr)
+              "(not in QM9)" + (f", {len(heldout)} excluded (QM9 validation/test split)"
+                               if self.builder_config.name == "gfn2_qm9train" else ""),
+              file=sys.stderr)
         return {name: self._generate_examples(store, kept, molecules, order)
                 for name, order in splits.items()}
 
@@ -253,7 +271,7 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="Build the QM9S TFDS dataset.")
     parser.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
-    parser.add_argument("--config", default="gfn2", choices=["gfn2", "release"])
+    parser.add_argument("--config", default="gfn2", choices=["gfn2", "gfn2_qm9train", "release"])
     parser.add_argument("--source_dir", default=None)
     parser.add_argument("--num_workers", type=int, default=None)
     args = parser.parse_args(argv)

@@ -58,6 +58,12 @@ def base_config(task: str, dataset: str, size: str) -> ml_collections.ConfigDict
             grad_clip_norm=0.0,
         )
     )
+    # What the end of training evaluates (results.json, parity plots): the last and/or the
+    # best-validation checkpoint; the validation MAE over the first `validation_max_molecules`
+    # molecules (0 = the whole split). The test split is always evaluated whole.
+    c.evaluate = ml_collections.ConfigDict(
+        dict(checkpoints=("last", "best"), validation_max_molecules=0)
+    )
     c.batch_size = 128
     c.total_steps = 700_000
     c.stop_after_step = 0

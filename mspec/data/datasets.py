@@ -116,14 +116,27 @@ def _check_files(builder, dataset: str) -> None:
 
 
 def open_split(builder, split: str) -> Any:
-    """Random-access data source (``len``, ``[i]``) of one split, with a clear error if absent."""
-    if split not in builder.info.splits:
+    """Random-access data source (``len``, ``[i]``) of one split, with a clear error if absent.
+
+    ``split`` may carry TFDS's slice syntax, e.g. ``"train[:1000]"`` (the first 1,000 examples:
+    a random subset where the split is stored in a seeded permutation order, as QM9's is).
+    """
+    base = split.split("[", 1)[0]
+    if base not in builder.info.splits:
         raise DatasetError(
             f"split {split!r} not in dataset {builder.info.full_name}; "
             f"available: {sorted(builder.info.splits)}"
         )
     try:
         source = builder.as_data_source(split=split)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001  (TFDS raises several types on a bad slice)
+        raise DatasetError(
+            f"bad split {split!r} for dataset {builder.info.full_name}: {e}") from e
+    if base != split and not len(source):
+        raise DatasetError(f"split {split!r} of {builder.info.full_name} selects no example")
+    try:
         if len(source):
             source[0]  # Decode one record now, so corruption fails here and not mid-training.
     except DatasetError:

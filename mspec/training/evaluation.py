@@ -152,8 +152,12 @@ def format_table(results: dict) -> str:
 
 
 def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
-                     roles=("validation", "test")) -> dict:
-    """Evaluates a fine-tuning workdir's last and best checkpoints; writes results.json + PNGs."""
+                     roles=("validation", "test"), validation_max_molecules: int = 0) -> dict:
+    """Evaluates a fine-tuning workdir's last and best checkpoints; writes results.json + PNGs.
+
+    ``validation_max_molecules`` > 0 evaluates only the first that many validation molecules
+    (the subset used for model selection); the test split is always evaluated whole.
+    """
     from mspec.training import finetune
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -197,7 +201,8 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
         step, params = restored
         entry: dict[str, Any] = {"step": int(step)}
         for role in roles:
-            pred = finetune.predict(setup, params, role)
+            limit = validation_max_molecules if role == "validation" and validation_max_molecules > 0 else None
+            pred = finetune.predict(setup, params, role, limit)
             entry[role] = split_metrics(setup, pred)
             if role == "test":
                 png = os.path.join(workdir, f"parity_{w}.png")

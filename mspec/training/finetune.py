@@ -154,6 +154,10 @@ def check_config(config) -> None:
             "MD17 denoising needs config.loss.sep_noisy_nodes = True (energies and forces on clean "
             "frames, a separate noisy pass for the noise head; frad-et-spec §3.2)"
         )
+    checkpoints = tuple((config.get("evaluate") or {}).get("checkpoints", ("last", "best")))
+    if not checkpoints or set(checkpoints) - {"last", "best"}:
+        raise ValueError(
+            f"config.evaluate.checkpoints must name 'last' and/or 'best', got {checkpoints!r}")
     if config.total_steps <= 0 or config.batch_size <= 0:
         raise ValueError("config.total_steps and config.batch_size must be positive")
 
@@ -551,7 +555,11 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
                 train.note(f"step {step} | validation metric {val:.6g}" + (" (best so far)" if improved else ""))
                 if improved:
                     state = _replicate_scalars(trainer, state, best_val=val, best_step=step)
-                    best_ckpt.save(step, state, config_json, it.state())
+                    # A run killed after this save and before the periodic checkpoint of the
+                    # same step replays to here on resume; the resumed state is bitwise the
+                    # one already saved, so the existing best/<step> stands.
+                    if best_ckpt.latest_step() != step:
+                        best_ckpt.save(step, state, config_json, it.state())
                 last_time = time.time()
             if step % config.checkpoint_every == 0 or step == stop:
                 ckpt.save(step, state, config_json, it.state())
@@ -564,6 +572,10 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     if step < total:
         train.note(f"stopped at step {step} of {total} (stop_after_step); rerun to continue")
         return summary
-    results = evaluation.evaluate_workdir(workdir, setup=setup)
+    ev = config.get("evaluate") or {}
+    results = evaluation.evaluate_workdir(
+        workdir, setup=setup, which=tuple(ev.get("checkpoints", ("last", "best"))),
+        validation_max_molecules=int(ev.get("validation_max_molecules", 0)),
+    )
     summary["results"] = results
     return summary

@@ -1,0 +1,193 @@
+"""The reproduction study's harness (experiments.reproduce) at its smoke scale.
+
+These tests check the harness (stages, skip and resume, failure reporting, files and tables), not
+the science: the smoke scale trains for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import reproduce, reproduce_report, reproduce_stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(args, data_dir, timeout=900):
+    env = dict(os.environ, MSPEC_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device per stage, as a user's run
+    return subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_study(qm9_sample_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("study"))
+    proc = _run(["--scale", "smoke", "--workdir", workdir], qm9_sample_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_plan_covers_every_arm_target_and_seed():
+    p = reproduce.load_protocol("cpu", [])
+    stages = reproduce_stages.plan(p)
+    names = [s.name for s in stages]
+    assert len(names) == len(set(names))
+    assert names[:4] == ["pretrain/coord", "pretrain/frad", "pretrain/molspectra",
+                         "pretrain/coord_control"]
+    fine = [s for s in stages if s.kind == "finetune"]
+    assert len(fine) == len(p.arms) * len(p.seeds) * (len(p.qm9.targets) + 1)
+    # Dependencies always run earlier; scratch needs nothing.
+    position = {n: i for i, n in enumerate(names)}
+    for s in stages:
+        assert all(position[n] < position[s.name] for n in s.needs)
+        assert (s.needs == ()) == (s.arm == "scratch" or s.name in ("pretrain/coord", "pretrain/frad"))
+    # Same fine-tuning recipe for every arm: the overrides differ only in seed and init.
+    by_target = {}
+    for s in fine:
+        recipe = {k: v for k, v in s.overrides if k not in ("seed", "init.checkpoint")}
+        by_target.setdefault(s.target, []).append(recipe)
+    for recipes in by_target.values():
+        assert all(r == recipes[0] for r in recipes)
+    # The control differs from MolSpectra only by the two spectral weights.
+    ms = dict(stages[2].overrides)
+    ctl = dict(stages[3].overrides)
+    assert {k for k in ms.keys() | ctl.keys() if ms.get(k) != ctl.get(k)} == {
+        "loss.mpr_weight", "loss.contrastive_weight"}
+    assert ctl["loss.mpr_weight"] == 0.0 and ctl["loss.contrastive_weight"] == 0.0
+    assert ms["init_from.checkpoint"] == "pretrain/coord"
+    # Stage 2 reads QM9 training-split molecules only; QM9 labels are a training-split prefix.
+    assert ms["data.dataset"] == "qm9s/gfn2_qm9train"
+    qm9 = dict(next(s for s in fine if s.target == "homo").overrides)
+    assert qm9["data.train_split"] == f"train[:{p.qm9.num_labels}]"
+    assert qm9["evaluate.checkpoints"] == ("best",)
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
+def test_dry_run_prints_every_stage_command_and_cost(scale, tmp_path, capsys):
+    assert reproduce.main(["--scale", scale, "--workdir", str(tmp_path / "w"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    stages = reproduce_stages.plan(reproduce.load_protocol(scale, []))
+    for s in stages:
+        assert f"] {s.name}: {s.steps:,} steps, est." in out
+    assert out.count(" -m experiments.") == len(stages)
+    assert f"{len(stages)} stages; estimated" in out
+    assert not (tmp_path / "w").exists()  # a dry run writes nothing
+
+
+def test_protocol_overrides_are_checked():
+    p = reproduce.load_protocol("cpu", ["qm9.num_labels=2000", "seeds=[4,5,6]"])
+    assert p.qm9.num_labels == 2000 and p.seeds == (4, 5, 6)
+    with pytest.raises(SystemExit, match="no protocol key 'qm9.num_label'"):
+        reproduce.load_protocol("cpu", ["qm9.num_label=2000"])
+
+
+def test_changed_protocol_is_refused(tmp_path):
+    reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu", []))
+    reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu", ["cost.qm9_step_s=9"]))
+    with pytest.raises(SystemExit, match=r"another protocol \(qm9.num_labels: 1000 -> 50\)"):
+        reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu", ["qm9.num_labels=50"]))
+
+
+def test_goal_checks():
+    rows = {"scratch": dict(mean=20.0, min=19.0, max=21.0),
+            "coord": dict(mean=17.0, min=16.5, max=17.5, change_vs_scratch=-0.15,
+                          published_change_vs_scratch=-0.128),
+            "frad": dict(mean=16.0, min=15.0, max=16.8, change_vs_scratch=-0.20,
+                         published_change_vs_scratch=-0.246)}
+    checks = reproduce_report.goal_checks(rows)
+    assert checks["order scratch > Coord > Frad (means)"] is True
+    assert checks["seed ranges do not overlap (Frad < Coord < scratch)"] is True
+    assert checks["Coord gain >= half the published gain"] is True
+    assert checks["Frad gain >= half the published gain"] is True
+    assert checks["MolSpectra <= its denoising-only control (means)"] is None
+    rows["frad"]["max"] = 16.6 + 1.0
+    assert reproduce_report.goal_checks(rows)["seed ranges do not overlap (Frad < Coord < scratch)"] is False
+
+
+def test_smoke_study_writes_results_report_and_figures(smoke_study):
+    workdir, proc = smoke_study
+    p = reproduce.load_protocol("smoke", [])
+    stages = reproduce_stages.plan(p)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["complete"] is True
+    assert set(results["stages"]) == {s.name for s in stages}
+    assert all(r["status"] == "done" and r["wall_s"] > 0 for r in results["stages"].values())
+    runs = results["runs"]
+    assert len(runs) == sum(s.kind == "finetune" for s in stages)
+    targets = list(p.qm9.targets) + [p.md17.molecule]
+    for target in targets:
+        summary = results["summary"][target]
+        assert set(summary["arms"]) == set(p.arms)
+        for arm, row in summary["arms"].items():
+            vals = [r["test_mae"] for r in runs if r["arm"] == arm and r["target"] == target]
+            assert row["n"] == len(p.seeds) == len(vals)
+            assert row["mean"] == pytest.approx(sum(vals) / len(vals))
+            assert row["std"] > 0  # seeds differ
+    for r in runs:
+        assert r["test_mae"] > 0 and r["validation_curve"] and r["best_step"] > 0
+        # The reported test MAE is the best-validation checkpoint's, as in its results.json.
+        with open(os.path.join(workdir, "finetune", r["target"], r["arm"], f"seed{r['seed']}",
+                               "results.json")) as f:
+            own = json.load(f)
+        key = "mae" if r["target"] in p.qm9.targets else "forces_mae"
+        assert own["best"]["test"][key] == r["test_mae"] and "last" not in own
+        assert own["split_sizes"]["test"] == r["test_size"]
+    qm9_run = next(r for r in runs if r["target"] == "homo")
+    assert qm9_run["train_size"] == p.qm9.num_labels
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "Stages done: " in report and "(complete)" in report
+    for target in targets:
+        assert f"### {target} (" in report
+        with open(os.path.join(workdir, f"validation_{target}.png"), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    for name in ("test_mae.png", "pretraining_loss.png"):
+        with open(os.path.join(workdir, name), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    assert "Coord + denoising only (control)" in report and "published" in report
+    assert "## Protocol (fixed before the results were seen)" in report
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(smoke_study, qm9_sample_dir):
+    workdir, _ = smoke_study
+    stage = os.path.join(workdir, "finetune", "homo", "frad", "seed1")
+    with open(os.path.join(stage, "results.json")) as f:
+        before = json.load(f)["best"]["test"]["mae"]
+    # As if the stage was killed after its last checkpoint, before it evaluated.
+    os.remove(os.path.join(stage, "results.json"))
+    status = reproduce_stages.read_status(stage)
+    status["status"] = "interrupted"
+    reproduce_stages.write_status(stage, status)
+    proc = _run(["--scale", "smoke", "--workdir", workdir], qm9_sample_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = [ln for ln in proc.stdout.splitlines() if "resuming" in ln or "starting" in ln]
+    assert len(ran) == 1 and "finetune/homo/frad/seed1" in ran[0], proc.stdout
+    assert proc.stdout.count("skipped") == len(reproduce_stages.plan(reproduce.load_protocol("smoke", []))) - 1
+    assert "resumed from step" in open(os.path.join(stage, "log.txt")).read()
+    with open(os.path.join(stage, "results.json")) as f:
+        assert json.load(f)["best"]["test"]["mae"] == before  # the same checkpoint, exactly
+    assert len(reproduce_stages.read_status(stage)["attempts"]) == 2
+
+
+def test_failed_stage_is_reported_and_dependents_do_not_run(qm9_sample_dir, tmp_path):
+    workdir = str(tmp_path / "study")
+    proc = _run(["--scale", "smoke", "--workdir", workdir,
+                 "--only", "pretrain/coord,finetune/homo/coord/seed1,finetune/homo/scratch/seed1",
+                 "--set", "pretrain.dataset=qm9/no_such_config"], qm9_sample_dir)
+    assert proc.returncode == 1
+    assert "pretrain/coord: FAILED" in proc.stderr
+    assert "finetune/homo/coord/seed1: not run, needs pretrain/coord (failed)" in proc.stdout
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["stages"]["pretrain/coord"]["status"] == "failed"
+    assert results["stages"]["pretrain/coord"]["log"] == os.path.join("pretrain", "coord", "log.txt")
+    assert results["stages"]["finetune/homo/scratch/seed1"]["status"] == "done"  # the others go on
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "**Failed stages**" in report and "pretrain/coord/log.txt" in report
