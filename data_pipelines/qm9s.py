@@ -220,8 +220,12 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
               "(not in QM9)" + (f", {len(heldout)} excluded (QM9 validation/test split)"
                                if self.builder_config.name == "gfn2_qm9train" else ""),
               file=sys.stderr)
+        empty = [name for name, order in splits.items() if not len(order)]
+        if empty:  # TFDS cannot write an empty split; it is left out (opening it names the split)
+            print(f"QM9S ({self.builder_config.name}): split(s) {', '.join(empty)} would be "
+                  f"empty with {len(kept)} molecules and are left out", file=sys.stderr)
         return {name: self._generate_examples(store, kept, molecules, order)
-                for name, order in splits.items()}
+                for name, order in splits.items() if len(order)}
 
     def _generate_examples(self, store, kept, molecules, order):
         for rank, m in enumerate(order):

@@ -18,7 +18,9 @@ Options: ``--dry-run`` prints every stage's command and estimated cost and runs 
 ``'pretrain/*,finetune/homo/*'``) and their missing dependencies are reported, not run;
 ``--report-only`` rewrites the report from what is on disk; ``--export DIR`` copies the small
 outputs (results.json, report.md, figures) to ``DIR`` (how docs/reproduction/ is made);
-``--set KEY=VALUE`` changes one protocol value (recorded; a workdir refuses a changed protocol).
+``--set KEY=VALUE`` changes one protocol value (recorded; a workdir refuses a changed protocol);
+``--launcher CMD`` starts the pre-training stages through ``CMD`` (e.g. ``./launch.sh tpu --name
+POD --zone ZONE``) for multi-host pre-training; fine-tuning stages run in this process's machine.
 """
 
 from __future__ import annotations
@@ -114,13 +116,13 @@ def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def dry_run(p, stages: list[Stage], workdir: str) -> None:
+def dry_run(p, stages: list[Stage], workdir: str, launcher: str = "") -> None:
     total = 0.0
     for i, st in enumerate(stages, 1):
         total += st.estimate_s
         print(f"[{i}/{len(stages)}] {st.name}: {st.steps:,} steps, est. {_fmt_s(st.estimate_s)}"
               f"{' (after ' + ', '.join(st.needs) + ')' if st.needs else ''}")
-        print("    " + " ".join(_quote(a) for a in st.command(workdir)))
+        print("    " + " ".join(_quote(a) for a in st.command(workdir, launcher=launcher)))
     by_kind: dict[str, float] = {}
     for st in stages:
         by_kind[st.kind] = by_kind.get(st.kind, 0.0) + st.estimate_s
@@ -152,12 +154,12 @@ def _die_with_parent():
         pass
 
 
-def run_stage(st: Stage, workdir: str, env: dict) -> dict:
+def run_stage(st: Stage, workdir: str, env: dict, launcher: str = "") -> dict:
     """Runs (or resumes) one stage in a subprocess; returns its updated status record."""
     stage_dir = st.workdir(workdir)
     os.makedirs(stage_dir, exist_ok=True)
     status = reproduce_stages.read_status(stage_dir)
-    cmd = st.command(workdir)
+    cmd = st.command(workdir, launcher=launcher)
     log_path = os.path.join(stage_dir, "log.txt")
     start_steps = reproduce_stages.checkpoint_steps(os.path.join(stage_dir, "checkpoints"))
     attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -224,7 +226,7 @@ def study_lock(workdir: str):
         yield
 
 
-def run_study(p, stages: list[Stage], workdir: str, selected: set[str]) -> int:
+def run_study(p, stages: list[Stage], workdir: str, selected: set[str], launcher: str = "") -> int:
     env = stage_env(workdir)
     statuses = {st.name: reproduce_stages.read_status(st.workdir(workdir)) for st in stages}
     todo = [st for st in stages if st.name in selected]
@@ -247,7 +249,7 @@ def run_study(p, stages: list[Stage], workdir: str, selected: set[str]) -> int:
               f"({st.steps:,} steps, est. {_fmt_s(st.estimate_s)}; study est. {_fmt_s(left)} left, "
               f"{_fmt_s(time.time() - t_start)} so far); log {os.path.join(stage_dir, 'log.txt')}",
               flush=True)
-        statuses[st.name] = run_stage(st, workdir, env)
+        statuses[st.name] = run_stage(st, workdir, env, launcher)
         s = statuses[st.name]
         if s["status"] == "done":
             print(f"{prefix}: done in {_fmt_s(s['attempts'][-1]['wall_s'])}", flush=True)
@@ -280,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated globs of stage names to run")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report, run nothing")
     ap.add_argument("--export", default="", help="copy results.json, report.md and PNGs here")
+    ap.add_argument("--launcher", default="",
+                    help="start pre-training stages with this command, e.g. "
+                         "\"./launch.sh tpu --name POD --zone ZONE\" (fine-tuning runs locally)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change one protocol value, e.g. --set qm9.num_labels=2000")
     args = ap.parse_args(argv)
@@ -293,7 +298,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--only {args.only!r} matches no stage; stages look like "
                          f"{stages[0].name}, {stages[-1].name}")
     if args.dry_run:
-        dry_run(p, [st for st in stages if st.name in selected], workdir)
+        dry_run(p, [st for st in stages if st.name in selected], workdir, args.launcher)
         return 0
     with study_lock(workdir):
         check_protocol(workdir, p)
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
         else:
             previous = {sig: signal.signal(sig, _on_term) for sig in (signal.SIGTERM, signal.SIGHUP)}
             try:
-                rc = run_study(p, stages, workdir, selected)
+                rc = run_study(p, stages, workdir, selected, args.launcher)
             except (_Interrupted, KeyboardInterrupt) as e:
                 print(f"interrupted ({e or 'SIGINT'}); re-run the same command to resume",
                       file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 import ml_collections
@@ -54,9 +55,15 @@ class Stage:
     def workdir(self, study_dir: str) -> str:
         return os.path.join(study_dir, *self.name.split("/"))
 
-    def command(self, study_dir: str, python: str = sys.executable) -> list[str]:
-        args = [python, "-m", self.module, f"--config={self.config}",
-                f"--workdir={self.workdir(study_dir)}"]
+    def command(self, study_dir: str, python: str = sys.executable, launcher: str = "") -> list[str]:
+        """The stage's command line. ``launcher`` (e.g. ``"./launch.sh tpu --name P --zone Z"``)
+        starts the pre-training stages instead of plain ``python -m`` (multi-host); fine-tuning
+        runs in one process, so it always starts directly."""
+        if launcher and self.kind == "pretrain":
+            head = shlex.split(launcher) + [self.module]
+        else:
+            head = [python, "-m", self.module]
+        args = head + [f"--config={self.config}", f"--workdir={self.workdir(study_dir)}"]
         for key, value in self.overrides:
             if key == "init_from.checkpoint" or key == "init.checkpoint":
                 value = os.path.join(study_dir, *str(value).split("/"))

@@ -2,6 +2,7 @@
 units, schedules, a tiny QM9 run that learns, and exact resume of an MD17 run."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,35 @@ def test_md17_resume_is_exact(md17_fixture_dir, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert np.isfinite(float(a["energy_ema"]))  # the energy-loss EMA is carried in the state
+
+
+def test_resume_after_a_kill_between_the_best_and_the_periodic_checkpoint(md17_fixture_dir, tmp_path):
+    """A kill after best/N is written and before checkpoints/N: the re-run replays to N, finds
+    the same improvement and must keep best/N instead of failing (StepAlreadyExistsError)."""
+    data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+    c = _md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6)
+    finetune.finetune_and_evaluate(c, workdir)
+    best = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
+    best_step = best.latest_step()
+    best.close()
+    assert best_step is not None
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before this save
+    summary = finetune.finetune_and_evaluate(c, workdir)
+    assert summary["final_step"] == 6 and summary["start_step"] < 6
+
+
+def test_evaluate_options_select_checkpoints_and_the_validation_subset(qm9_sample_dir, tmp_path):
+    c = finetune_qm9.get_config("tiny")
+    c.data.data_dir = qm9_sample_dir
+    c.total_steps = 20
+    c.eval_every = 10
+    c.checkpoint_every = 10
+    c.data.train_split = "train[:100]"
+    c.evaluate.checkpoints = ("best",)
+    c.evaluate.validation_max_molecules = 30
+    res = finetune.finetune_and_evaluate(c, str(tmp_path))["results"]
+    assert "last" not in res and res["best"]["validation"]["n"] == 30
+    assert res["best"]["test"]["n"] == 200 and res["split_sizes"]["train"] == 100
+    c.evaluate.checkpoints = ("final",)
+    with pytest.raises(ValueError, match="config.evaluate.checkpoints must name"):
+        finetune.check_config(c)

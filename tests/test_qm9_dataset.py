@@ -109,3 +109,15 @@ def test_corrupt_dataset_directory_is_a_clear_error(qm9_sample_dir, tmp_path):
     (version_dir / "dataset_info.json").write_text("{not json")
     with pytest.raises(datasets.DatasetError, match="corrupt"):
         datasets.get_builder("qm9/sample", str(broken), build=False)
+
+
+def test_split_slices_select_a_prefix_of_the_permutation(qm9_sample_dir):
+    b = datasets.get_builder("qm9/sample", qm9_sample_dir)
+    full = datasets.open_split(b, "train")
+    head = datasets.open_split(b, "train[:25]")
+    assert len(head) == 25
+    assert [int(head[i]["pyg_idx"]) for i in range(25)] == [int(full[i]["pyg_idx"]) for i in range(25)]
+    with pytest.raises(datasets.DatasetError, match="split 'tran\\[:25\\]' not in dataset"):
+        datasets.open_split(b, "tran[:25]")
+    with pytest.raises(datasets.DatasetError, match="bad split 'train\\[:abc\\]'"):
+        datasets.open_split(b, "train[:abc]")

@@ -151,3 +151,24 @@ def test_shipped_gfn2_dataset_builds_and_is_labelled(tmp_path):
     for name, n in (("uv", 701), ("ir", 3501), ("raman", 3501)):
         s = ex[name]
         assert s.shape == (n,) and np.all(np.isfinite(s)) and s.min() >= 0 and s.max() > 0
+
+
+def test_gfn2_qm9train_keeps_only_qm9_training_split_molecules(tmp_path):
+    """The study's stage-2 set never holds a QM9 validation/test molecule (fixture molecule 56
+    is in QM9's validation split; the other 7 are training molecules)."""
+    src = tmp_path / "src"
+    qm9s_fixture.write(str(src))
+    b = datasets.get_builder("qm9s/gfn2_qm9train", str(tmp_path / "tfds"),
+                             source_dir=str(src / "gfn2"), num_workers=1)
+    train_positions = set(qm9pack_source.split_indices()[0].tolist())
+    rows = [ex for s in b.info.splits for ex in _rows(datasets.open_split(b, s))]
+    assert sorted(int(ex["index"]) for ex in rows) == sorted(
+        set(_qm9_molecules.CHARACTERISED) - {56})
+    assert all(int(ex["pyg_idx"]) in train_positions for ex in rows)
+    meta = b.info.metadata
+    assert meta["excluded_qm9_validation_or_test"] == 1 and meta["num_molecules"] == 7
+    # 7 molecules split 80/10/10 leave the test split empty: it is left out, and asking for it
+    # names the split.
+    assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 6, "validation": 1}
+    with pytest.raises(datasets.DatasetError, match="split 'test' not in dataset"):
+        datasets.open_split(b, "test")

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(args, data_dir, timeout=900):
+def _run(args, data_dir, timeout=1800):
     env = dict(os.environ, MSPEC_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device per stage, as a user's run
     return subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=REPO,
@@ -99,7 +99,7 @@ def test_goal_checks():
     rows = {"scratch": dict(mean=20.0, min=19.0, max=21.0),
             "coord": dict(mean=17.0, min=16.5, max=17.5, change_vs_scratch=-0.15,
                           published_change_vs_scratch=-0.128),
-            "frad": dict(mean=16.0, min=15.0, max=16.8, change_vs_scratch=-0.20,
+            "frad": dict(mean=16.0, min=15.0, max=16.4, change_vs_scratch=-0.20,
                          published_change_vs_scratch=-0.246)}
     checks = reproduce_report.goal_checks(rows)
     assert checks["order scratch > Coord > Frad (means)"] is True
@@ -130,7 +130,7 @@ def test_smoke_study_writes_results_report_and_figures(smoke_study):
             vals = [r["test_mae"] for r in runs if r["arm"] == arm and r["target"] == target]
             assert row["n"] == len(p.seeds) == len(vals)
             assert row["mean"] == pytest.approx(sum(vals) / len(vals))
-            assert row["std"] > 0  # seeds differ
+            assert row["std"] == 0.0 if row["n"] == 1 else row["std"] > 0
     for r in runs:
         assert r["test_mae"] > 0 and r["validation_curve"] and r["best_step"] > 0
         # The reported test MAE is the best-validation checkpoint's, as in its results.json.
