@@ -19,6 +19,8 @@ Options: ``--dry-run`` prints every stage's command and estimated cost and runs 
 ``--report-only`` rewrites the report from what is on disk; ``--export DIR`` copies the small
 outputs (results.json, report.md, figures) to ``DIR`` (how docs/reproduction/ is made);
 ``--set KEY=VALUE`` changes one protocol value (recorded; a workdir refuses a changed protocol);
+``--export-state DIR`` copies the finished stages (their records and the last pre-training
+checkpoints) as a study directory another machine or session continues from;
 ``--launcher CMD`` starts the pre-training stages through ``CMD`` (e.g. ``./launch.sh tpu --name
 POD --zone ZONE``) for multi-host pre-training; fine-tuning stages run in this process's machine.
 """
@@ -273,6 +275,36 @@ def export(workdir: str, dest: str) -> None:
     print(f"exported results.json, report.md and figures to {dest}")
 
 
+STATE_FILES = ("stage.json", "log.txt", "metrics.jsonl", "config.json", "results.json")
+
+
+def export_state(stages: list[Stage], workdir: str, dest: str) -> None:
+    """A compact copy of the study that a later run continues from (``cp -r DEST DIR`` and
+    re-run): every finished stage's records, and of the finished pre-training stages the last
+    checkpoint (what later stages start from). Unfinished stages are left out; they re-run."""
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    os.makedirs(dest)
+    shutil.copy2(os.path.join(workdir, PROTOCOL_FILE), os.path.join(dest, PROTOCOL_FILE))
+    kept = 0
+    for st in stages:
+        src = st.workdir(workdir)
+        if reproduce_stages.read_status(src).get("status") != "done":
+            continue
+        out = st.workdir(dest)
+        os.makedirs(out)
+        for name in STATE_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(out, name))
+        if st.kind == "pretrain":
+            last = reproduce_stages.checkpoint_steps(os.path.join(src, "checkpoints"))[-1]
+            shutil.copytree(os.path.join(src, "checkpoints", str(last)),
+                            os.path.join(out, "checkpoints", str(last)))
+        kept += 1
+    print(f"exported the state of {kept} finished stage(s) to {dest}; continue with "
+          f"`cp -r {dest} DIR` and the same command with --workdir DIR")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated globs of stage names to run")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report, run nothing")
     ap.add_argument("--export", default="", help="copy results.json, report.md and PNGs here")
+    ap.add_argument("--export-state", default="",
+                    help="copy the finished stages (records, last pre-training checkpoints) here, "
+                         "as a study directory a later run continues from")
     ap.add_argument("--launcher", default="",
                     help="start pre-training stages with this command, e.g. "
                          "\"./launch.sh tpu --name POD --zone ZONE\" (fine-tuning runs locally)")
@@ -300,7 +335,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(p, [st for st in stages if st.name in selected], workdir, args.launcher)
         return 0
-    with study_lock(workdir):
+    # Reading and reporting need no lock (a running study may be writing the same report: every
+    # file is replaced atomically); running stages does.
+    lock = contextlib.nullcontext() if args.report_only else study_lock(workdir)
+    with lock:
         check_protocol(workdir, p)
         if args.report_only:
             reproduce_report.write(p, stages, workdir)
@@ -320,6 +358,8 @@ def main(argv=None) -> int:
                     signal.signal(sig, handler)
         if args.export:
             export(workdir, os.path.abspath(args.export))
+        if args.export_state:
+            export_state(stages, workdir, os.path.abspath(args.export_state))
     return rc
 
 

@@ -191,3 +191,24 @@ def test_failed_stage_is_reported_and_dependents_do_not_run(qm9_sample_dir, tmp_
     assert results["stages"]["finetune/homo/scratch/seed1"]["status"] == "done"  # the others go on
     report = open(os.path.join(workdir, "report.md")).read()
     assert "**Failed stages**" in report and "pretrain/coord/log.txt" in report
+
+
+def test_exported_state_continues_as_a_finished_study(smoke_study, qm9_sample_dir, tmp_path):
+    workdir, _ = smoke_study
+    dest = str(tmp_path / "state")
+    assert reproduce.main(["--scale", "smoke", "--workdir", workdir, "--report-only",
+                           "--export", str(tmp_path / "docs"), "--export-state", dest]) == 0
+    for name in ("results.json", "report.md", "protocol.json", "test_mae.png"):
+        assert os.path.isfile(tmp_path / "docs" / name)
+    # Only the last pre-training checkpoint travels; fine-tuning stages keep their records.
+    assert reproduce_stages.checkpoint_steps(os.path.join(dest, "pretrain", "coord", "checkpoints")) == [6]
+    assert not os.path.exists(os.path.join(dest, "finetune", "homo", "coord", "seed1", "checkpoints"))
+    proc = _run(["--scale", "smoke", "--workdir", dest], qm9_sample_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(reproduce_stages.plan(reproduce.load_protocol("smoke", [])))
+    assert proc.stdout.count("skipped") == n, proc.stdout
+    with open(os.path.join(dest, "results.json")) as f:
+        exported = json.load(f)
+    with open(os.path.join(workdir, "results.json")) as f:
+        original = json.load(f)
+    assert exported["summary"] == original["summary"]
