@@ -192,6 +192,15 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: str) -> str:
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(p, results: dict, target: str, path: str) -> str | None:
     runs = [r for r in results["runs"] if r["target"] == target and r["validation_curve"]]
     if not runs:
@@ -216,12 +225,7 @@ def plot_curves(p, results: dict, target: str, path: str) -> str | None:
     metric = "MAE" if task == "qm9" else "0.2 MAE_E + 0.8 MAE_F"
     ax.set_ylabel(f"validation {metric} ({unit(p, target) if task == 'qm9' else 'kcal/mol(/Å)'})")
     ax.set_title(f"{target}: validation during fine-tuning (thin: seeds, thick: mean)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_test(p, results: dict, path: str) -> str | None:
@@ -265,12 +269,7 @@ def plot_pretraining(results: dict, path: str) -> str | None:
     ax.set_xlabel("step (stage 2 counts from its own start)")
     ax.set_ylabel("training loss (total)")
     ax.set_title("pre-training loss")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 # --------------------------------------------------------------------------------------------------

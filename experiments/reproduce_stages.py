@@ -91,15 +91,21 @@ def _encoder_overrides(p) -> list[tuple[str, object]]:
             ("hidden", "num_layers", "num_rbf", "num_heads", "interlayer_norm", "cutoff")]
 
 
-def _pretrain_common(p, block) -> list[tuple[str, object]]:
+def _run_overrides(block, seed: int) -> list[tuple[str, object]]:
+    """Seed, data, batch, length and optimiser of one stage block of the protocol."""
     return [
-        ("seed", p.pretrain_seed),
+        ("seed", seed),
         ("data.dataset", block.dataset),
         ("batch_size", block.batch_size),
         ("total_steps", block.steps),
         ("optim.lr", block.lr),
         ("optim.warmup_steps", block.warmup_steps),
         ("optim.schedule", block.schedule),
+    ]
+
+
+def _pretrain_common(p, block) -> list[tuple[str, object]]:
+    return _run_overrides(block, p.pretrain_seed) + [
         ("log_every", block.log_every),
         ("eval_every", block.eval_every),
         ("checkpoint_every", block.checkpoint_every),
@@ -141,14 +147,7 @@ def pretrain_stages(p) -> list[Stage]:
 
 
 def _finetune_common(p, block, seed: int, arm: str) -> list[tuple[str, object]]:
-    over = _encoder_overrides(p) + [
-        ("seed", seed),
-        ("data.dataset", block.dataset),
-        ("batch_size", block.batch_size),
-        ("total_steps", block.steps),
-        ("optim.lr", block.lr),
-        ("optim.warmup_steps", block.warmup_steps),
-        ("optim.schedule", block.schedule),
+    over = _encoder_overrides(p) + _run_overrides(block, seed) + [
         ("eval_every", block.eval_every),
         ("checkpoint_every", block.eval_every),
         ("log_every", block.log_every),
