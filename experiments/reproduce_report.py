@@ -291,6 +291,29 @@ def _check(v) -> str:
     return "n/a" if v is None else ("yes" if v else "**no**")
 
 
+def summary_table(p, results: dict) -> list[str]:
+    """One row per arm, one column per target: test MAE mean ± std (seeds) and change vs scratch."""
+    tgts = [t for t in _targets(p) if t in results["summary"]]
+    head = "| arm | " + " | ".join(f"{t} ({results['summary'][t]['unit']})" for t in tgts) + " |"
+    lines = [head, "|---|" + "---|" * len(tgts)]
+    for arm in p.arms:
+        cells = []
+        for t in tgts:
+            r = results["summary"][t]["arms"].get(arm)
+            u = results["summary"][t]["unit"]
+            if r is None:
+                cells.append("–")
+                continue
+            cell = _num(r["mean"], u) + (f" ± {_num(r['std'], u)}" if r["n"] > 1 else "") + f" (n={r['n']})"
+            if arm != "scratch" and r.get("change_vs_scratch") is not None:
+                cell += f", {_pct(r['change_vs_scratch'])}"
+                if r.get("published_change_vs_scratch") is not None:
+                    cell += f" [paper {_pct(r['published_change_vs_scratch'])}]"
+            cells.append(cell)
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(p, results: dict, figures: dict[str, str]) -> str:
     s = results["stages"]
     done = sum(r["status"] == "done" for r in s.values())
@@ -301,6 +324,10 @@ def render(p, results: dict, figures: dict[str, str]) -> str:
     if failed:
         lines += ["", "**Failed stages** (the others went on):", ""]
         lines += [f"- `{n}`: {r.get('error', '')} (log `{r['log']}`)" for n, r in failed.items()]
+    lines += ["", "## Summary", "",
+              "Test MAE of the best-validation checkpoint, mean ± std over seeds (n), change of the "
+              "mean vs scratch, [the papers' change vs their scratch ET].", ""]
+    lines += summary_table(p, results)
     lines += ["", "## Test MAE (best-validation checkpoint, mean ± std over seeds)", ""]
     for target, t in results["summary"].items():
         u = t["unit"]
