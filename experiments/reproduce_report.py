@@ -17,7 +17,7 @@ import numpy as np
 
 from mspec.training import targets
 
-# The published row each arm is compared with (../shared/docs/published-results.md): QM9 from the
+# The published row each arm is compared with (the tables in mspec/training/targets.py): QM9 from the
 # MolSpectra table (its TorchMD-Net and Coord rows) plus Frad's own table; MD17 aspirin, 950
 # frames, from the Frad table (it has no Coord row at 950 frames).
 PUBLISHED_ROW = {

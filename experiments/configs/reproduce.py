@@ -1,7 +1,7 @@
 """The reproduction study's protocol: what pre-training buys downstream (``experiments.reproduce``).
 
     python -m experiments.reproduce --scale cpu --workdir runs/study
-    python -m experiments.reproduce --scale paper --workdir gs-or-shared/study --dry-run
+    python -m experiments.reproduce --scale paper --workdir /mnt/shared/study --dry-run
 
 Arms (every one the same encoder, fine-tuned with the same recipe and seeds):
 
