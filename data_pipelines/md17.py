@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import torsions as torsion_utils
+from data_pipelines.local_builder import LocalBuilder
 
 MOLECULES = (
     "aspirin", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic", "toluene",
@@ -204,7 +205,7 @@ def _config_name(source: str, molecule: str) -> str:
     return molecule if source == "md17" else f"{source}_{molecule}"
 
 
-class MD17(tfds.core.GeneratorBasedBuilder):
+class MD17(LocalBuilder):
     """MD17, rMD17 and the shipped GFN2-xTB stand-in: one config per source and molecule."""
 
     name = "md17"
@@ -284,6 +285,16 @@ class MD17(tfds.core.GeneratorBasedBuilder):
         traj, splits = self._load(dl_manager)
         meta = torsion_utils.torsion_metadata(traj.z, traj.R[0])
         n_atoms = len(traj.z)
+        self._report = {
+            "config": self.builder_config.name,
+            "source": os.path.abspath(traj.path),
+            "num_frames": int(len(traj.E)),
+            "num_atoms": int(n_atoms),
+            "split_sizes": {k: int(len(v)) for k, v in splits.items()},
+            "num_torsions": int(len(meta["torsions"])),
+            "torsion_status": meta["status"],
+            "skipped": 0,  # skip policy: none; any bad frame is an error
+        }
         self.info.metadata.update(
             {
                 "source_file": os.path.basename(traj.path),
@@ -303,7 +314,8 @@ class MD17(tfds.core.GeneratorBasedBuilder):
             f"{traj.path}; {len(meta['torsions'])} rotatable torsions ({meta['status']})",
             file=sys.stderr,
         )
-        return {name: self._generate_examples(traj, idx, meta) for name, idx in splits.items()}
+        return {name: self._generate_examples(traj, idx, meta)
+                for name, idx in self.drop_empty_splits(splits).items()}
 
     def _generate_examples(self, traj: Trajectory, indices: np.ndarray, meta: dict):
         tors = np.asarray(meta["torsions"], np.int32).reshape(-1, 4)

@@ -54,6 +54,7 @@ import tqdm
 
 from data_pipelines import pcqm4mv2_source as src
 from data_pipelines import torsions
+from data_pipelines.local_builder import LocalBuilder
 from data_pipelines.pcqm4mv2_source import PCQMSourceError
 
 STAGING_FORMAT = 1
@@ -318,7 +319,7 @@ class Stager:
         return n_chunks
 
 
-class PCQM4Mv2(tfds.core.GeneratorBasedBuilder):
+class PCQM4Mv2(LocalBuilder):
     """PCQM4Mv2 training molecules with 3D DFT geometries and Frad torsions."""
 
     name = "pcqm4mv2"
@@ -365,12 +366,10 @@ class PCQM4Mv2(tfds.core.GeneratorBasedBuilder):
         return os.path.join(self._data_dir_root, "pcqm4mv2_staging", self.builder_config.name)
 
     def download_and_prepare(self, *args, **kwargs):
+        """Builds the dataset (if needed) and its ``build_report.json``; a build that finished
+        in this process deletes its staged chunks."""
         super().download_and_prepare(*args, **kwargs)
-        from data_pipelines.qm9 import write_build_report  # noqa: PLC0415
-
-        path = write_build_report(self)
-        if path:
-            print(f"Build report: {path}", file=sys.stderr)
+        if getattr(self, "_report", None) is not None:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
 
     def _split_generators(self, dl_manager):
@@ -419,7 +418,8 @@ class PCQM4Mv2(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(meta)
         self._report = {**meta, "skipped_molecules": [{"idx": i, "reason": r} for i, r in skips]}
         print(f"PCQM4Mv2: {n} molecules, {len(skips)} skipped {dict(reasons)}", file=sys.stderr)
-        return {name: self._generate_examples(chunks, pos) for name, pos in splits.items()}
+        return {name: self._generate_examples(chunks, pos)
+                for name, pos in self.drop_empty_splits(splits).items()}
 
     def _generate_examples(self, chunks, positions):
         rank = np.full(int(positions.max()) + 1, -1, np.int64)

@@ -40,7 +40,6 @@ Features per molecule (examples in each split are stored in split-permutation or
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -50,6 +49,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from data_pipelines import qm9_raw, qm9pack_source, torsions
+from data_pipelines.local_builder import LocalBuilder
 
 SAMPLE_SIZES = {"train": 1600, "validation": 200, "test": 200}
 SPLIT_NAMES = ("train", "validation", "test")
@@ -81,7 +81,7 @@ def _with_torsions(record: dict) -> dict:
     return {**record, **meta}
 
 
-class QM9(tfds.core.GeneratorBasedBuilder):
+class QM9(LocalBuilder):
     """QM9 (130,831 molecules) from qm9pack, with Frad torsion metadata."""
 
     name = "qm9"
@@ -120,13 +120,6 @@ class QM9(tfds.core.GeneratorBasedBuilder):
             "kilo molecules, Sci. Data 1, 140022 (2014).",
         )
 
-    def download_and_prepare(self, *args, **kwargs):
-        """Builds the dataset (if needed), then writes ``build_report.json`` beside it."""
-        super().download_and_prepare(*args, **kwargs)
-        path = write_build_report(self)
-        if path:
-            print(f"Build report: {path}", file=sys.stderr)
-
     def _read_raw_source(self, dl_manager) -> list[dict]:
         """Records of the ``xyz`` / ``pyg`` release in ascending QM9 index."""
         directory = self._source_dir or _manual_dir(dl_manager)
@@ -149,6 +142,8 @@ class QM9(tfds.core.GeneratorBasedBuilder):
                 f"{directory}: {len(records)} characterised molecules, expected "
                 f"{qm9pack_source.NUM_MOLECULES}"
             )
+        if not records:
+            raise qm9pack_source.QM9SourceError(f"{directory}: no characterised molecule")
         indices = [r["index"] for r in records]
         if len(set(indices)) != len(indices):
             raise qm9pack_source.QM9SourceError(f"{directory}: duplicate QM9 indices")
@@ -214,7 +209,7 @@ class QM9(tfds.core.GeneratorBasedBuilder):
         )
         return {
             name: self._generate_examples([(int(p), by_pos[int(p)]) for p in idx])
-            for name, idx in splits.items()
+            for name, idx in self.drop_empty_splits(splits).items()
         }
 
     def _generate_examples(self, items):
@@ -279,18 +274,6 @@ def with_torsions_parallel(records: list[dict], num_workers: int | None = None) 
                 unit="mol",
             )
         )
-
-
-def write_build_report(builder) -> str | None:
-    """Writes a builder's ``_report`` (counts, fallbacks, skips) as ``build_report.json`` next to
-    the prepared dataset; shared by the qm9, qm9s and pcqm4mv2 builders."""
-    report = getattr(builder, "_report", None)
-    if report is None:
-        return None
-    path = os.path.join(builder.data_dir, "build_report.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    return path
 
 
 def main(argv=None):

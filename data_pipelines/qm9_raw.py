@@ -17,6 +17,7 @@ molecule.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import os
 import re
@@ -151,7 +152,11 @@ def read_xyz_tarball(directory: str, expect_full: bool = True) -> list[dict]:
     skip = read_uncharacterized(require_file(directory, UNCHARACTERIZED), expect_full)
     records, seen = [], 0
     try:
-        with tarfile.open(tar_path, "r|bz2") as tar:
+        # bz2.open + a plain tar stream, not tarfile's "r|bz2": tarfile stops at the first short
+        # read, so an archive cut after a compressed block (or missing its end-of-stream marker)
+        # would read as a smaller, valid one. BZ2File raises EOFError on a missing end of stream.
+        with bz2.open(tar_path, "rb") as compressed, \
+                tarfile.open(fileobj=compressed, mode="r|") as tar:
             for member in tqdm.tqdm(tar, desc="xyz tarball", unit="file", total=NUM_RAW if expect_full else None):
                 m = _MEMBER.search(member.name)
                 if not member.isfile() or m is None:
@@ -166,6 +171,10 @@ def read_xyz_tarball(directory: str, expect_full: bool = True) -> list[dict]:
                     raise QM9SourceError(f"{where}: file name says index {int(m.group(1))} but "
                                          f"line 2 says gdb {rec['index']}")
                 records.append(rec)
+            # The tar reader stops at the end-of-archive blocks; read on to the end of the bz2
+            # stream so that a cut in the padding or in the stream trailer is seen too.
+            while compressed.read(1 << 20):
+                pass
     except (tarfile.TarError, EOFError, OSError) as e:
         raise QM9SourceError(f"{tar_path}: truncated or corrupt archive ({type(e).__name__}: {e})") from None
     if expect_full and seen != NUM_RAW:

@@ -48,6 +48,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from data_pipelines import qm9, qm9pack_source
+from data_pipelines.local_builder import LocalBuilder
 from data_pipelines.qm9s_source import (GRIDS, SPECTRUM_LENGTHS, CsvRelease, PtRelease,
                                         QM9SSourceError, find_release, find_stick_file,
                                         read_sticks)
@@ -74,7 +75,7 @@ def split_sizes(n: int) -> tuple[int, int]:
     return int(round(0.8 * n)), int(round(0.1 * n))
 
 
-class QM9S(tfds.core.GeneratorBasedBuilder):
+class QM9S(LocalBuilder):
     """QM9 molecules + UV/IR/Raman spectra on the QM9S grids."""
 
     name = "qm9s"
@@ -114,16 +115,13 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
         )
 
     def download_and_prepare(self, *args, **kwargs):
-        """Builds the dataset (if needed), then writes ``build_report.json`` beside it."""
+        """Builds the dataset (if needed) and its ``build_report.json``; removes the CSV staging."""
         try:
             super().download_and_prepare(*args, **kwargs)
         finally:
             staging = getattr(self, "_staging_dir", None)
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
-        path = qm9.write_build_report(self)
-        if path:
-            print(f"Build report: {path}", file=sys.stderr)
 
     def source_changed(self) -> bool:
         """True when a prepared ``gfn2`` dataset was built from other stick spectra than the
@@ -220,12 +218,8 @@ class QM9S(tfds.core.GeneratorBasedBuilder):
               "(not in QM9)" + (f", {len(heldout)} excluded (QM9 validation/test split)"
                                if self.builder_config.name == "gfn2_qm9train" else ""),
               file=sys.stderr)
-        empty = [name for name, order in splits.items() if not len(order)]
-        if empty:  # TFDS cannot write an empty split; it is left out (opening it names the split)
-            print(f"QM9S ({self.builder_config.name}): split(s) {', '.join(empty)} would be "
-                  f"empty with {len(kept)} molecules and are left out", file=sys.stderr)
         return {name: self._generate_examples(store, kept, molecules, order)
-                for name, order in splits.items() if len(order)}
+                for name, order in self.drop_empty_splits(splits).items()}
 
     def _generate_examples(self, store, kept, molecules, order):
         for rank, m in enumerate(order):

@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from data_pipelines.local_builder import LocalBuilder
+
 SPLIT_SIZES = {"train": 600, "validation": 100, "test": 100}
 
 # Grids of the QM9S spectra (molspectra-spec §2.1): (start, stop, step, unit).
@@ -101,7 +103,7 @@ def synthetic_spectra(atomic_numbers: np.ndarray, positions: np.ndarray) -> dict
     }
 
 
-class QM9SyntheticSpectra(tfds.core.GeneratorBasedBuilder):
+class QM9SyntheticSpectra(LocalBuilder):
     """QM9 sample molecules with synthetic spectra (600 / 100 / 100)."""
 
     name = "qm9_synthetic_spectra"
@@ -163,6 +165,8 @@ class QM9SyntheticSpectra(tfds.core.GeneratorBasedBuilder):
                 if k in meta
             }
         )
+        self._report = {"source": f"qm9/sample in {source_builder.data_dir}", "synthetic": True,
+                        "split_sizes": dict(SPLIT_SIZES)}
         return {
             split: self._generate_examples(datasets.open_split(source_builder, split), n)
             for split, n in SPLIT_SIZES.items()

@@ -92,7 +92,7 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
             raise DatasetError(
                 f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
             )
-        print(f"Building dataset {dataset!r} in {builder.data_dir} (first use) ...", file=sys.stderr)
+        # The builder (data_pipelines.local_builder) says what it builds and from what.
         if manual_dir:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
@@ -122,6 +122,12 @@ def open_split(builder, split: str) -> Any:
     a random subset where the split is stored in a seeded permutation order, as QM9's is).
     """
     base = split.split("[", 1)[0]
+    meta = builder.info.metadata or {}
+    if base not in builder.info.splits and base in meta.get("empty_splits", ()):
+        raise DatasetError(
+            f"split {base!r} of {builder.info.full_name} is empty: its source is too small for "
+            f"the split rule (split sizes {meta.get('split_sizes')}); see build_report.json in "
+            f"{builder.data_dir}")
     if base not in builder.info.splits:
         raise DatasetError(
             f"split {split!r} not in dataset {builder.info.full_name}; "
