@@ -16,8 +16,11 @@ The 3.4 M-molecule build runs in two stages:
   1. *Staging* (parallel over processes, streaming, resumable): molecules are read in file order
      and processed in chunks of ``chunk_size`` (RDKit parse, Frad torsions) by a process pool with
      a bounded number of chunks in flight; each finished chunk is written to
-     ``<data_dir>/pcqm4mv2_staging/<config>/chunk_NNNNNN.npz`` via an atomic rename. After a kill,
-     rerunning the same command skips the finished chunks. A progress bar shows molecules/s + ETA.
+     ``<data_dir>/pcqm4mv2_staging/<config>/chunk_NNNNNN.npz`` via an atomic rename, with a
+     digest of its inputs (the molecules' source text, location and CSV row). After a kill or a
+     failed build, rerunning the command skips the finished chunks whose inputs are unchanged and
+     stages again those whose source files were fixed or replaced meanwhile. A progress bar
+     shows molecules/s + ETA.
   2. *Writing*: the chunks are streamed into array_record files by TFDS, which writes into an
      ``incomplete.*`` directory and renames it only at the end, so a kill at any point leaves no
      dataset that looks complete. The staging directory is deleted after success.
@@ -41,12 +44,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import time
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -57,7 +62,8 @@ from data_pipelines import torsions
 from data_pipelines.local_builder import LocalBuilder
 from data_pipelines.pcqm4mv2_source import PCQMSourceError
 
-STAGING_FORMAT = 1
+# 2: each chunk records the digest of its inputs (format-1 staging directories start over).
+STAGING_FORMAT = 2
 # Test hook: seconds to sleep after each staged chunk (lets tests kill a build mid-way).
 _DELAY_ENV = "MSPEC_PCQM_TEST_CHUNK_DELAY_S"
 
@@ -121,13 +127,33 @@ def parse_xyz_entry(text: str, smiles: str, symbol_to_z: dict):
     return {"atomic_numbers": z, "positions": pos, "formal_charge": charge, **meta}, None
 
 
+def input_digest(config: str, entries) -> str:
+    """Hash of everything a chunk is made from (each molecule's idx, source text and location,
+    CSV SMILES and gap): a staged chunk is reused only while its inputs are unchanged."""
+    digest = hashlib.blake2b(f"{STAGING_FORMAT}\0{config}".encode(), digest_size=20)
+    for idx, text, where, smiles, gap in entries:
+        digest.update(f"\0{idx}\0{where}\0{smiles}\0{gap!r}\0".encode())
+        digest.update(text.encode() if isinstance(text, str) else text)
+    return digest.hexdigest()
+
+
+def staged_digest(path: str) -> str | None:
+    """The input digest a staged chunk was made from; None if absent or unreadable."""
+    try:
+        with np.load(path) as d:
+            return str(d["input_digest"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def process_chunk(job) -> tuple[int, int, int]:
     """Worker: parses one chunk of molecules and writes ``out_path`` atomically.
 
-    ``job = (config, chunk_id, entries, out_path)`` with entries ``(idx, text, where, smiles,
-    gap)``. Returns ``(chunk_id, kept, skipped)``.
+    ``job = (config, chunk_id, entries, out_path, digest)`` with entries ``(idx, text, where,
+    smiles, gap)`` and ``digest`` their :func:`input_digest`. Returns ``(chunk_id, kept,
+    skipped)``.
     """
-    config, chunk_id, entries, out_path = job
+    config, chunk_id, entries, out_path, digest = job
     symbol_to_z = _symbol_to_z() if config == "xyz" else None
     kept, skips = [], []
     for idx, text, where, smiles, gap in entries:
@@ -139,14 +165,14 @@ def process_chunk(job) -> tuple[int, int, int]:
             skips.append((idx, f"{reason} ({where})"))
         else:
             kept.append({**rec, "idx": idx, "smiles": smiles, "gap": gap})
-    _write_chunk(out_path, kept, skips)
+    _write_chunk(out_path, kept, skips, digest)
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
     return chunk_id, len(kept), len(skips)
 
 
-def _write_chunk(path: str, kept: list[dict], skips: list) -> None:
+def _write_chunk(path: str, kept: list[dict], skips: list, digest: str) -> None:
     n_atoms = np.array([len(r["atomic_numbers"]) for r in kept], np.int64)
     n_tors = np.array([len(r["torsions"]) for r in kept], np.int64)
     cat = lambda key, shape, dtype: (np.concatenate([np.asarray(r[key], dtype).reshape(shape)  # noqa: E731
@@ -166,6 +192,7 @@ def _write_chunk(path: str, kept: list[dict], skips: list) -> None:
         "moving": cat("moving", (-1,), bool),
         "skip_idx": np.array([s[0] for s in skips], np.int64),
         "skip_reason": np.array([s[1] for s in skips], dtype=str),
+        "input_digest": np.array(digest),
     }
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
@@ -269,18 +296,19 @@ class Stager:
             yield c, chunk
 
     def run(self) -> int:
-        """Stages every chunk not yet finished; returns the number of chunks."""
+        """Stages every chunk not yet finished, or made from other inputs than the current
+        source (files fixed or replaced after a failed build); returns the number of chunks.
+
+        The source is streamed again on every run, even when all chunks are staged: only the
+        per-chunk input digest tells a fixed file from the one that was staged.
+        """
         self._prepare_dir()
-        manifest = os.path.join(self.dir, "manifest.json")
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                return json.load(f)["chunks"]
         total = None
         split_path = src.locate(self.source_dir, src.SPLIT_DICT, required=False)
         if split_path:
             total = len(src.read_split_dict(split_path)["train"])
         bar = tqdm.tqdm(total=total, desc=f"PCQM4Mv2 {self.config}", unit="mol", smoothing=0.05)
-        n_chunks, resumed = 0, 0
+        n_chunks, resumed, stale = 0, 0, 0
         pending = collections.OrderedDict()
         pool = None
         if self.num_workers > 1:
@@ -289,11 +317,14 @@ class Stager:
         try:
             for c, entries in self._jobs():
                 n_chunks = c + 1
+                digest = input_digest(self.config, entries)
                 if os.path.isfile(self.chunk_path(c)):
-                    resumed += 1
-                    bar.update(len(entries))
-                    continue
-                job = (self.config, c, entries, self.chunk_path(c))
+                    if staged_digest(self.chunk_path(c)) == digest:
+                        resumed += 1
+                        bar.update(len(entries))
+                        continue
+                    stale += 1
+                job = (self.config, c, entries, self.chunk_path(c), digest)
                 if pool is None:
                     process_chunk(job)
                     bar.update(len(entries))
@@ -313,9 +344,9 @@ class Stager:
         if resumed:
             print(f"PCQM4Mv2: resumed, {resumed} of {n_chunks} chunks were already staged",
                   file=sys.stderr)
-        with open(manifest + ".tmp", "w") as f:
-            json.dump({"chunks": n_chunks}, f)
-        os.replace(manifest + ".tmp", manifest)
+        if stale:
+            print(f"PCQM4Mv2: {stale} staged chunk(s) were made from other input than the "
+                  "current source files and were staged again", file=sys.stderr)
         return n_chunks
 
 
