@@ -9,15 +9,16 @@ import pytest
 pytest.importorskip("tblite")
 pytest.importorskip("pyscf")
 
-from data_pipelines.spectra import broadening, stda, sticks, vibrations
+from data_pipelines.spectra import broadening, plot, stda, sticks, vibrations
 from data_pipelines.spectra import run as spectra_run
 from data_pipelines.spectra.compute import (
     MoleculeFailure,
     SpectraConfig,
     check_input,
     compute_record,
+    level_of_theory,
 )
-from data_pipelines.spectra.inputs import MoleculeInput, from_smiles, read_xyz
+from data_pipelines.spectra.inputs import MoleculeInput, from_smiles, read_smiles_file, read_xyz
 from data_pipelines.spectra.xtb import FIELD_ACCURACY, GFN2
 
 WATER_Z = np.array([8, 1, 1])
@@ -227,6 +228,66 @@ def test_compute_resumes_without_redoing_and_reports_bad_input(tmp_path):
         spectra_run.compute(mols, out, SpectraConfig(), {"t": 1}, progress=False)
 
 
+def test_invalid_smiles_failure_keeps_the_text_and_names_record_and_line(tmp_path):
+    smi = tmp_path / "mols.smi"
+    smi.write_text("# my molecules\n\nC1CC  ring never closed\n")
+    out = str(tmp_path / "run")
+    summary = spectra_run.compute(list(read_smiles_file(str(smi))), out,
+                                  SpectraConfig(skip_uv=True), {"t": 1}, progress=False)
+    assert summary["failed"] == 1
+    (failure,) = spectra_run.read_failures(os.path.join(out, spectra_run.FAILURES_FILE))
+    assert failure["smiles"] == "C1CC" and failure["index"] == 1
+    assert "mols.smi:record 1 (line 3): invalid SMILES 'C1CC'" in failure["message"]
+
+
+def test_changed_settings_name_only_the_keys_that_differ(tmp_path):
+    out = str(tmp_path / "run")
+    spectra_run.prepare_output(out, {"level_of_theory": level_of_theory(SpectraConfig()),
+                                     "input": {"source": "a.smi", "seed": 0}})
+    with pytest.raises(spectra_run.MetaMismatchError) as err:
+        spectra_run.prepare_output(out, {"level_of_theory": level_of_theory(SpectraConfig()),
+                                         "input": {"source": "a.smi", "seed": 1}})
+    assert str(err.value).endswith("different input (seed: 0 -> 1); use another --out directory")
+    with pytest.raises(spectra_run.MetaMismatchError) as err:
+        spectra_run.prepare_output(out, {"level_of_theory": level_of_theory(
+            SpectraConfig(uv_max_ev=10.0)), "input": {"source": "a.smi", "seed": 0}})
+    message = str(err.value)
+    assert "config.uv_max_ev: 15.0 -> 10.0" in message and "electronic: " in message
+    assert "vibrational" not in message and "stored_decimals" not in message  # unchanged keys
+
+
+def test_compute_exit_status_tells_a_partial_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["compute", "--smiles", "O,C1CC", "--out", out, "--skip-uv"]
+    assert spectra_run.main(args) == spectra_run.EXIT_PARTIAL
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["requested"], summary["with_spectra"], summary["failed_total"]) == (2, 1, 1)
+    # Re-running computes nothing and still reports the molecule without spectra...
+    assert spectra_run.main(args) == spectra_run.EXIT_PARTIAL
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("1 of 2 requested molecules have spectra") and err.endswith("PARTIAL")
+    # ... unless failures are accepted explicitly.
+    assert spectra_run.main(args + ["--allow-failures"]) == 0
+    # An error that stops the run is one line and exit status 1.
+    assert spectra_run.main(["compute", "--smiles", "O", "--out", out, "--skip-uv"]) == 1
+    assert "different input (smiles: 'O,C1CC' -> 'O')" in capsys.readouterr().err
+    # The plot of a command-line molecule is not titled as a QM9 molecule.
+    png = str(tmp_path / "water.png")
+    plot.main(["--sticks", os.path.join(out, spectra_run.STICKS_FILE), "--out", png])
+    assert "wrote " + png + ": command line SMILES record 1: O," in capsys.readouterr().out
+    assert os.path.getsize(png) > 0
+
+
+def test_plot_title_says_what_the_index_is():
+    record = sticks.StickRecord(qm9_index=2, smiles="C", atomic_numbers=np.array([6, 1, 1, 1, 1]),
+                                positions=np.zeros((5, 3)), vib_freq_cm1=np.zeros(0),
+                                ir_intensity_km_mol=np.zeros(0), raman_activity_a4_amu=np.zeros(0),
+                                uv_energy_ev=np.zeros(0), uv_osc_strength=np.zeros(0))
+    assert plot.plot_title(record, {"input": {"source": "qm9pack 1.0.3"}}) == "QM9 2: C"
+    assert plot.plot_title(record, {"input": {"source": "/data/mols.sdf"}}) == "mols.sdf record 2: C"
+    assert plot.plot_title(record, None) == "record 2: C"
+
+
 def test_parallel_workers_give_the_serial_results(tmp_path):
     config = SpectraConfig(skip_uv=True)
     mols = _smiles_inputs(["O", "C", "N"])
@@ -255,9 +316,11 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     xyz = tmp_path / "m.xyz"
     xyz.write_text("3\nclash\nO 0 0 0\nH 0 0 0.1\nH 0 0.8 -0.5\n3\ntruncated\nO 0 0 0\n")
     mols = list(read_xyz(str(xyz)))
-    with pytest.raises(MoleculeFailure, match=r"bad input: .*m\.xyz:1: atoms 0 and 1 are 0\.100 Å"):
+    with pytest.raises(MoleculeFailure,
+                       match=r"bad input: .*m\.xyz:record 1 \(line 1\): atoms 0 and 1 are 0\.100"):
         check_input(mols[0])
-    with pytest.raises(MoleculeFailure, match=r"m\.xyz:6: file ends after 1 of 3 atom lines"):
+    with pytest.raises(MoleculeFailure,
+                       match=r"m\.xyz:record 2 \(line 6\): file ends after 1 of 3 atom lines"):
         check_input(mols[1])
     radical = MoleculeInput(1, "[CH3]", np.array([6, 1, 1, 1]),
                             np.array([[0, 0, 0], [1.08, 0, 0], [-0.54, 0.93, 0], [-0.54, -0.93, 0]]))

@@ -30,9 +30,18 @@ class MoleculeInput:
     error: str | None = None  # set when the record could not be read
 
 
-def _bad(index: int, where: str, message: str) -> MoleculeInput:
-    return MoleculeInput(index, "", np.zeros(0, np.int64), np.zeros((0, 3)), where=where,
+def _bad(index: int, where: str, message: str, text: str = "") -> MoleculeInput:
+    """An unreadable record; ``text`` keeps the input as written (e.g. the bad SMILES), so the
+    failure report shows it."""
+    return MoleculeInput(index, text, np.zeros(0, np.int64), np.zeros((0, 3)), where=where,
                          error=message)
+
+
+def record_location(source: str, record: int, line: int | None = None) -> str:
+    """``"<source>:record <k> (line <n>)"``: the record number (the ``index`` of file inputs)
+    and the line it starts on, which differ once a file has comments, blank lines or
+    multi-line records."""
+    return f"{source}:record {record}" + (f" (line {line})" if line is not None else "")
 
 
 def read_xyz(path: str) -> Iterator[MoleculeInput]:
@@ -45,7 +54,7 @@ def read_xyz(path: str) -> Iterator[MoleculeInput]:
             pos += 1
             continue
         record += 1
-        where = f"{path}:{pos + 1}"
+        where = record_location(path, record, pos + 1)
         try:
             n = int(lines[pos].split()[0])
         except ValueError:
@@ -93,30 +102,33 @@ def read_sdf(path: str) -> Iterator[MoleculeInput]:
 
     supplier = Chem.SDMolSupplier(path, removeHs=False, sanitize=True)
     for i, mol in enumerate(supplier, start=1):
-        where = f"{path}:record {i}"
+        where = record_location(path, i)
         if mol is None:
             yield _bad(i, where, "RDKit cannot parse this record")
             continue
         yield _from_rdkit(mol, i, where)
 
 
-def from_smiles(smiles_list: Iterable[str], seed: int = 0, where: str = "smiles"
-                ) -> Iterator[MoleculeInput]:
-    """3D molecules from SMILES: add hydrogens, ETKDG embedding (seeded), MMFF optimisation."""
+def from_smiles(smiles_list: Iterable[str], seed: int = 0, where: str = "smiles",
+                lines: list[int] | None = None) -> Iterator[MoleculeInput]:
+    """3D molecules from SMILES: add hydrogens, ETKDG embedding (seeded), MMFF optimisation.
+
+    ``lines``: the line each SMILES was read from, for error messages (``read_smiles_file``).
+    """
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
     for i, smi in enumerate(smiles_list, start=1):
-        loc = f"{where}:{i}"
+        loc = record_location(where, i, lines[i - 1] if lines else None)
         mol = Chem.MolFromSmiles(smi)
         if mol is None:
-            yield _bad(i, loc, f"invalid SMILES {smi!r}")
+            yield _bad(i, loc, f"invalid SMILES {smi!r}", text=smi)
             continue
         mol = Chem.AddHs(mol)
         params = AllChem.ETKDGv3()
         params.randomSeed = seed
         if AllChem.EmbedMolecule(mol, params) != 0:
-            yield _bad(i, loc, f"RDKit could not embed {smi!r} in 3D")
+            yield _bad(i, loc, f"RDKit could not embed {smi!r} in 3D", text=smi)
             continue
         if AllChem.MMFFHasAllMoleculeParams(mol):
             AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
@@ -125,9 +137,13 @@ def from_smiles(smiles_list: Iterable[str], seed: int = 0, where: str = "smiles"
 
 def read_smiles_file(path: str, seed: int = 0) -> Iterator[MoleculeInput]:
     """One SMILES per line (first whitespace-separated token); blank lines and # comments skipped."""
+    smiles, lines = [], []
     with open(path, encoding="utf-8") as f:
-        smiles = [ln.split()[0] for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    yield from from_smiles(smiles, seed=seed, where=path)
+        for lineno, ln in enumerate(f, start=1):
+            if ln.strip() and not ln.lstrip().startswith("#"):
+                smiles.append(ln.split()[0])
+                lines.append(lineno)
+    yield from from_smiles(smiles, seed=seed, where=path, lines=lines)
 
 
 def qm9_sample_positions(n: int, seed: int) -> np.ndarray:

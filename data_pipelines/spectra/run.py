@@ -15,6 +15,11 @@ theory, settings, versions, input description). Each result is appended and fsyn
 process as soon as a worker returns it, so a kill loses at most the molecules in flight; running the
 same command again skips every molecule already in `sticks.jsonl` or `failures.jsonl`
 (`--retry-failed` recomputes the failures).
+
+Exit status of `compute`: 0 when every requested molecule has spectra; 3 when the run finished
+but some requested molecules failed (now or in an earlier run; the last stderr line says how many
+and ends in PARTIAL; `--allow-failures` makes this 0); 1 on an error that stopped the run (bad
+arguments: 2). The JSON summary on stdout has `requested`, `with_spectra` and `failed_total`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from data_pipelines.spectra.inputs import (
 STICKS_FILE = "sticks.jsonl"
 FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = ".run.lock"
+# Exit status of `compute` when it finished but some requested molecules have no spectra.
+EXIT_PARTIAL = 3
 
 
 class RunLockedError(RuntimeError):
@@ -134,6 +141,19 @@ def _results(jobs: list, workers: int):
         yield pool.imap_unordered(_work, jobs, chunksize=1)
 
 
+def differences(before: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` for each leaf that differs between two nested
+    dicts (a key absent on one side shows as ``<absent>``)."""
+    out = []
+    for key in sorted(set(before) | set(now), key=str):
+        old, new = before.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append((f"{prefix}{key}", old, new))
+    return out
+
+
 def prepare_output(out_dir: str, meta: dict) -> None:
     """Creates the directory and meta.json, or checks that an existing run used the same setup."""
     os.makedirs(out_dir, exist_ok=True)
@@ -145,9 +165,10 @@ def prepare_output(out_dir: str, meta: dict) -> None:
             # Program versions may differ between sessions (reported, not refused).
             old_versions, new_versions = before.pop("versions", None), now.pop("versions", None)
             if before != now:
-                raise MetaMismatchError(
-                    f"{path} was written with a different {key}:\n  old: {before}\n"
-                    f"  new: {now}\nuse another --out directory")
+                changes = "; ".join(f"{name}: {old_value!r} -> {new_value!r}"
+                                    for name, old_value, new_value in differences(before, now))
+                raise MetaMismatchError(f"{path} was written with a different {key} ({changes}); "
+                                        "use another --out directory")
             if old_versions != new_versions:
                 print(f"warning: {path} was written with {old_versions}, this run uses "
                       f"{new_versions}", file=sys.stderr)
@@ -200,37 +221,54 @@ def _compute_locked(molecules, out_dir, config, input_description, workers, retr
     if retry_failed and failures:
         os.replace(fail_path, fail_path + ".previous")
         failures = []
-    skip = done | {int(f["index"]) for f in failures}
+    failed = {int(f["index"]): f["kind"] for f in failures}
     seen, todo = set(), []
     for m in molecules:
         if m.index in seen:
             raise ValueError(f"{m.where}: index {m.index} appears twice in the input")
         seen.add(m.index)
-        if m.index not in skip:
+        if m.index not in done and m.index not in failed:
             todo.append(m)
     summary = {"already_done": len(done), "already_failed": len(failures), "todo": len(todo),
                "ok": 0, "failed": 0, "failure_kinds": {}}
-    if not todo:
-        return summary
-    jobs = [(m, config) for m in todo]
-    bar = tqdm(total=len(todo), disable=not progress, unit="mol", smoothing=0.05,
-               desc=os.path.basename(os.path.normpath(out_dir)))
-    with _results(jobs, workers) as results:
-        for status, _, payload, _ in results:
-            if status == "ok":
-                # The worker already serialised the record (StickRecord.to_json); this is the same
-                # whole-line append + fsync as sticks.append.
-                _append_line(sticks_path, payload)
-                summary["ok"] += 1
-            else:
-                _append_line(fail_path, payload)
-                kind = json.loads(payload)["kind"]
-                summary["failed"] += 1
-                summary["failure_kinds"][kind] = summary["failure_kinds"].get(kind, 0) + 1
-            bar.update(1)
-            bar.set_postfix(ok=summary["ok"], failed=summary["failed"])
-    bar.close()
+    if todo:
+        jobs = [(m, config) for m in todo]
+        bar = tqdm(total=len(todo), disable=not progress, unit="mol", smoothing=0.05,
+                   desc=os.path.basename(os.path.normpath(out_dir)))
+        with _results(jobs, workers) as results:
+            for status, index, payload, _ in results:
+                if status == "ok":
+                    # The worker already serialised the record (StickRecord.to_json); this is the
+                    # same whole-line append + fsync as sticks.append.
+                    _append_line(sticks_path, payload)
+                    done.add(index)
+                    summary["ok"] += 1
+                else:
+                    _append_line(fail_path, payload)
+                    kind = json.loads(payload)["kind"]
+                    failed[index] = kind
+                    summary["failed"] += 1
+                    summary["failure_kinds"][kind] = summary["failure_kinds"].get(kind, 0) + 1
+                bar.update(1)
+                bar.set_postfix(ok=summary["ok"], failed=summary["failed"])
+        bar.close()
+    # The outcome for the molecules asked for, whichever run computed them: what the exit status
+    # of `compute` reports.
+    summary["requested"] = len(seen)
+    summary["with_spectra"] = len(seen & done)
+    summary["failed_total"] = sum(1 for i in seen if i in failed)
     return summary
+
+
+def summary_line(summary: dict, out_dir: str) -> str:
+    """One line for the end of `compute`: how many of the requested molecules have spectra."""
+    line = (f"{summary['with_spectra']} of {summary['requested']} requested molecules have "
+            f"spectra in {out_dir}")
+    if summary["failed_total"]:
+        line += (f"; {summary['failed_total']} failed (this run: {summary['failed']} "
+                 f"{summary['failure_kinds'] or ''}), listed in "
+                 f"{os.path.join(out_dir, FAILURES_FILE)}; PARTIAL")
+    return line
 
 
 def finalize(out_dir: str) -> str:
@@ -283,14 +321,15 @@ def _collect(args) -> tuple[list[MoleculeInput], dict]:
             "source": os.path.abspath(args.smiles_file), "conformer": "ETKDG + MMFF",
             "seed": args.seed, "index_field": rel}
     if args.smiles:
-        return list(from_smiles(args.smiles.split(","), seed=args.seed)), {
+        return list(from_smiles(args.smiles.split(","), seed=args.seed, where="--smiles")), {
             "source": "command line SMILES", "smiles": args.smiles, "conformer": "ETKDG + MMFF",
             "seed": args.seed, "index_field": rel}
     raise SystemExit("give one input: --qm9-sample, --qm9-index, --sdf, --xyz, --smiles-file or "
                      "--smiles")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Runs the command line; returns the exit status (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,24 +345,33 @@ def main(argv=None) -> None:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--retry-failed", action="store_true")
+    c.add_argument("--allow-failures", action="store_true",
+                   help=f"exit 0 even when some molecules failed (default: exit "
+                        f"{EXIT_PARTIAL})")
     c.add_argument("--skip-uv", action="store_true", help="IR/Raman only (fast)")
     c.add_argument("--uv-max-ev", type=float, default=15.0)
     c.add_argument("--stda-threshold-ev", type=float, default=16.0)
     f = sub.add_parser("finalize", help="check sticks.jsonl and write sticks.jsonl.gz")
     f.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.command == "finalize":
-        print(finalize(args.out))
-        return
-    config = SpectraConfig(skip_uv=args.skip_uv, uv_max_ev=args.uv_max_ev,
-                           stda_threshold_ev=args.stda_threshold_ev)
-    molecules, description = _collect(args)
-    summary = compute(molecules, args.out, config, description, workers=args.workers,
-                      retry_failed=args.retry_failed)
+    try:
+        if args.command == "finalize":
+            print(finalize(args.out))
+            return 0
+        config = SpectraConfig(skip_uv=args.skip_uv, uv_max_ev=args.uv_max_ev,
+                               stda_threshold_ev=args.stda_threshold_ev)
+        molecules, description = _collect(args)
+        summary = compute(molecules, args.out, config, description, workers=args.workers,
+                          retry_failed=args.retry_failed)
+    except (MetaMismatchError, RunLockedError, sticks.StickFormatError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)  # one line; the cause is in the message
+        return 1
     print(json.dumps(summary, indent=1))
-    if summary["failed"]:
-        print(f"failures are listed in {os.path.join(args.out, FAILURES_FILE)}", file=sys.stderr)
+    print(summary_line(summary, args.out), file=sys.stderr)
+    if summary["failed_total"] and not args.allow_failures:
+        return EXIT_PARTIAL
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
