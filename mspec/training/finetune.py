@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import json
 import os
-import time
+import signal
 from typing import Any
 
 import jax
@@ -42,7 +42,9 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, host_malloc, losses
 from mspec.data import datasets, pipeline
 from mspec.models import count_params
-from mspec.training import checkpoint, metrics, restore, schedules, targets, train
+from mspec.training import (
+    checkpoint, metrics, progress, restore, run_config, safeguards, schedules, stopping, targets, train,
+)
 
 TASKS = ("qm9", "md17")
 HOST_PREFIX = "_"  # packed keys that stay on the host (float64 bookkeeping for evaluation)
@@ -135,31 +137,31 @@ def split_host(batch: dict) -> tuple[dict, dict]:
 
 
 def check_config(config) -> None:
+    """Fails early with a :class:`run_config.ConfigError` naming the key (before any data is read)."""
+    run_config.check_values(config)
     if config.task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+        raise run_config.ConfigError(f"config.task must be one of {TASKS}, got {config.task!r}")
     if config.task == "qm9" and config.target.name not in targets.QM9_TARGETS:
-        raise ValueError(f"unknown QM9 target {config.target.name!r}; known: {targets.QM9_TARGETS}")
+        raise run_config.ConfigError(f"unknown QM9 target {config.target.name!r}; known: {targets.QM9_TARGETS}")
     if config.target.atomref and (config.task != "qm9" or config.target.name not in targets.QM9_ATOMREF_EV):
-        raise ValueError(f"config.target.atomref is only for QM9 {sorted(targets.QM9_ATOMREF_EV)}")
+        raise run_config.ConfigError(f"config.target.atomref is only for QM9 {sorted(targets.QM9_ATOMREF_EV)}")
     if "scalar" not in config.model.heads:
-        raise ValueError("fine-tuning needs the 'scalar' head in config.model.heads")
+        raise run_config.ConfigError("fine-tuning needs the 'scalar' head in config.model.heads")
     if config.loss.denoising_weight > 0 and "noise" not in config.model.heads:
-        raise ValueError("config.loss.denoising_weight > 0 needs the 'noise' head")
+        raise run_config.ConfigError("config.loss.denoising_weight > 0 needs the 'noise' head")
     if config.loss.property_loss not in ("mse", "smooth_l1"):
-        raise ValueError(f"config.loss.property_loss must be 'mse' or 'smooth_l1', got {config.loss.property_loss!r}")
+        raise run_config.ConfigError(f"config.loss.property_loss must be 'mse' or 'smooth_l1', got {config.loss.property_loss!r}")
     if not 0.0 < config.loss.energy_ema_alpha <= 1.0:
-        raise ValueError("config.loss.energy_ema_alpha must be in (0, 1]")
+        raise run_config.ConfigError("config.loss.energy_ema_alpha must be in (0, 1]")
     if config.task == "md17" and config.loss.denoising_weight > 0 and not config.loss.sep_noisy_nodes:
-        raise ValueError(
+        raise run_config.ConfigError(
             "MD17 denoising needs config.loss.sep_noisy_nodes = True (energies and forces on clean "
             "frames, a separate noisy pass for the noise head; frad-et-spec §3.2)"
         )
     checkpoints = tuple((config.get("evaluate") or {}).get("checkpoints", ("last", "best")))
     if not checkpoints or set(checkpoints) - {"last", "best"}:
-        raise ValueError(
+        raise run_config.ConfigError(
             f"config.evaluate.checkpoints must name 'last' and/or 'best', got {checkpoints!r}")
-    if config.total_steps <= 0 or config.batch_size <= 0:
-        raise ValueError("config.total_steps and config.batch_size must be positive")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +461,20 @@ def validation_metric(setup: Setup, pred: dict) -> float:
     return setup.config.loss.energy_weight * mae_y + setup.config.loss.force_weight * mae_f
 
 
+def describe_validation(setup: Setup, pred: dict, value: float) -> str:
+    """The validation line's text, with units: ``"validation MAE 0.334 eV"`` (QM9), or the MD17
+    composite with its energy and force MAEs."""
+    cfg = setup.config
+    if cfg.task == "qm9":
+        return f"validation MAE {value:.6g} {targets.QM9_UNITS[cfg.target.name][0]}"
+    mae_e = float(np.mean(np.abs(pred["y_pred"] - pred["y_true"])))
+    mae_f = float(np.mean(np.abs(pred["f_pred"] - pred["f_true"])))
+    return (
+        f"validation {cfg.loss.energy_weight:g} x energy MAE + {cfg.loss.force_weight:g} x force MAE "
+        f"= {value:.6g} (energy MAE {mae_e:.4g} kcal/mol, force MAE {mae_f:.4g} kcal/mol/Å)"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -475,13 +491,26 @@ def _replicate_scalars(trainer, state, **values):
     return new
 
 
-def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def finetune_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: tuple[str, ...] = (),
+    checkpoint_every_minutes: float = 30.0,
+) -> dict[str, Any]:
     """Runs (or resumes) fine-tuning, then evaluates the last and best checkpoints.
 
+    ``allow_config_change`` and ``checkpoint_every_minutes`` as in
+    :func:`mspec.training.train.train_and_evaluate`.
+
     Returns the run summary (also the content of ``results.json`` when training finished).
+
+    Raises:
+      stopping.Stopped: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
     """
     from mspec.training import evaluation  # matplotlib only when needed
 
+    check_config(config)  # before touching any data
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
@@ -495,79 +524,90 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
     config_json = _resolved_config_json(config)
-    data_position, start_step = 0, 0
+    data_position, start_step, saved_config, changed = 0, 0, None, []
     if ckpt.latest_step() is not None:
         abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), _dummy(setup)))
-        start_step, state, saved_config, data = ckpt.restore(abstract)
-        if train.model_math(saved_config.get("model")) != train.model_math(config_json.get("model")) or saved_config.get("target") != config_json.get("target"):
-            raise ValueError(
-                f"checkpoint in {ckpt.directory} was written with a different model/target config; "
-                "use a new --workdir"
-            )
+        check = safeguards.resume_check(config_json, ckpt, allow_config_change, run_config.OPERATIONAL_KEYS, changed)
+        start_step, state, saved_config, data = ckpt.restore(abstract, check_config=check, fallback=True)
         data_position = int(data["next_index"])
         train.note(f"resumed from step {start_step} (data position {data_position})")
     else:
+        train.note(f"no checkpoint yet in {ckpt.directory}: starting from step 0")
         state = trainer.state_from_params(init_params(setup))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_json, f, indent=1)
+    safeguards.record_config(workdir, config_json, start_step, changed, saved_config)
 
     plateau = schedules.Plateau(
         factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
         threshold=config.optim.plateau_threshold, lr_min=config.optim.lr_min, base_lr=config.optim.lr,
     )
-    writer = metrics.MetricWriter(workdir)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step)
     it = batches(setup, "train", shuffle=True, repeat=True, start=data_position)
     total = config.total_steps
     stop = min(total, config.stop_after_step) if config.stop_after_step > 0 else total
-    step, pending = start_step, []
-    last_time, last_step = time.time(), start_step
+    step, pending, molecules = start_step, [], 0.0
+    prog = progress.Progress(start_step, stop)
     summary: dict[str, Any] = {"start_step": start_step}
-    try:
-        while step < stop:
-            local = next(it)
-            dev, _ = split_host(local)
-            state, m = trainer.update_fn(state, trainer.global_batch(dev))
-            pending.append(m)
-            step += 1
-            if step % config.log_every == 0 or step == stop:
-                means = train.mean_measurements(pending, step, ckpt.directory)
-                now = time.time()
-                eta = (stop - step) * (now - last_time) / max(step - last_step, 1)
-                writer.write(step, {f"train/{k}": v for k, v in means.items()})
-                train.note(
-                    f"step {step}/{total} | loss {means['loss']:.5g} | lr {means['lr']:.2e} | "
-                    f"ETA {train._format_eta(eta)}"
-                )
-                summary["train_loss"] = means["loss"]
-                pending, last_time, last_step = [], now, step
-            if step % config.eval_every == 0 or step == stop:
-                pred = predict(setup, state["params"], "validation", config.data.eval_max_molecules or None)
-                val = validation_metric(setup, pred)
-                scalars = {"eval/metric": val}
-                if config.optim.schedule == "plateau":
-                    lr_scale, best, bad = plateau.update(
-                        float(state["lr_scale"]), float(state["plateau_best"]), int(state["plateau_bad"]), val
+    failed = True
+    with stopping.StopSignals() as signals:
+        extra = stopping.ExtraSaves(signals, checkpoint_every_minutes, config.log_every)
+        try:
+            while step < stop:
+                local = next(it)
+                molecules += float(np.sum(local["graph_mask"]))
+                dev, _ = split_host(local)
+                state, m = trainer.update_fn(state, trainer.global_batch(dev))
+                pending.append(m)
+                step += 1
+                ckpt.poll()  # a failed background save stops the run now, not at the next save
+                if step % config.log_every == 0 or step == stop:
+                    means = safeguards.mean_measurements(pending, step, ckpt)
+                    rate, eta = prog.interval(step, molecules * jax.process_count())
+                    writer.write(step, {**{f"train/{k}": v for k, v in means.items()},
+                                        "train/molecules_per_s": rate})
+                    train.note(
+                        f"step {step}/{total} | loss {means['loss']:.5g} | lr {means['lr']:.2e} | "
+                        f"{rate:.1f} mol/s | ETA {progress.format_eta(eta)}"
                     )
-                    state = _replicate_scalars(trainer, state, lr_scale=lr_scale, plateau_best=best, plateau_bad=bad)
-                    scalars["eval/lr_scale"] = lr_scale
-                writer.write(step, scalars)
-                improved = val < float(state["best_val"])
-                train.note(f"step {step} | validation metric {val:.6g}" + (" (best so far)" if improved else ""))
-                if improved:
-                    state = _replicate_scalars(trainer, state, best_val=val, best_step=step)
-                    # A run killed after this save and before the periodic checkpoint of the
-                    # same step replays to here on resume; the resumed state is bitwise the
-                    # one already saved, so the existing best/<step> stands.
-                    if best_ckpt.latest_step() != step:
-                        best_ckpt.save(step, state, config_json, it.state())
-                last_time = time.time()
-            if step % config.checkpoint_every == 0 or step == stop:
-                ckpt.save(step, state, config_json, it.state())
-    finally:
-        it.close()
-        ckpt.close()
-        best_ckpt.close()
-        writer.close()
+                    summary["train_loss"] = means["loss"]
+                    pending, molecules = [], 0.0
+                save_now, stop_now = extra.check(step)
+                if step % config.eval_every == 0 or (step == stop and not stop_now):
+                    pred = predict(setup, state["params"], "validation", config.data.eval_max_molecules or None)
+                    val = validation_metric(setup, pred)
+                    scalars = {"eval/metric": val}
+                    if config.optim.schedule == "plateau":
+                        lr_scale, best, bad = plateau.update(
+                            float(state["lr_scale"]), float(state["plateau_best"]), int(state["plateau_bad"]), val
+                        )
+                        state = _replicate_scalars(trainer, state, lr_scale=lr_scale, plateau_best=best, plateau_bad=bad)
+                        scalars["eval/lr_scale"] = lr_scale
+                    writer.write(step, scalars)
+                    improved = val < float(state["best_val"])
+                    train.note(f"step {step} | {describe_validation(setup, pred, val)}"
+                               + (" (best so far)" if improved else ""))
+                    if improved:
+                        state = _replicate_scalars(trainer, state, best_val=val, best_step=step)
+                        # A run killed after this save and before the periodic checkpoint of the
+                        # same step replays to here on resume; the resumed state is bitwise the
+                        # one already saved, so the existing best/<step> stands.
+                        if best_ckpt.latest_step() != step:
+                            safeguards.save_checkpoint(best_ckpt, step, state, config_json, it.state(),
+                                                       "best validation")
+                    prog.pause()
+                if step % config.checkpoint_every == 0 or step == stop or save_now:
+                    why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
+                    safeguards.save_checkpoint(ckpt, step, state, config_json, it.state(), why)
+                    extra.saved()
+                    prog.pause()
+                if stop_now:
+                    ckpt.wait()
+                    raise stopping.Stopped(signals.signum or signal.SIGTERM, step, ckpt.directory)
+            failed = False
+        finally:
+            it.close()
+            ckpt.close(quiet=failed)
+            best_ckpt.close(quiet=failed)
+            writer.close()
     summary.update(final_step=step, compilations=trainer.traces)
     if step < total:
         train.note(f"stopped at step {step} of {total} (stop_after_step); rerun to continue")

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from mspec import graph, losses
 from mspec.models.specformer import SpecFormer, make_specs
-from mspec.training import plots, restore, train
+from mspec.training import plots, restore, run_config, train
 
 # Top-level parameter keys that belong to stage 2 only (everything else is the ET model's).
 STAGE2_KEYS = ("specformer", "contrastive")
@@ -127,35 +127,33 @@ class MolSpectraTrainer(train.Trainer):
     def check(self) -> None:
         cfg = self.config
         if cfg.noise.type not in ("frad", "coord"):
-            raise ValueError(f"config.noise.type must be 'frad' or 'coord', got {cfg.noise.type!r}")
+            raise run_config.ConfigError(f"config.noise.type must be 'frad' or 'coord', got {cfg.noise.type!r}")
         if cfg.loss.target_normalization not in ("tau", "running", "none"):
-            raise ValueError(
+            raise run_config.ConfigError(
                 f"bad config.loss.target_normalization {cfg.loss.target_normalization!r}"
             )
         if "noise" not in cfg.model.heads:
-            raise ValueError(
+            raise run_config.ConfigError(
                 "stage 2 needs the 'noise' head in config.model.heads (denoising term)"
             )
         if not cfg.spectra.types:
-            raise ValueError("config.spectra.types is empty: declare the spectra to train on")
+            raise run_config.ConfigError("config.spectra.types is empty: declare the spectra to train on")
         if train.microbatches(cfg) != 1:
-            raise ValueError(
+            raise run_config.ConfigError(
                 f"config.microbatches={cfg.microbatches}: gradient accumulation is implemented "
                 "for denoising pre-training only; use microbatches=1 for MolSpectra stage 2"
             )
         if cfg.specformer.embed_dim != cfg.model.hidden:
-            raise ValueError(
+            raise run_config.ConfigError(
                 f"config.specformer.embed_dim ({cfg.specformer.embed_dim}) must equal the ET width "
                 f"config.model.hidden ({cfg.model.hidden}): the contrastive loss compares them directly"
             )
         c = cfg.loss.contrastive
         if not c.temperature > 0:
-            raise ValueError("config.loss.contrastive.temperature must be positive")
+            raise run_config.ConfigError("config.loss.contrastive.temperature must be positive")
         for w in ("denoising_weight", "mpr_weight", "contrastive_weight"):
             if cfg.loss[w] < 0:
-                raise ValueError(f"config.loss.{w} must be >= 0")
-        if cfg.total_steps <= 0 or cfg.batch_size <= 0:
-            raise ValueError("config.total_steps and config.batch_size must be positive")
+                raise run_config.ConfigError(f"config.loss.{w} must be >= 0")
 
     # ---- state ----------------------------------------------------------------------------------
 

@@ -21,8 +21,7 @@ import json
 import logging
 import math
 import os
-import sys
-import time
+import signal
 from typing import Any
 
 import jax
@@ -35,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, host_malloc, losses, noise
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import Model, count_params
-from mspec.training import checkpoint, metrics, optimizers
+from mspec.training import checkpoint, metrics, optimizers, progress, run_config, safeguards, stopping
 
 BUDGET_SAMPLE = 1000  # molecules used to estimate mean atoms / edges for the static budgets
 
@@ -114,21 +113,21 @@ def perturb(config, rng: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def check_config(config) -> None:
-    """Fails early with a clear message on values the step would otherwise reject late."""
+    """Fails early with a clear message (:class:`run_config.ConfigError`) on values the step
+    would otherwise reject late."""
+    run_config.check_values(config)
     if config.noise.type not in ("frad", "coord"):
-        raise ValueError(f"config.noise.type must be 'frad' or 'coord', got {config.noise.type!r}")
+        raise run_config.ConfigError(f"config.noise.type must be 'frad' or 'coord', got {config.noise.type!r}")
     if config.loss.target_normalization not in ("tau", "running", "none"):
-        raise ValueError(
+        raise run_config.ConfigError(
             "config.loss.target_normalization must be 'tau', 'running' or 'none', got "
             f"{config.loss.target_normalization!r}"
         )
     if "noise" not in config.model.heads:
-        raise ValueError("denoising pre-training needs the 'noise' head in config.model.heads")
-    if config.total_steps <= 0 or config.batch_size <= 0:
-        raise ValueError("config.total_steps and config.batch_size must be positive")
+        raise run_config.ConfigError("denoising pre-training needs the 'noise' head in config.model.heads")
     k = microbatches(config)
     if k > 1 and config.loss.target_normalization == "running":
-        raise ValueError(
+        raise run_config.ConfigError(
             f"config.microbatches={k} needs a target normaliser that does not depend on the "
             "batch: use config.loss.target_normalization='tau' or 'none' (the 'running' "
             "normaliser is updated once per step from the whole batch)"
@@ -177,7 +176,7 @@ def microbatches(config) -> int:
     """
     k = config.get("microbatches", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(
+        raise run_config.ConfigError(
             f"config.microbatches must be an integer >= 1, or 0 for automatic, got {k!r}"
         )
     if k == 0:
@@ -393,29 +392,6 @@ def _global_norm(tree) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return f"{d}d{h:02d}h" if d else (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s")
-
-
-def mean_measurements(pending: list[dict], step: int, checkpoint_dir: str) -> dict[str, float]:
-    """Host means of the per-step measurements since the last log line; a non-finite value stops
-    the run (the last checkpoint, written before the divergence, stays the latest)."""
-    host = jax.device_get(pending)
-    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    if not all(math.isfinite(v) for v in means.values()):
-        raise FloatingPointError(
-            f"non-finite training measurements at step {step}: {means}; the last checkpoint in "
-            f"{checkpoint_dir} is intact"
-        )
-    return means
-
-
 def model_math(model_config: dict | None) -> dict | None:
     """The model config without the keys that change how, not what, it computes."""
     if model_config is None:
@@ -423,10 +399,7 @@ def model_math(model_config: dict | None) -> dict | None:
     return {k: v for k, v in model_config.items() if k != "message_passing"}
 
 
-def note(msg: str) -> None:
-    """Prints a line on process 0 only."""
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
+note = progress.note  # used by the other training modules as train.note
 
 
 def eval_batches(trainer: Trainer, eval_source, featurizer, budget) -> sharding.SlotBatchIterator:
@@ -502,10 +475,28 @@ def make_trainer(config: ml_collections.ConfigDict, mesh, builder=None) -> Train
     return trainer
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) pre-training (``config.task``); returns a summary of the run."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: tuple[str, ...] = (),
+    checkpoint_every_minutes: float = 30.0,
+) -> dict[str, Any]:
+    """Runs (or resumes) pre-training (``config.task``); returns a summary of the run.
+
+    Args:
+      allow_config_change: config keys (or prefixes) that may differ from the config the
+        checkpoint being resumed was written with (``--allow_config_change``); others refuse
+        to resume (:func:`run_config.check_resume`).
+      checkpoint_every_minutes: also checkpoint when this much wall-clock time has passed
+        since the last save (0 = only ``config.checkpoint_every``).
+
+    Raises:
+      stopping.Stopped: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
+    """
+    run_config.check_values(config)  # before touching any data
     if config.get("task", "denoise") == "denoise":
-        check_config(config)  # before touching any data
+        check_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
@@ -550,26 +541,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     note(f"model parameters: {count_params(state['params']):,}")
     num_slots = jax.device_count()
     slots = sharding.local_slots(trainer.data_sharding, num_slots)
-    start_step, data_position = 0, [0] * len(slots)
+    start_step, data_position, saved_config, changed = 0, [0] * len(slots), None, []
+    config_json = json.loads(config.to_json_best_effort())
     if ckpt.latest_step() is not None:
-        start_step, state, saved_config, data = ckpt.restore(checkpoint.abstract_like(state))
+        check = safeguards.resume_check(
+            config_json, ckpt, allow_config_change,
+            run_config.OPERATIONAL_KEYS + run_config.PRETRAIN_EVAL_KEYS, changed,
+        )
+        start_step, state, saved_config, data = ckpt.restore(
+            checkpoint.abstract_like(state), check_config=check, fallback=True
+        )
         data_position = sharding.start_positions(data, slots, num_slots)
-        if model_math(saved_config.get("model")) != model_math(
-            json.loads(config.to_json_best_effort()).get("model")
-        ):
-            raise ValueError(
-                f"checkpoint in {ckpt.directory} was written with a different model config "
-                f"({saved_config.get('model')}); use a new --workdir"
-            )
         note(f"resumed from step {start_step} (data position {data_position})")
     else:
+        note(f"no checkpoint yet in {ckpt.directory}: starting from step 0")
         state = trainer.start_from_pretrained(state)
-    config_json = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=1)
+    safeguards.record_config(workdir, config_json, start_step, changed, saved_config)
 
-    writer = metrics.MetricWriter(workdir)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step)
     if start_step == 0:
         writer.write_text("config", "```\n" + config.to_json_best_effort(indent=1) + "\n```")
     # One packed sub-stream per device slot: the global batch does not depend on the number of
@@ -600,61 +589,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = min(total, config.stop_after_step) if config.stop_after_step > 0 else total
     pending: list[dict] = []
     molecules, fills = 0.0, []
-    last_log_time, last_log_step = time.time(), start_step
+    prog = progress.Progress(start_step, total)
     summary: dict[str, Any] = {"start_step": start_step, "microbatches": num_microbatches}
     step = start_step
-    try:
-        while step < stop:
-            sub_batches = [next(train_iter) for _ in range(num_microbatches)]
-            for sub in sub_batches:
-                f = pipeline.fill(sub)
-                molecules += f["molecules"]
-                fills.append(f["node_fill"])
-            if num_microbatches == 1:
-                global_batch = trainer.global_batch(sub_batches[0])
-            else:
-                global_batch = trainer.global_batch(
-                    stack_microbatches(sub_batches), microbatched=True
-                )
-            state, measurements = trainer.update_fn(state, global_batch)
-            pending.append(measurements)
-            step += 1
+    failed = True
+    with stopping.StopSignals() as signals:
+        extra = stopping.ExtraSaves(signals, checkpoint_every_minutes, config.log_every)
+        try:
+            while step < stop:
+                sub_batches = [next(train_iter) for _ in range(num_microbatches)]
+                for sub in sub_batches:
+                    f = pipeline.fill(sub)
+                    molecules += f["molecules"]
+                    fills.append(f["node_fill"])
+                if num_microbatches == 1:
+                    global_batch = trainer.global_batch(sub_batches[0])
+                else:
+                    global_batch = trainer.global_batch(
+                        stack_microbatches(sub_batches), microbatched=True
+                    )
+                state, measurements = trainer.update_fn(state, global_batch)
+                pending.append(measurements)
+                step += 1
+                ckpt.poll()  # a failed background save stops the run now, not at the next save
 
-            if step % config.log_every == 0 or step == stop:
-                means = mean_measurements(pending, step, ckpt.directory)
-                now = time.time()
-                rate = molecules * jax.process_count() / max(now - last_log_time, 1e-9)
-                eta = (total - step) * (now - last_log_time) / max(step - last_log_step, 1)
-                means["train/molecules_per_s"] = rate
-                means["train/node_fill"] = float(np.mean(fills))
-                writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in means.items()})
-                note(
-                    f"step {step}/{total} | loss {means['loss']:.4f} | lr {means['lr']:.2e} | "
-                    f"{rate:.1f} mol/s | node fill {means['train/node_fill']:.2f} | "
-                    f"ETA {_format_eta(eta)}"
-                )
-                summary["train_loss"] = means["loss"]
-                pending, molecules, fills = [], 0.0, []
-                last_log_time, last_log_step = now, step
+                if step % config.log_every == 0 or step == stop:
+                    means = safeguards.mean_measurements(pending, step, ckpt)
+                    rate, eta = prog.interval(step, molecules * jax.process_count())
+                    means["train/molecules_per_s"] = rate
+                    means["train/node_fill"] = float(np.mean(fills))
+                    writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in means.items()})
+                    note(
+                        f"step {step}/{total} | loss {means['loss']:.4f} | lr {means['lr']:.2e} | "
+                        f"{rate:.1f} mol/s | node fill {means['train/node_fill']:.2f} | "
+                        f"ETA {progress.format_eta(eta)}"
+                    )
+                    summary["train_loss"] = means["loss"]
+                    pending, molecules, fills = [], 0.0, []
 
-            if step % config.eval_every == 0 or step == stop:
-                ev = trainer.evaluate(
-                    state, eval_source, featurizer, budget, step=step, writer=writer, workdir=workdir
-                )
-                writer.write(step, ev)
-                note(
-                    f"step {step} | validation: "
-                    + ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items() if k.startswith("eval/"))
-                )
-                summary.update(ev)
-                last_log_time = time.time()  # Evaluation time is not training throughput.
+                save_now, stop_now = extra.check(step)
+                if step % config.eval_every == 0 or (step == stop and not stop_now):
+                    ev = trainer.evaluate(
+                        state, eval_source, featurizer, budget, step=step, writer=writer, workdir=workdir
+                    )
+                    writer.write(step, ev)
+                    note(
+                        f"step {step} | validation: "
+                        + ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items() if k.startswith("eval/"))
+                    )
+                    summary.update(ev)
+                    prog.pause()  # Evaluation time is not training throughput.
 
-            if step % config.checkpoint_every == 0 or step == stop:
-                ckpt.save(step, state, config_json, sharding.global_state(train_iter.state()))
-    finally:
-        train_iter.close()
-        ckpt.close()
-        writer.close()
+                if step % config.checkpoint_every == 0 or step == stop or save_now:
+                    why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
+                    safeguards.save_checkpoint(
+                        ckpt, step, state, config_json,
+                        sharding.global_state(train_iter.state()), why,
+                    )
+                    extra.saved()
+                    prog.pause()
+                if stop_now:
+                    ckpt.wait()
+                    raise stopping.Stopped(signals.signum or signal.SIGTERM, step, ckpt.directory)
+            failed = False
+        finally:
+            train_iter.close()
+            ckpt.close(quiet=failed)
+            writer.close()
     summary.update(
         {"final_step": step, "compilations": trainer.traces, "budget": dataclasses.asdict(budget)}
     )
