@@ -1,14 +1,27 @@
-"""Reads ``torch.save`` files (``.pt``) with numpy and the standard library only; torch is not needed.
+"""Reads ``torch.save`` files (``.pt``, ``.ckpt``) with numpy and the standard library only; torch is
+not needed.
 
-Layout (``../shared/docs/data-notes.md`` §6.6): a zip archive whose single top-level folder holds
-``data.pkl`` (a pickle whose tensor storages are persistent ids
-``('storage', <torch.XStorage>, key, location, numel)``), ``data/<key>`` (raw little-endian storage
-bytes) and ``byteorder``. Tensors are rebuilt by ``torch._utils._rebuild_tensor_v2``; here that
-becomes a strided numpy view. Storages are memory-mapped when the zip entry is stored uncompressed
-(torch always writes them so), so a multi-GB file costs no RAM until a slice is read.
+Layout (``../shared/docs/data-notes.md`` §6.6): a zip archive whose single top-level folder (any
+name: ``archive/``, or the file stem) holds ``data.pkl`` (a pickle whose tensor storages are
+persistent ids ``('storage', <torch.XStorage>, key, location, numel)``), ``data/<key>`` (raw
+little-endian storage bytes) and ``byteorder``. Tensors are rebuilt by
+``torch._utils._rebuild_tensor_v2``; here that becomes a strided numpy view. Storages are
+memory-mapped when the zip entry is stored uncompressed (torch always writes them so), so a
+multi-GB file costs no RAM until a slice is read.
 
-Only an allow-list of globals can be unpickled (tensors, storages, PyG classes as plain dicts, numpy
-arrays, a few builtins), which also makes loading safe against code in the pickle.
+Only an allow-list of globals can be unpickled, which also makes loading safe against code in the
+pickle:
+
+* tensors, storages, ``torch.Size``, ``collections.OrderedDict`` and a few builtins, also under
+  their Python 2 names (``__builtin__.bytes``: protocol-2 pickles of numpy payloads, e.g. an
+  empty array, refer to it), mapped with the standard library's own table (``_compat_pickle``);
+* numpy arrays and dtypes;
+* ``torch_geometric`` objects, as plain dicts of their pickled state (:class:`PygObject`);
+* the Lightning callback classes that ``pytorch_lightning`` 1.x checkpoints use as the keys of
+  their ``callbacks`` dict (``ModelCheckpoint``, ``EarlyStopping``), as inert class stand-ins
+  that cannot be instantiated (:class:`LightningClassRef`).
+
+Everything else is refused with :class:`TorchFileError`.
 
 Public API: :func:`load` (any object) and :func:`pyg_collated` (PyG ``InMemoryDataset`` files,
 both the PyG >= 2.4 ``(dict, slices, cls)`` layout and the legacy ``(Data, slices)`` layout).
@@ -16,9 +29,12 @@ both the PyG >= 2.4 ``(dict, slices, cls)`` layout and the legacy ``(Data, slice
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
+import io
 import pickle
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -48,6 +64,52 @@ class PygObject(dict):
             self.update(state)
         else:
             self["__state__"] = state
+
+
+class LightningClassRef(type):
+    """Metaclass of the inert stand-ins for Lightning callback classes referenced by a checkpoint.
+
+    ``pytorch_lightning`` 1.x keys a checkpoint's ``callbacks`` dict by the callback classes
+    themselves. A stand-in is a class named like the original (``repr`` shows the dotted name),
+    usable as a dict key and comparable by identity; it has no behaviour, and instantiating it
+    (a pickled callback *instance*) is refused.
+    """
+
+    def __repr__(cls):
+        return f"<class {cls.__module__}.{cls.__qualname__} (stand-in)>"
+
+    def __call__(cls, *args, **kwargs):
+        raise TorchFileError(f"refusing to instantiate {cls.__module__}.{cls.__qualname__}")
+
+
+def _refuse_new(cls, *args, **kwargs):
+    raise TorchFileError(f"refusing to instantiate {cls.__module__}.{cls.__qualname__}")
+
+
+# The callback classes of Lightning 1.x checkpoints (Frad and MolSpectra pin pytorch_lightning
+# 1.3.8). Lightning 2.x writes string keys instead.
+_LIGHTNING_CLASSES = {
+    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+    ("pytorch_lightning.callbacks.early_stopping", "EarlyStopping"),
+}
+_lightning_refs: dict[tuple[str, str], type] = {}
+
+
+def _lightning_ref(module: str, name: str) -> type:
+    """One stand-in class per (module, name), so keys from several files compare equal."""
+    if (module, name) not in _lightning_refs:
+        _lightning_refs[(module, name)] = LightningClassRef(
+            name, (), {"__module__": module, "__qualname__": name, "__new__": _refuse_new}
+        )
+    return _lightning_refs[(module, name)]
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """``(module, name)`` with Python 2 names (``__builtin__``, ``copy_reg``...) mapped to
+    Python 3 ones, as ``pickle``'s own ``fix_imports`` does; the allow-list is checked after."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class _StorageType:
@@ -103,15 +165,19 @@ class _Unpickler(pickle.Unpickler):
         self._file_map: np.ndarray | None = None
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+        # Overriding find_class bypasses pickle's own Python 2 name mapping: redo it here.
+        module3, name3 = _python3_name(module, name)
+        if (module3, name3) in _ALLOWED:
+            return _ALLOWED[(module3, name3)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         if module.startswith("torch_geometric"):
             return type(name, (PygObject,), {"__module__": module})
+        if (module, name) in _LIGHTNING_CLASSES:
+            return _lightning_ref(module, name)
         raise TorchFileError(
-            f"{self._path}: refusing to unpickle {module}.{name} (not a tensor, storage, PyG or "
-            "numpy object)"
+            f"{self._path}: refusing to unpickle {module}.{name} (not a tensor, storage, PyG, "
+            "numpy or Lightning callback-key object)"
         )
 
     def persistent_load(self, pid):
@@ -148,8 +214,31 @@ class _Unpickler(pickle.Unpickler):
             nbytes = numel * dtype.itemsize
             if start + nbytes > self._file_map.size:
                 raise TorchFileError(f"{self._path}: storage {name} runs past the end of the file")
-            return self._file_map[start : start + nbytes].view(dtype.newbyteorder("<"))
-        return np.frombuffer(self._archive.read(name), dtype=dtype.newbyteorder("<")).copy()
+            data = self._file_map[start : start + nbytes]
+            _check_crc(self._path, info, data)
+            return data.view(dtype.newbyteorder("<"))
+        data = _read_entry(self._archive, self._path, name)
+        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).copy()
+
+
+def _check_crc(path: str, info: zipfile.ZipInfo, data) -> None:
+    """Raises if ``data`` (an entry's bytes, e.g. a memory-mapped slice) does not match the CRC-32
+    stored in the zip: the memory-mapped path bypasses zipfile, which would otherwise check it,
+    and a flipped bit would be read as a wrong value. Costs one pass over the storage."""
+    actual = zlib.crc32(data) & 0xFFFFFFFF
+    if actual != info.CRC:
+        raise TorchFileError(f"{path}: {info.filename}: CRC-32 mismatch (stored {info.CRC:08x}, "
+                             f"data {actual:08x}): the file is corrupt")
+
+
+def _read_entry(archive: zipfile.ZipFile, path: str, name: str) -> bytes:
+    """The whole entry ``name``; zipfile checks its CRC-32 once the last byte is read."""
+    try:
+        return archive.read(name)
+    except zipfile.BadZipFile as e:
+        if "CRC" not in str(e):
+            raise
+        raise TorchFileError(f"{path}: {name}: CRC-32 mismatch ({e}): the file is corrupt") from None
 
 
 def load(path: str, mmap: bool = True) -> Any:
@@ -157,7 +246,9 @@ def load(path: str, mmap: bool = True) -> Any:
 
     Raises:
       TorchFileError: not a zip-format torch file (e.g. truncated, or the pre-1.6 legacy format),
-        big-endian, a storage is missing/short, or the pickle names a non-allowed global.
+        big-endian, a storage is missing/short, an entry's CRC-32 does not match its bytes (a
+        flipped bit; checked for every entry, memory-mapped ones too, so loading reads the whole
+        file once), or the pickle names a non-allowed global.
     """
     try:
         archive = zipfile.ZipFile(path)
@@ -178,8 +269,9 @@ def load(path: str, mmap: bool = True) -> Any:
             if order != "little":
                 raise TorchFileError(f"{path}: byteorder {order!r} is not supported")
         try:
-            with archive.open(pkl[0]) as f:
-                return _Unpickler(f, archive, prefix, path, mmap).load()
+            # Read whole, so the CRC is checked even where the unpickler stops before the end.
+            data = io.BytesIO(_read_entry(archive, path, pkl[0]))
+            return _Unpickler(data, archive, prefix, path, mmap).load()
         except TorchFileError:
             raise
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError,

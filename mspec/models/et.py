@@ -29,6 +29,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mspec import graph
 from mspec.models import fused_eqln, fused_message
@@ -88,23 +89,65 @@ def cosine_cutoff(r: Array, cutoff: float) -> Array:
     return jnp.where(r < cutoff, c, 0.0)
 
 
-def expnorm_rbf_params(num_rbf: int, cutoff: float) -> tuple[Array, Array, float]:
-    """The fixed (non-trainable) constants of the ExpNormal RBF.
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` in float32, bitwise.
+
+    ATen's CPU kernel (``linspace_kernel`` in ``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``)
+    rounds ``start`` and ``end`` to float32, takes ``step = (end - start) / (steps - 1)`` in float32
+    and fills the first half from the start and the second half from the end::
+
+        out[i] = start + step * i                    for i <  steps // 2
+        out[i] = end - step * (steps - 1 - i)        for i >= steps // 2
+
+    ``jnp.linspace`` (and ``np.linspace``) interpolate from the start only and land 1-2 ulp lower
+    on most values, which moves float64 outputs of the ET by ~1e-6 relative. The product and the
+    sum are computed in float64, where they are exact for the magnitudes of the RBF means (both
+    terms have 24 significant bits and span under 53 bits together), so the one rounding to
+    float32 equals a fused multiply-add; this matches torch's stored buffers bitwise
+    (``tests/test_golden_et.py``).
+
+    Args:
+        start: first value (rounded to float32 first, as the Scalar is).
+        end: last value.
+        steps: number of values (>= 1).
+
+    Returns:
+        ``[steps]`` float32.
+    """
+    st, en = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([st], np.float32)
+    step = np.float64((en - st) / np.float32(steps - 1))  # float32 arithmetic, as ATen
+    i = np.arange(steps, dtype=np.float64)
+    forward = np.float64(st) + step * i
+    backward = np.float64(en) - step * (steps - 1 - i)
+    return np.where(i < steps // 2, forward, backward).astype(np.float32)
+
+
+def expnorm_rbf_params(num_rbf: int, cutoff: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The fixed (non-trainable) constants of the ExpNormal RBF, as torchmd-net stores them.
+
+    torchmd-net's ``ExpNormalSmearing`` takes ``start = exp(-(cutoff_upper - cutoff_lower))`` as a
+    float32 scalar, ``means = torch.linspace(start, 1, K)`` and
+    ``betas = (2 / K (1 - start))^-2`` (in float32); ``alpha = 5 / (cutoff_upper - cutoff_lower)``. With the
+    lower cutoff 0 and ``cutoff = 5`` Å, ``start = e^-5`` and ``alpha = 1``; for other cutoffs the
+    basis does not start at ``exp(-alpha cutoff)`` (a torchmd-net quirk kept for parity).
 
     Args:
         num_rbf: number K of basis functions.
         cutoff: upper cutoff in Å (lower cutoff 0).
 
     Returns:
-        ``(means [K], betas [K], alpha)``: ``mu_k = linspace(e^-5, 1, K)``,
-        ``beta_k = (2 / K (1 - e^-5))^-2`` (1037.94 for K = 64, 259.485 for K = 32) and
-        ``alpha = 5 / cutoff``.
+        ``(means [K] float32, betas [K] float32, alpha)``: ``betas`` is 1037.94 for K = 64 and
+        259.485 for K = 32 (cutoff 5 Å); ``means`` equal ``torch.linspace`` bitwise
+        (:func:`torch_linspace_f32`).
     """
     alpha = 5.0 / cutoff
-    start = math.exp(-5.0)  # exp(-alpha * (cutoff - lower)) with lower = 0
-    means = jnp.linspace(start, 1.0, num_rbf, dtype=jnp.float32)
-    beta = (2.0 / num_rbf * (1.0 - start)) ** -2
-    betas = jnp.full((num_rbf,), beta, dtype=jnp.float32)
+    start = np.float32(math.exp(-cutoff))  # torch.exp(torch.scalar_tensor(-cutoff)), float32
+    means = torch_linspace_f32(start, 1.0, num_rbf)
+    # float32 tensor arithmetic, and ATen's pow(x, -2) is 1 / (x * x).
+    width = np.float32(2.0 / num_rbf) * (np.float32(1.0) - start)
+    betas = np.full((num_rbf,), np.float32(1.0) / (width * width), dtype=np.float32)
     return means, betas, alpha
 
 
