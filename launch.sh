@@ -49,15 +49,24 @@
 #                 sbatch -N 4 --gpus-per-node=8 --wrap "./launch.sh slurm experiments.pretrain ..."
 #
 # ENVIRONMENT
-#   PYTHON            interpreter for local/cpu/slurm modes (default: python)
+#   PYTHON            interpreter for local/cpu/slurm modes (default: python3, else python, on
+#                     PATH). Set it when the project is installed in a virtualenv that is not
+#                     activated: PYTHON=venv/bin/python ./launch.sh ... The interpreter used is
+#                     printed, and one that cannot import jax and mspec is refused.
 #   MSPEC_INIT_TIMEOUT, MSPEC_HEARTBEAT_TIMEOUT, MSPEC_SHUTDOWN_TIMEOUT
 #                     passed through (see mspec/training/distributed.py)
 #   Re-running the same command resumes from the last checkpoint in --workdir.
 set -euo pipefail
 
 DRY_RUN=0
-PY="${PYTHON:-python}"
 REPO="$(cd "$(dirname "$0")" && pwd)"
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"; PY_FROM="\$PYTHON"
+elif command -v python3 >/dev/null 2>&1; then
+  PY=python3; PY_FROM="python3 on PATH; set PYTHON to choose another"
+else
+  PY=python; PY_FROM="python on PATH; set PYTHON to choose another"
+fi
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "launch.sh: $*" >&2; exit 2; }
@@ -69,6 +78,18 @@ quote() {
     if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+=("$a"); else out+=("'${a//$q/$q\\$q$q}'"); fi
   done
   printf '%s' "${out[*]}"
+}
+
+# Says which interpreter runs the processes, and stops early if it lacks the project (e.g. a
+# virtualenv that is not activated: the workers would die with "No module named 'jax'").
+check_python() {
+  local where
+  where="$(command -v "$PY" 2>/dev/null || true)"
+  [ -n "$where" ] || die "interpreter '$PY' not found ($PY_FROM)"
+  echo "[launch] interpreter: $where ($PY_FROM)" >&2
+  [ "$DRY_RUN" = 1 ] && return 0
+  (cd "$REPO" && "$PY" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("jax") and u.find_spec("mspec") else 1)') \
+    || die "$where cannot import jax and mspec: run with the interpreter of the environment the project is installed in, e.g. PYTHON=venv/bin/python $0 ..."
 }
 
 # Prints a command (shell-quoted) in dry-run mode, runs it otherwise.
@@ -99,6 +120,7 @@ esac
 # ------------------------------------------------------------------------------------------------
 mode_local() {
   [ "$#" -ge 1 ] || die "local: missing MODULE"
+  check_python
   cd "$REPO"
   if [ "$DRY_RUN" = 1 ]; then run "$PY" -m "$@"; else exec "$PY" -m "$@"; fi
 }
@@ -118,6 +140,7 @@ mode_cpu() {
   [ "$#" -ge 1 ] || die "cpu: missing MODULE"
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "cpu: --processes must be a positive integer, got $n"
   [[ "$k" =~ ^[1-9][0-9]*$ ]] || die "cpu: --devices-per-process must be a positive integer, got $k"
+  check_python
   if [ -z "$port" ]; then
     if [ "$DRY_RUN" = 1 ]; then
       port=PORT
@@ -262,6 +285,7 @@ mode_slurm() {
   esac
   # shellcheck disable=SC2206  (word splitting of user-given srun arguments is intended)
   [ -n "$extra" ] && srun_cmd+=($extra)
+  check_python
   cd "$REPO"
   run "${srun_cmd[@]}" "${env_cmd[@]}" "$PY" -m "$@"
 }

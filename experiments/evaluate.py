@@ -9,6 +9,8 @@ published numbers. The run's config is read from workdir/config.json.
 
 from absl import app, flags, logging
 
+from mspec.training import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A fine-tuning workdir (holds config.json, checkpoints/, best/).")
 flags.DEFINE_list("which", ["last", "best"], "Checkpoints to evaluate: last, best.")
@@ -33,4 +35,4 @@ if __name__ == "__main__":
     from mspec import host_malloc
 
     host_malloc.reexec_with_hugepages()  # first: glibc reads its tunables at start-up only
-    app.run(main)
+    cli.run(main)

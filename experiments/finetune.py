@@ -11,12 +11,24 @@ best-validation checkpoints are evaluated (results.json, parity_*.png in the wor
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mspec.training import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to experiments/configs/finetune_*.py, optionally with ':variant'.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and results.")
+flags.DEFINE_list(
+    "allow_config_change", [],
+    "Config keys (or prefixes, e.g. optim) that may differ from the config of the checkpoint "
+    "being resumed; without it such a resume is refused (docs/reliability.md).",
+)
+flags.DEFINE_float(
+    "checkpoint_every_minutes", 30.0,
+    "Also save a checkpoint when this many minutes have passed since the last one (0 = only "
+    "config.checkpoint_every steps).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,11 +39,15 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     from mspec.training import finetune  # Imported after flag parsing: JAX starts here.
 
-    finetune.finetune_and_evaluate(FLAGS.config, FLAGS.workdir)
+    finetune.finetune_and_evaluate(
+        FLAGS.config, FLAGS.workdir,
+        allow_config_change=tuple(FLAGS.allow_config_change),
+        checkpoint_every_minutes=FLAGS.checkpoint_every_minutes,
+    )
 
 
 if __name__ == "__main__":
     from mspec import host_malloc
 
     host_malloc.reexec_with_hugepages()  # first: glibc reads its tunables at start-up only
-    app.run(main)
+    cli.run(main)

@@ -12,12 +12,24 @@ through the MSPEC_* environment variables of mspec.training.distributed.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mspec.training import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to an experiments/configs/*.py file, optionally with ':variant'.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.DEFINE_list(
+    "allow_config_change", [],
+    "Config keys (or prefixes, e.g. optim) that may differ from the config of the checkpoint "
+    "being resumed; without it such a resume is refused (docs/reliability.md).",
+)
+flags.DEFINE_float(
+    "checkpoint_every_minutes", 30.0,
+    "Also save a checkpoint when this many minutes have passed since the last one (0 = only "
+    "config.checkpoint_every steps).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,11 +45,15 @@ def main(argv):
     distributed.initialize()
     from mspec.training import train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir,
+        allow_config_change=tuple(FLAGS.allow_config_change),
+        checkpoint_every_minutes=FLAGS.checkpoint_every_minutes,
+    )
 
 
 if __name__ == "__main__":
     from mspec import host_malloc
 
     host_malloc.reexec_with_hugepages()  # first: glibc reads its tunables at start-up only
-    app.run(main)
+    cli.run(main)

@@ -37,6 +37,7 @@ TINY = [
 def _env(devices: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
+        PYTHON=sys.executable,  # launch.sh runs the workers with the interpreter running the tests
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
         MSPEC_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
@@ -312,6 +313,21 @@ def test_launch_dry_run_prints_the_commands_of_every_mode():
     (only,) = _dry_run("tpu", "--name", "pod", "--zone", "z", "--no-sync", "--no-install",
                        "--worker", "0", *module)
     assert "--worker=0" in only and "--worker=all" not in only
+
+
+def test_launch_takes_the_interpreter_from_PYTHON_and_refuses_one_without_the_project(tmp_path):
+    module = ["experiments.pretrain", "--workdir", "w"]
+    proc = subprocess.run([LAUNCH, "--dry-run", "local", *module], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert shlex.split(proc.stdout) == [sys.executable, "-m", *module]
+    assert f"interpreter: {sys.executable} ($PYTHON)" in proc.stderr
+    # An interpreter without jax (e.g. a virtualenv's project installed elsewhere) stops at once.
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([LAUNCH, "local", *module], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=str(fake)))
+    assert proc.returncode == 2 and f"{fake} cannot import jax" in proc.stderr, proc.stderr
 
 
 def test_launch_help_and_usage_errors():

@@ -6,7 +6,7 @@ best-validation one (``workdir/best``) on the validation and test splits, and wr
 * ``workdir/results.json``: per checkpoint and split, MAEs in training and report units (exact
   per-sample means over the whole split), the train-mean predictor's MAE, the published numbers;
 * ``workdir/parity_<which>.png``: predicted vs true on the test split (MD17: energy and force
-  components);
+  components), with the MAE in each panel; ``results.json`` names it relative to the workdir;
 
 and prints a table of the test MAEs beside the published numbers.
 """
@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mspec.training import checkpoint, targets
+from mspec.training import checkpoint, run_config, targets
 
 MAX_PARITY_POINTS = 20_000
 
@@ -63,43 +63,50 @@ def split_metrics(setup, pred: dict) -> dict[str, Any]:
     }
 
 
-def parity_plot(task: str, name: str, pred: dict, path: str, title: str) -> str:
-    """Writes a predicted-vs-true PNG (test split) and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def parity_figure(task: str, name: str, pred: dict, title: str):
+    """Predicted vs true (a matplotlib ``Figure``), one panel per quantity, each showing its MAE."""
+    from matplotlib.figure import Figure
 
     rng = np.random.default_rng(0)
 
     def panel(ax, true, predicted, label, unit):
         true, predicted = np.asarray(true).ravel(), np.asarray(predicted).ravel()
+        mae, n = _mae(predicted, true), len(true)  # over every point, before any subsampling
         if len(true) > MAX_PARITY_POINTS:
             keep = rng.choice(len(true), MAX_PARITY_POINTS, replace=False)
             true, predicted = true[keep], predicted[keep]
         lo, hi = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
         ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
         ax.scatter(true, predicted, s=3, alpha=0.4, rasterized=True)
+        # The MAE in the figure itself, so a picture on its own says how good the fit is.
+        ax.text(0.04, 0.96, f"MAE {mae:.4g} {unit}\n(n = {n:,})",
+                transform=ax.transAxes, va="top", ha="left", fontsize=10,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
         ax.set_xlabel(f"true {label} ({unit})")
         ax.set_ylabel(f"predicted {label} ({unit})")
         ax.set_aspect("equal", adjustable="datalim")
 
     if task == "qm9":
         f = targets.report_factor("qm9", name)
-        fig, axes = plt.subplots(1, 1, figsize=(5, 5))
-        axes = [axes]
+        fig = Figure(figsize=(5, 5))
+        axes = [fig.add_subplot(1, 1, 1)]
         panel(axes[0], pred["y_true"] * f, pred["y_pred"] * f, name, targets.report_unit("qm9", name))
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+        fig = Figure(figsize=(10, 5))
+        axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
         # Energies relative to the mean true energy (absolute values are ~1e5 kcal/mol).
         e0 = float(np.mean(pred["y_true"]))
         panel(axes[0], pred["y_true"] - e0, pred["y_pred"] - e0, "E - <E>", "kcal/mol")
         panel(axes[1], pred["f_true"], pred["f_pred"], "force component", "kcal/mol/Å")
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def parity_plot(task: str, name: str, pred: dict, path: str, title: str) -> str:
+    """Writes :func:`parity_figure` as a PNG (test split) and returns its path."""
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    parity_figure(task, name, pred, title).savefig(tmp, dpi=120)
     os.replace(tmp, path)
     return path
 
@@ -167,6 +174,13 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
             raise FileNotFoundError(f"{path} not found: is {workdir} a fine-tuning workdir?")
         with open(path) as f:
             config = ml_collections.ConfigDict(json.load(f))
+        task = config.get("task", "denoise")
+        if task not in finetune.TASKS:
+            raise run_config.ConfigError(
+                f"{workdir} is a pre-training workdir (config.task {task!r}); experiments.evaluate "
+                f"evaluates fine-tuning workdirs (config.task in {finetune.TASKS}). A pre-training "
+                "run's validation loss is in its metrics.jsonl (eval/... records) and TensorBoard"
+            )
         setup = finetune.build(config)
     cfg = setup.config
     name = cfg.target.name
@@ -206,9 +220,10 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
             entry[role] = split_metrics(setup, pred)
             if role == "test":
                 png = os.path.join(workdir, f"parity_{w}.png")
-                entry["parity_plot"] = parity_plot(
+                parity_plot(
                     cfg.task, name, pred, png, f"{cfg.data.dataset} {name}: {w} checkpoint (step {step}), test"
                 )
+                entry["parity_plot"] = os.path.relpath(png, workdir)  # the workdir can move
         results[w] = entry
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)

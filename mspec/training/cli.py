@@ -1,0 +1,107 @@
+"""The entry points' error reporting: a config mistake or a run failure the user can act on is
+one line (``error: ...``), not a traceback.
+
+:func:`run` replaces ``absl.app.run``. Command-line mistakes (an unknown ``--config.`` key, a
+missing config file, a bad value) and the errors listed in :data:`CLEAR_ERRORS` (config values,
+a refused resume, a checkpoint that cannot be written or read, divergence, a dataset fault) print
+``<program>: error: <message>`` and exit with status 1 (2 for command-line mistakes); a run
+stopped by SIGINT/SIGTERM after saving a checkpoint exits with 128 + the signal number. Any other
+exception keeps its full traceback (a bug). ``MSPEC_TRACEBACK=1`` shows the traceback of every
+error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+
+def _clear_errors() -> tuple[type[BaseException], ...]:
+    from mspec.data import datasets
+    from mspec.training import checkpoint, metrics, restore, run_config
+
+    return (
+        run_config.ConfigError,
+        checkpoint.CheckpointError,
+        restore.RestoreError,
+        datasets.DatasetError,
+        metrics.MetricsFileError,
+        FloatingPointError,
+        FileNotFoundError,
+    )
+
+
+def _say(msg: str) -> None:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] != "-c" else "mspec"
+    print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+
+
+def _config_flag_message(e: BaseException, argv: list[str]) -> str:
+    """One line for an exception raised while parsing ``--config`` and ``--config.*`` flags."""
+    inner = e.args[0] if e.args else e
+    if isinstance(inner, KeyError) and inner.args:  # ml_collections: "'lrr'\nDid you mean ...?"
+        key, _, hint = str(inner.args[0]).partition("\n")
+        key = key.strip("'\"")
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
+                 a.split("=", 1)[0].rsplit(".", 1)[-1] == key]
+        where = given[0] if given else f"--config.*{key}"
+        return f"{where}: the config has no key {key!r}. {hint}".strip()
+    text = str(e)
+    if "Failed loading config file" in text or "No such file" in text:
+        paths = [a.split("=", 1)[1] if "=" in a else None for a in argv if a.startswith("--config=")]
+        if not paths and "--config" in argv[:-1]:
+            paths = [argv[argv.index("--config") + 1]]
+        path = (paths[0] or "").split(":", 1)[0] if paths else ""
+        if path and not os.path.isfile(path):
+            return f"--config: config file {path!r} not found (run from the repository root, or give its path)"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"--config: {lines[-1] if lines else text}"
+    return " ".join(text.split())
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        rest = flags.FLAGS(argv)
+        for name in flags.FLAGS:
+            value = flags.FLAGS[name].value
+            if type(value).__name__ == "_ErrorConfig":  # a config file that failed to load
+                raise OSError(str(object.__getattribute__(value, "_error")))
+        return rest
+    except flags.Error as e:
+        # Config-file errors carry a traceback: keep the first line and the exception's line.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        last = lines[-1] if len(lines) > 1 and "Traceback" in str(e) else ""
+        _say(f"{lines[0].rstrip(':')}: {last}" if last else lines[0] if lines else str(e))
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        if os.environ.get("MSPEC_TRACEBACK"):
+            raise
+        _say(_config_flag_message(e, argv))
+    sys.exit(2)
+
+
+def _excepthook(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, _clear_errors()) and not os.environ.get("MSPEC_TRACEBACK"):
+            _say(f"{exc}")
+        else:
+            previous(exc_type, exc, tb)
+
+    return hook
+
+
+def run(main) -> None:
+    """``absl.app.run(main)`` with one-line errors (see the module docstring)."""
+    from mspec.training import stopping
+
+    def guarded(argv):
+        # Installed before main: distributed.initialize() wraps this hook to tell the peers.
+        sys.excepthook = _excepthook(sys.excepthook)
+        try:
+            return main(argv)
+        except stopping.Stopped as e:
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+
+    app.run(guarded, flags_parser=_parse)
