@@ -28,7 +28,9 @@ Splits (examples stored in split order; ``frame`` is the index in the source fil
   (only when the file has more than 10,000 frames);
 * rMD17 only, ``k = 1..5``: ``train_rmd17_0k`` / ``validation_rmd17_0k`` (the first 950 and last
   50 indices of the official ``index_train_0k.csv``) and ``test_rmd17_0k``
-  (``index_test_0k.csv``, 1,000 frames).
+  (``index_test_0k.csv``, 1,000 frames). A training-index file of 50 lines or fewer leaves
+  ``train_rmd17_0k`` empty: it is left out and recorded as ``empty_splits``
+  (:mod:`data_pipelines.local_builder`).
 
 Features per frame: ``frame`` int32, ``atomic_numbers [n] int32``, ``positions [n, 3] float32``
 (Å), ``energy`` float64 (kcal/mol), ``forces [n, 3] float32`` (kcal/mol/Å), and Frad torsion
@@ -36,7 +38,8 @@ metadata (``torsions [t, 4]``, ``torsion_moving [t * n]``) perceived once from t
 the topology is fixed along a trajectory, as in the authors' per-molecule template.
 
 Bad input raises :class:`MD17SourceError` naming the file (and frame): a missing or truncated
-file, missing keys, inconsistent shapes, non-finite values.
+file, missing keys, inconsistent shapes, non-finite values. ``build_report.json`` beside the
+prepared dataset holds the source file, frame and atom counts, split sizes and torsions.
 """
 
 from __future__ import annotations

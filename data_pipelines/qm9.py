@@ -22,7 +22,8 @@ Configs (all give the same molecules, order, targets and splits; only the source
 
 The raw sources must hold the whole release (133,885 molecules, 3,054 uncharacterised) unless
 ``allow_partial=True`` (``--allow_partial``, used for fixtures): a partial source is split by the
-same seed-1 permutation of its own size, 80 / 10 / 10 %.
+same seed-1 permutation of its own size, 80 / 10 / 10 %; a split that comes out empty (a handful of
+molecules) is left out and recorded as ``empty_splits`` (:mod:`data_pipelines.local_builder`).
 
 Features per molecule (examples in each split are stored in split-permutation order):
   * ``index``: QM9 index (1-based, as in ``dsgdb9nsd_NNNNNN``); ``pyg_idx``: 0-based position in
