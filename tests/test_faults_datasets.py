@@ -17,8 +17,7 @@ import pytest
 from data_pipelines import md17, pcqm4mv2_source, qm9_raw, torch_pickle
 from data_pipelines.fixtures import md17 as md17_fixture
 from data_pipelines.fixtures import pcqm4mv2 as pcqm_fixture
-from data_pipelines.fixtures import qm9_xyz
-from data_pipelines.fixtures import qm9s as qm9s_fixture
+from data_pipelines.fixtures import write_all
 from data_pipelines.qm9pack_source import QM9SourceError
 from data_pipelines.qm9s_source import QM9SSourceError
 from mspec.data import datasets
@@ -28,11 +27,9 @@ PT_REL = os.path.join("processed", "data_with_uv_ir_raman.pt")
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
+    """Every fixture format, in ``<root>/<fixture module name>/``."""
     root = tmp_path_factory.mktemp("fixtures")
-    qm9_xyz.write(str(root / "xyz"))
-    qm9s_fixture.write(str(root / "qm9s"))
-    pcqm_fixture.write(str(root / "pcqm"))
-    md17_fixture.write(str(root / "md17"))
+    write_all(str(root))
     return root
 
 
@@ -66,7 +63,7 @@ def _keep_tar_members(directory: str, count: int) -> None:
 
 def test_tiny_qm9_source_builds_without_its_empty_split_and_names_it(fixtures, tmp_path, capfd,
                                                                      caplog):
-    d = _copy(fixtures / "xyz", tmp_path / "x")
+    d = _copy(fixtures / "qm9_xyz", tmp_path / "x")
     _keep_tar_members(d, 4)  # indices 55-58; 58 is uncharacterised: 3 molecules, 80/10/10 %
     caplog.set_level(logging.WARNING)
     b = datasets.get_builder("qm9/xyz", str(tmp_path / "tfds"), source_dir=d, allow_partial=True,
@@ -113,7 +110,7 @@ def test_md17_writes_a_build_report(fixtures, tmp_path):
 
 
 def test_tiny_pcqm4mv2_source_leaves_the_empty_train_split_out(fixtures, tmp_path):
-    d = _copy(fixtures / "pcqm", tmp_path / "p")
+    d = _copy(fixtures / "pcqm4mv2", tmp_path / "p")
     os.remove(os.path.join(d, "split_dict.pt"))  # SDF entry i is idx i
     path = os.path.join(d, "pcqm4m-v2-train.sdf")
     blocks = open(path).read().split("$$$$\n")
@@ -128,7 +125,7 @@ def test_tiny_pcqm4mv2_source_leaves_the_empty_train_split_out(fixtures, tmp_pat
 
 @pytest.mark.parametrize("cut", [4, 10])  # inside the bz2 stream trailer: every member is intact
 def test_truncated_tarball_is_an_error_even_for_a_partial_source(fixtures, tmp_path, cut):
-    d = _copy(fixtures / "xyz", tmp_path / "x")
+    d = _copy(fixtures / "qm9_xyz", tmp_path / "x")
     path = os.path.join(d, qm9_raw.XYZ_TARBALL)
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-cut])
@@ -202,7 +199,7 @@ def _shift_first_atom(block: str, dx: float) -> str:
 
 def test_pcqm4mv2_rebuild_after_fixing_the_source_restages_changed_chunks(fixtures, tmp_path,
                                                                           capfd):
-    good = _copy(fixtures / "pcqm", tmp_path / "p")
+    good = _copy(fixtures / "pcqm4mv2", tmp_path / "p")
     sdf = os.path.join(good, "pcqm4m-v2-train.sdf")
     original = open(sdf).read()
     blocks = original.split("$$$$\n")
