@@ -381,6 +381,8 @@ def build(config, mesh=None) -> Setup:
     train.note(f"{config.data.dataset}: computing training-label statistics over {len(sources['train'])} examples")
     fitted = targets.Standardizer.fit(training_labels(unshifted, sources["train"]))
     standardizer = fitted if config.target.standardize else targets.Standardizer()
+    if config.target.get("fixed_standardizer"):  # a converted model's own (mspec.io.export)
+        standardizer = targets.Standardizer(**config.target.fixed_standardizer)
     featurizer = dataclasses.replace(unshifted, mean=standardizer.mean)
     budget = train.choose_budget(config, builder, featurizer, sources["train"])
     trainer = FinetuneTrainer(config, train.make_model(config), mesh, std=standardizer.std)

@@ -1,0 +1,90 @@
+"""Imports a PyTorch Equivariant Transformer checkpoint (torchmd-net, Frad, MolSpectra) without torch.
+
+    python -m experiments.convert --from frad --ckpt frad_qm9.ckpt --out runs/frad_torch
+    python -m experiments.finetune --config experiments/configs/finetune_qm9.py:homo \
+        --workdir runs/ft_homo --config.init.checkpoint=runs/frad_torch <printed --config.model flags>
+
+    # a fine-tuned torch model, as a fine-tuning workdir that experiments.evaluate accepts:
+    python -m experiments.convert --from frad --ckpt homo.ckpt --out runs/homo_torch \
+        --finetune_config experiments/configs/finetune_qm9.py:homo
+    python -m experiments.evaluate --workdir runs/homo_torch
+
+A plain ``state_dict`` file carries no hyper-parameters: give ``--num_heads`` and
+``--output_model`` (or ``--hparams`` with the run's ``hparams.yaml``). Every unmapped tensor,
+missing parameter, shape mismatch or unsupported setting is reported; nothing is skipped.
+See docs/models.md.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("from", None, ["torchmd-net", "frad", "molspectra"],
+                  "Which codebase wrote the checkpoint.")
+flags.DEFINE_string("ckpt", None, "A Lightning .ckpt or a torch.save'd state_dict (.pt).")
+flags.DEFINE_string("out", None, "New directory for the mspec checkpoint.")
+flags.DEFINE_integer("num_heads", None, "Attention heads (needed for a plain state_dict).")
+flags.DEFINE_string("output_model", None, "The scalar head's type, 'Scalar' (plain state_dict).")
+flags.DEFINE_string("hparams", None, "A YAML/JSON file of hyper-parameters (e.g. hparams.yaml) "
+                    "completing or overriding the checkpoint's own.")
+config_flags.DEFINE_config_file(
+    "finetune_config", None,
+    "Optional: an experiments/configs/finetune_*.py[:variant]; then --out is a fine-tuning "
+    "workdir that experiments.evaluate accepts.", lock_config=False)
+flags.mark_flags_as_required(["from", "ckpt", "out"])
+
+
+def _hparams() -> dict:
+    out = {}
+    if FLAGS.hparams:
+        with open(FLAGS.hparams) as f:
+            text = f.read()
+        if FLAGS.hparams.endswith(".json"):
+            import json
+
+            out.update(json.loads(text))
+        else:
+            import yaml
+
+            out.update(yaml.safe_load(text) or {})
+    if FLAGS.num_heads is not None:
+        out["num_heads"] = FLAGS.num_heads
+    if FLAGS.output_model is not None:
+        out["output_model"] = FLAGS.output_model
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from mspec.io import export, torch_et
+
+    try:
+        converted = torch_et.convert(FLAGS.ckpt, FLAGS["from"].value, _hparams())
+        if FLAGS.finetune_config is not None:
+            out = export.write_finetune_workdir(converted, FLAGS.out, FLAGS.finetune_config)
+        else:
+            out = export.write_pretrained(converted, FLAGS.out)
+    except torch_et.ConversionError as e:
+        raise SystemExit(f"error: {e}") from None
+    m = converted.model
+    print(f"converted {FLAGS.ckpt} ({converted.variant}): F={m['hidden']}, L={m['num_layers']}, "
+          f"H={m['num_heads']}, K={m['num_rbf']}, cutoff {m['cutoff']} Å, per-layer norm "
+          f"{m['interlayer_norm']}, vector norm {m['vector_norm']}, heads {list(m['heads'])}")
+    print(f"standardisation: {converted.standardization['mean']} + "
+          f"{converted.standardization['std']} x sum of atoms"
+          + (", with atom references" if converted.standardization["atomref"] else ""))
+    print(f"wrote {out}")
+    if FLAGS.finetune_config is not None:
+        print(f"evaluate: python -m experiments.evaluate --workdir {out}")
+    else:
+        print("fine-tune with: --config.init.checkpoint=" + out + " " + " ".join(export.model_flags(converted)))
+        if m["vector_norm"] == "none":
+            print("note: this model has no output vector norm; the shipped fine-tuning configs "
+                  "always use it (see docs/models.md)")
+
+
+if __name__ == "__main__":
+    app.run(main)

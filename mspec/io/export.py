@@ -1,0 +1,167 @@
+"""Writing a converted torch model (:class:`mspec.io.torch_et.Converted`) as mspec checkpoints.
+
+Two layouts, both read by the normal commands:
+
+* :func:`write_pretrained` -- a pre-training-style directory for
+  ``experiments.finetune --config.init.checkpoint=DIR``::
+
+      DIR/config.json              resolved mspec config: model, data.max_neighbors,
+                                   standardization, converted_from (file, variant, hyper-parameters)
+      DIR/checkpoints/0/state      {"params": ..., "normalizer": (sum, sum_sq, count)}  (orbax)
+
+  The normaliser is present for the forks (their ``pos_normalizer`` buffers), so stage 2 can
+  carry it like a pre-training checkpoint's.
+
+* :func:`write_finetune_workdir` -- a fine-tuning workdir for ``experiments.evaluate --workdir
+  DIR`` (and :mod:`experiments.predict`): the fine-tuning config with the checkpoint's model and
+  its own standardisation (``target.fixed_standardizer``: evaluation uses the torch model's
+  mean / std, not statistics refitted on the data), and the full train state at step 0 in both
+  ``checkpoints/`` and ``best/``.
+
+An existing non-empty ``DIR`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from mspec.io.torch_et import ConversionError, Converted
+
+MODEL_FLAG_KEYS = ("hidden", "num_layers", "num_heads", "num_rbf", "cutoff", "max_z",
+                   "interlayer_norm")
+
+
+def model_flags(converted: Converted) -> list[str]:
+    """The ``--config.model.*`` overrides that give a fine-tuning config this checkpoint's model.
+
+    ``vector_norm`` is not a key of the shipped configs (they always use the whitened norm), so
+    a checkpoint without it (upstream torchmd-net) cannot be matched by flags; see
+    :func:`write_finetune_workdir`.
+    """
+    return [f"--config.model.{k}={converted.model[k]}" for k in MODEL_FLAG_KEYS]
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else repr(o)))
+
+
+def resolved_config(converted: Converted) -> dict:
+    """The mspec config describing a converted model (``config.json``)."""
+    model = dict(converted.model, heads=list(converted.model["heads"]), message_passing="xla")
+    return {
+        "model": model,
+        "data": {"max_neighbors": converted.max_num_neighbors or 32},
+        "standardization": converted.standardization,
+        "converted_from": _json_safe({
+            "variant": converted.variant,
+            **converted.source,
+            "hyper_parameters": converted.hyper_parameters,
+        }),
+    }
+
+
+def _fresh_dir(out: str) -> str:
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and os.listdir(out):
+        raise ConversionError(f"{out} exists and is not empty; choose a new --out directory")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _save(directory: str, state: Any, config: dict) -> None:
+    from mspec.training import checkpoint
+
+    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    try:
+        ckpt.save(0, state, config, {"converted": True})
+    finally:
+        ckpt.close()
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_pretrained(converted: Converted, out: str) -> str:
+    """Writes ``out/config.json`` and ``out/checkpoints/0``; returns ``out`` (absolute)."""
+    out = _fresh_dir(out)
+    config = resolved_config(converted)
+    state: dict[str, Any] = {"params": converted.params}
+    if converted.normalizer is not None:
+        state["normalizer"] = tuple(converted.normalizer)
+    _save(os.path.join(out, "checkpoints"), state, config)
+    _write_json(os.path.join(out, "config.json"), config)
+    return out
+
+
+def _atomref_setting(converted: Converted, config) -> bool:
+    """Whether the fine-tuning config's fixed QM9 atom references equal the checkpoint's prior."""
+    from mspec.training import targets
+
+    atomref = converted.standardization["atomref"]
+    if atomref is None:
+        return False
+    name = config.target.name
+    if config.task != "qm9" or name not in targets.QM9_ATOMREF_EV:
+        raise ConversionError(
+            f"{converted.source['file']}: the checkpoint has an Atomref prior, which mspec applies "
+            f"only as QM9's fixed atom references (U0, U, H, G); target {name!r} has none"
+        )
+    expected = np.zeros(len(atomref))
+    expected[list(targets._ATOMREF_Z)] = targets.QM9_ATOMREF_EV[name]
+    if not np.allclose(atomref, expected, rtol=1e-6, atol=1e-4):
+        raise ConversionError(
+            f"{converted.source['file']}: the checkpoint's atom references differ from QM9's "
+            f"{name} references (trained atomrefs are not supported: mspec has no learnable "
+            "atomref yet)"
+        )
+    return True
+
+
+def write_finetune_workdir(converted: Converted, out: str, config) -> str:
+    """Writes a fine-tuning workdir holding the converted model at step 0.
+
+    Args:
+        converted: the converted checkpoint (it must have the scalar head).
+        out: a new directory.
+        config: a fine-tuning config (``experiments/configs/finetune_*.py``), unlocked; its
+            ``model`` section is replaced by the checkpoint's, ``target.atomref`` and
+            ``target.fixed_standardizer`` are set from the checkpoint, ``init.checkpoint`` is
+            cleared (the parameters are in the workdir).
+
+    Returns:
+        ``out`` (absolute).
+    """
+    import jax
+
+    from mspec.training import finetune, train
+
+    if "scalar" not in converted.model["heads"]:
+        raise ConversionError(f"{converted.source['file']}: no scalar head (output_model.*): "
+                              "nothing to evaluate")
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.model.update(dict(converted.model, heads=tuple(converted.model["heads"])))
+    config.target.atomref = _atomref_setting(converted, config)
+    std = converted.standardization
+    config.target.standardize = (std["mean"], std["std"]) != (0.0, 1.0)
+    config.target.fixed_standardizer = {"mean": std["mean"], "std": std["std"]}
+    config.init.checkpoint = ""
+    if "noise" not in converted.model["heads"]:
+        config.loss.denoising_weight = 0.0
+    config.converted_from = resolved_config(converted)["converted_from"]
+    finetune.check_config(config)
+    out = _fresh_dir(out)
+    trainer = finetune.FinetuneTrainer(config, train.make_model(config), train.make_mesh())
+    state = jax.device_get(trainer.state_from_params(converted.params))
+    config_json = json.loads(config.to_json_best_effort())
+    for sub in ("checkpoints", "best"):
+        _save(os.path.join(out, sub), state, config_json)
+    _write_json(os.path.join(out, "config.json"), config_json)
+    return out
