@@ -169,6 +169,24 @@ def test_parameter_counts(kwargs, expected):
     assert n == expected
 
 
+@pytest.mark.parametrize("module, norm, expected", [
+    ("pretrain_frad", "shared_noaffine", 7_212_292),  # Frad fork: shared non-affine LayerNorm
+    # MolSpectra: per-layer affine LayerNorm; stage 1 has only the noise head (7,216,388 with the
+    # scalar head too, as in the fine-tuning configs).
+    ("pretrain_molspectra", "affine", 7_216_388 - 345_090),
+])
+def test_pretraining_configs_build_their_papers_architecture(module, norm, expected):
+    import importlib
+
+    from mspec.training.train import make_model
+
+    config = importlib.import_module(f"experiments.configs.{module}").get_config()
+    assert config.model.interlayer_norm == norm
+    batch = build_batch([random_molecule(0, 3)], n_node=4, n_edge=10)
+    params = jax.eval_shape(make_model(config).init, jax.random.key(0), batch)
+    assert count_params(params) == expected
+
+
 def test_upstream_variant_has_the_reference_parameter_count():
     # torchmd-net 3.1.0's upstream ET (no per-layer norms, no whitened vector norm) with its
     # vector output head: 6,864,898 parameters (perf-notes.md), the benchmark's like-for-like model.

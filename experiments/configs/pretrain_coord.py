@@ -13,5 +13,6 @@ from experiments.configs import pretrain_frad
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = pretrain_frad.get_config(arg)
+    c.model.interlayer_norm = "affine"  # as before pretrain_frad took Frad's own ET
     c.noise.type = "coord"
     return c

@@ -9,6 +9,14 @@ lr 4e-4, 10k linear warm-up, then the official cosine measured from step 0).
 
 Variants (``:variant``): ``base`` (default; QM9 track model, batch 70, 400k steps) and ``tiny``
 (2,000-molecule QM9 sample, a small ET, 60 steps: about a minute on 2 CPU cores).
+
+The ``base`` model is Frad's own architecture (the Frad fork's ET, frad-et-spec §4.6): after each
+layer one *shared non-affine* LayerNorm on x and a per-layer EqLN on the vectors
+(``model.interlayer_norm = "shared_noaffine"``, 7,212,292 parameters). MolSpectra's variant, with
+a per-layer *affine* LayerNorm (``"affine"``, 7,216,388 parameters), is the shared default of the
+other configs (``common.model_config``); fine-tuning a Frad checkpoint therefore needs
+``--config.model.interlayer_norm=shared_noaffine``. ``tiny`` keeps the common tiny model so that
+the smoke runs of all methods share one architecture.
 """
 
 import ml_collections
@@ -22,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 1
     c.data = common.data_config("qm9/full")
     c.model = common.model_config("qm9")
+    c.model.interlayer_norm = "shared_noaffine"  # Frad's architecture (see above)
     # "auto": the fused C++ message-passing kernel on CPU (built on first use; ~1.4x faster
     # steps there, BENCHMARKS.md), XLA ops elsewhere; "xla" / "fused" force one.
     c.model.message_passing = "auto"

@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.variant not in ("base", "tiny"):
         raise ValueError(f"unknown variant {arg.variant!r}; use 'base' or 'tiny'")
     c = pretrain_frad.get_config(arg.variant)  # optimiser, logging and checkpoint cadence
+    c.model.interlayer_norm = "affine"  # per-layer affine LayerNorm: MolSpectra's ET
     c.task = "molspectra"
     # The spectra dataset: by default the 1,119 QM9 molecules with GFN2-xTB / sTDA spectra that ship
     # with the repository (NOT the DFT-level QM9S); the real release is "qm9s/release" with
