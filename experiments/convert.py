@@ -4,6 +4,10 @@
     python -m experiments.finetune --config experiments/configs/finetune_qm9.py:homo \
         --workdir runs/ft_homo --config.init.checkpoint=runs/frad_torch <printed --config.model flags>
 
+    # check against torch's own outputs (an npz from experiments/torch_reference.py):
+    python -m experiments.convert --from frad --ckpt frad_qm9.ckpt --out runs/frad_torch \
+        --check frad_qm9_reference.npz
+
     # a fine-tuned torch model, as a fine-tuning workdir that experiments.evaluate accepts:
     python -m experiments.convert --from frad --ckpt homo.ckpt --out runs/homo_torch \
         --finetune_config experiments/configs/finetune_qm9.py:homo
@@ -27,6 +31,11 @@ flags.DEFINE_integer("num_heads", None, "Attention heads (needed for a plain sta
 flags.DEFINE_string("output_model", None, "The scalar head's type, 'Scalar' (plain state_dict).")
 flags.DEFINE_string("hparams", None, "A YAML/JSON file of hyper-parameters (e.g. hparams.yaml) "
                     "completing or overriding the checkpoint's own.")
+flags.DEFINE_string("check", None, "A reference .npz of torch's outputs on some molecules "
+                    "(experiments/torch_reference.py; tests/data/golden_et/README.md): print the "
+                    "relative errors of the converted model and fail above --check_tol.")
+flags.DEFINE_float("check_tol", 1e-6, "Largest float64 relative error --check accepts "
+                   "(float32: 100x, at least 1e-4).")
 config_flags.DEFINE_config_file(
     "finetune_config", None,
     "Optional: an experiments/configs/finetune_*.py[:variant]; then --out is a fine-tuning "
@@ -54,6 +63,31 @@ def _hparams() -> dict:
     return out
 
 
+def _check(converted) -> None:
+    """Compares the converted model with torch's reference outputs; exits 1 above tolerance."""
+    import numpy as np
+
+    from mspec.io import parity, torch_et
+
+    ref = dict(np.load(FLAGS.check))
+    grads = {k[len("grad/"):]: v for k, v in ref.items() if k.startswith("grad/")}
+    tree, unmapped = torch_et.to_tree(converted.variant, grads) if grads else (None, [])
+    if unmapped:
+        raise SystemExit(f"error: {FLAGS.check}: gradients of unknown parameters {unmapped}")
+    errors = parity.compare(converted, ref, grads_tree=tree)
+    tol64, tol32 = FLAGS.check_tol, max(1e-4, 100 * FLAGS.check_tol)
+    bad = {k: e for k, e in errors.items() if e > (tol64 if k.startswith("float64") else tol32)}
+    for k, e in errors.items():
+        if not k.startswith("float64 grad["):
+            print(f"  {k}: {e:.2e}")
+    grad_errors = [e for k, e in errors.items() if k.startswith("float64 grad[")]
+    if grad_errors:
+        print(f"  float64 parameter gradients ({len(grad_errors)}): max {max(grad_errors):.2e}")
+    if bad:
+        raise SystemExit(f"error: {FLAGS.check}: above tolerance: {bad}")
+    print(f"parity with {FLAGS.check}: ok (float64 <= {tol64:g}, float32 <= {tol32:g})")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -63,6 +97,8 @@ def main(argv):
 
     try:
         converted = torch_et.convert(FLAGS.ckpt, FLAGS["from"].value, _hparams())
+        if FLAGS.check:  # before anything is written
+            _check(converted)
         if FLAGS.finetune_config is not None:
             out = export.write_finetune_workdir(converted, FLAGS.out, FLAGS.finetune_config)
         else:

@@ -22,59 +22,16 @@ import numpy as np
 import pytest
 
 from mspec.io import torch_et
-from mspec.models import Model
+from mspec.io.parity import OUTPUTS, rel_err, run_model
 from mspec.models.et import expnorm_rbf_params
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_et")
 VARIANTS = {"upstream": "torchmd-net", "molspectra": "molspectra", "frad": "frad"}
 F64_TOL = 1e-9
-OUTPUTS = ("x", "vec", "scalar", "energy", "noise", "forces", "grad_pos")
 
 
 def golden(name: str) -> str:
     return os.path.join(GOLDEN, name)
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def run_model(model_cfg: dict, params, ref, dtype, message_passing: str) -> dict:
-    """mspec's outputs, forces and gradients of the golden loss, on torch's own edge list."""
-    model = Model(**model_cfg, message_passing=message_passing)
-    n_mol = len(ref["n_atoms"])
-    mol = jnp.asarray(ref["batch"], jnp.int32)
-    batch = dict(
-        atomic_numbers=jnp.asarray(ref["z"], jnp.int32),
-        senders=jnp.asarray(ref["edge_index"][0], jnp.int32),  # row 0: source j
-        receivers=jnp.asarray(ref["edge_index"][1], jnp.int32),  # row 1: target i
-        edge_mask=jnp.ones(ref["edge_index"].shape[1], bool),
-        node_mask=jnp.ones(len(ref["z"]), bool),
-    )
-    c, r = jnp.asarray(ref["loss_c"], dtype), jnp.asarray(ref["loss_r"], dtype)
-
-    def forward(p, pos):
-        out = model.apply({"params": p}, {**batch, "positions": pos})
-        energy = jax.ops.segment_sum(out["scalar"], mol, num_segments=n_mol)  # std 1, mean 0
-        return out, energy
-
-    def loss(p, pos):
-        out, energy = forward(p, pos)
-        return jnp.sum(c * energy) + jnp.sum(r * out["noise"]), (out, energy)
-
-    @jax.jit
-    def everything(p, pos):
-        (value, (out, energy)), (g_params, g_pos) = jax.value_and_grad(
-            loss, argnums=(0, 1), has_aux=True)(p, pos)
-        forces = -jax.grad(lambda q: jnp.sum(forward(p, q)[1]))(pos)
-        return dict(x=out["node_features"], vec=out["vectors"], scalar=out["scalar"],
-                    noise=out["noise"], energy=energy, loss=value, grad_pos=g_pos,
-                    forces=forces, grad_params=g_params)
-
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    return jax.device_get(everything(params, jnp.asarray(ref["pos"], dtype)))
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

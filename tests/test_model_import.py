@@ -34,11 +34,12 @@ def test_convert_cli_writes_a_checkpoint_that_initialises_fine_tuning(tmp_path):
     out = tmp_path / "frad_torch"
     run = subprocess.run(
         [sys.executable, "-m", "experiments.convert", "--from", "frad",
-         "--ckpt", golden("frad.ckpt"), "--out", str(out)],
+         "--ckpt", golden("frad.ckpt"), "--out", str(out), "--check", golden("frad.npz")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "--config.model.interlayer_norm=shared_noaffine" in run.stdout
+    assert "parity with" in run.stdout and ": ok" in run.stdout
     config = json.load(open(out / "config.json"))
     assert config["model"]["interlayer_norm"] == "shared_noaffine"
     assert config["converted_from"]["variant"] == "frad"
