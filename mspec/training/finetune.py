@@ -598,6 +598,7 @@ def finetune_and_evaluate(
                     prog.pause()
                 if step % config.checkpoint_every == 0 or step == stop or save_now:
                     why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
+                    writer.flush()  # every record up to a checkpoint's step is on disk before it
                     safeguards.save_checkpoint(ckpt, step, state, config_json, it.state(), why)
                     extra.saved()
                     prog.pause()

@@ -642,6 +642,7 @@ def train_and_evaluate(
 
                 if step % config.checkpoint_every == 0 or step == stop or save_now:
                     why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
+                    writer.flush()  # every record up to a checkpoint's step is on disk before it
                     safeguards.save_checkpoint(
                         ckpt, step, state, config_json,
                         sharding.global_state(train_iter.state()), why,
