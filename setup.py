@@ -1,6 +1,6 @@
 """Installs the `mspec` library (plus the `experiments` and `data_pipelines` packages).
 
-Versions are pinned to releases verified together on CPU (see ../shared/docs/jax-notes.md §1).
+Versions are pinned to releases verified together on CPU (see docs/spec/versions.md §1).
 """
 
 from setuptools import find_packages, setup

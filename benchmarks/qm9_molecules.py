@@ -4,7 +4,7 @@ This module depends only on numpy and the standard library (plus the data files 
 ``qm9pack`` package), so it can be used both from the mspec environment and from the
 separate PyTorch reference environment.
 
-The benchmark protocol (``/work/shared/docs/perf-notes.md``) requires that mspec and the
+The benchmark protocol (``docs/spec/benchmark-protocol.md`` §5) requires that mspec and the
 PyTorch reference (torchmd-net) train on *identical* molecules in *identical* batches.
 The two helpers here serve that purpose:
 
@@ -14,7 +14,7 @@ The two helpers here serve that purpose:
   file as flat (concatenated) arrays, the layout both implementations consume;
   :func:`load_batches_npz` reads it back.
 
-CSV layout (see ``/work/shared/docs/data-notes.md`` section 1): one molecule per line,
+CSV layout (see ``docs/spec/data-notes.md`` §1): one molecule per line,
 columns ``XYZ_file, Index, SMILES, InChi, N_atoms, Stoichiometry, Elements, XYZ_Ang, ...``.
 ``Elements`` is a Python-style list of element symbols (``['C','H',...]``) and ``XYZ_Ang``
 a nested list of coordinates written in Fortran/Mathematica style (``0.``, ``-7.E-6``),

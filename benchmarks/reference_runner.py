@@ -1,7 +1,7 @@
 """Run the PyTorch reference benchmark (torchmd-net) in its own interpreter.
 
 mspec must not depend on torch, so the reference lives in a separate virtual environment
-(by default ``/root/torchref-venv``, see ``/work/shared/docs/perf-notes.md``) and is
+(by default ``/root/torchref-venv``, see ``docs/spec/benchmark-protocol.md`` §2) and is
 driven from here through a subprocess running ``benchmarks/torchmd_reference.py``. This
 module imports neither torch nor torchmd-net.
 
@@ -122,8 +122,8 @@ def run_reference(
         steps: Timed steps.
         warmup: Untimed warm-up steps (excluded from the statistics).
         malloc: a name in :data:`MALLOC_SETTINGS`: the child's ``GLIBC_TUNABLES``
-            ("tuned" is the reference's best configuration in perf-notes.md; "default"
-            removes the variable).
+            ("tuned" is the reference's best configuration,
+            docs/spec/benchmark-protocol.md §3; "default" removes the variable).
         python: Reference interpreter; see :func:`find_reference_python`.
         inference: Time the forward pass only instead of a training step.
         hidden, layers, heads, rbf: Model size (defaults: the full H=256/8/8/64 config).
@@ -144,7 +144,7 @@ def run_reference(
     if exe is None:
         print(
             "reference skipped: no PyTorch reference interpreter (set MSPEC_TORCH_PYTHON "
-            f"or create {DEFAULT_VENV_PYTHON}; see /work/shared/docs/perf-notes.md)",
+            f"or create {DEFAULT_VENV_PYTHON}; see docs/spec/benchmark-protocol.md §2)",
             flush=True,
         )
         return None

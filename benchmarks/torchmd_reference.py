@@ -9,7 +9,7 @@ Run this script with the *reference* interpreter, not the mspec environment::
 venv holds CPU ``torch==2.13.0``, ``numpy``, ``torchmd-net==3.1.0`` (installed with
 ``--no-deps``) and its import-time needs ``warp-lang ase pyyaml lightning-utilities``.
 
-What is timed (one "step"), following ``/work/shared/docs/perf-notes.md``:
+What is timed (one "step"), following ``docs/spec/benchmark-protocol.md`` §1:
 
 * training (default): Coord denoising, i.e. add Gaussian noise of ``--sigma`` (0.04 A) to
   the positions, predict a per-atom vector with the upstream ET representation model

@@ -4,13 +4,14 @@
     python -m benchmarks.train_step --configs qm9 --malloc hugetlb,tuned,tuned+hugetlb \
         --repeats 2 --record
 
-Protocol (../shared/docs/perf-notes.md): real QM9 molecules (deterministic sample, seed 0) in
+Protocol (docs/spec/benchmark-protocol.md §5): real QM9 molecules (deterministic sample, seed 0) in
 batches of 128; both implementations train on the same batches; the Coord denoising step
 (σ = 0.04 Å noise, MSE on the predicted per-atom noise, AdamW); compilation / warm-up excluded and
 reported separately; the median over the timed steps; peak RSS of each run's own process. Every
 run is a separate subprocess, so memory and allocator settings do not leak between runs. The
-allocator matters on CPU (perf-notes.md; mspec/host_malloc.py): every implementation runs under
-each ``--malloc`` setting, and the summary compares them per setting and each at its best.
+allocator matters on CPU (docs/spec/benchmark-protocol.md §3; mspec/host_malloc.py): every
+implementation runs under each ``--malloc`` setting, and the summary compares them per setting
+and each at its best.
 The reference is skipped with a message when its interpreter (``/root/torchref-venv`` or
 ``$MSPEC_TORCH_PYTHON``) is not installed.
 
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
         "--malloc", default="hugetlb,tuned",
         help=f"comma list of allocator settings, each run for both implementations: "
         f"{', '.join(MALLOC_SETTINGS)} (hugetlb is what mspec's entry points use; tuned is the "
-        "reference's best in perf-notes.md)",
+        "reference's best, docs/spec/benchmark-protocol.md §3)",
     )
     p.add_argument("--repeats", type=int, default=1,
                    help="interleaved repeats (mspec, reference, mspec, ...) per setting")

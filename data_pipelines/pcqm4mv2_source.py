@@ -1,4 +1,4 @@
-"""Streaming readers for the PCQM4Mv2 3D release (OGB-LSC), ``data-notes.md`` §6.4.
+"""Streaming readers for the PCQM4Mv2 3D release (OGB-LSC), ``docs/spec/data-notes.md`` §6.4.
 
 * ``pcqm4m-v2-train.sdf``: V2000 molblocks (``$$$$``-terminated) of the training split with DFT
   geometries and explicit H; entry ``i`` is molecule ``split_dict['train'][i]`` (or ``i`` without

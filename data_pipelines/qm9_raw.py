@@ -1,7 +1,7 @@
 """Readers for the two raw QM9 releases, giving the same records as :mod:`qm9pack_source`.
 
 * The original figshare tarball ``dsgdb9nsd.xyz.tar.bz2`` (figshare 3195389, 133,885 xyz files)
-  plus ``uncharacterized.txt`` (figshare 3195404), ``data-notes.md`` §6.1.
+  plus ``uncharacterized.txt`` (figshare 3195404), ``docs/spec/data-notes.md`` §6.1.
 * The PyG / MoleculeNet raw layout ``gdb9.sdf`` + ``gdb9.sdf.csv`` + ``uncharacterized.txt``
   (``<root>/raw/`` of PyG's ``QM9``; also inside ``qm9.zip`` of deepchem), §6.2.
 

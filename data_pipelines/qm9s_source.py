@@ -1,8 +1,8 @@
 """Readers for QM9S spectra: stick files (broadened here), MolSpectra's processed ``.pt``, and the
 figshare ``*_boraden.csv`` release. Each yields one :class:`Spectra` per molecule, keyed by QM9 index.
 
-Grids (``data-notes.md`` §3.4, §6.5): UV 1.0-15.0 eV step 0.02 (701 points); IR and Raman
-500-4000 cm^-1 step 1 (3501 points). Spectra are unnormalised float32.
+Grids (``docs/spec/data-notes.md`` §3.4, §6.5): UV 1.0-15.0 eV step 0.02 (701 points); IR and
+Raman 500-4000 cm^-1 step 1 (3501 points). Spectra are unnormalised float32.
 
 Every fault raises :class:`QM9SSourceError` naming the file and the record: a spectrum of the wrong
 length, NaN/inf, a negative intensity, a truncated/corrupt file, a CSV header that is not the
@@ -215,8 +215,9 @@ class CsvRelease:
     by row id, staged once into float32 ``.npy`` memory maps in ``staging_dir`` for random access.
 
     The three CSVs are read in lockstep (row ids must agree and be consecutive from 0). Third
-    parties report ``qm9s.pt`` with one entry more than the CSVs (``data-notes.md`` §6.5): rows
-    are matched by row id, and the entry counts are kept in :attr:`notes` for the build report.
+    parties report ``qm9s.pt`` with one entry more than the CSVs
+    (``docs/spec/data-notes.md`` §6.5): rows are matched by row id, and the entry counts are kept
+    in :attr:`notes` for the build report.
     """
 
     def __init__(self, directory: str, staging_dir: str):

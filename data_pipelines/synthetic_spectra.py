@@ -32,7 +32,7 @@ from data_pipelines.local_builder import LocalBuilder
 
 SPLIT_SIZES = {"train": 600, "validation": 100, "test": 100}
 
-# Grids of the QM9S spectra (molspectra-spec §2.1): (start, stop, step, unit).
+# Grids of the QM9S spectra (docs/spec/molspectra.md §2.1): (start, stop, step, unit).
 GRIDS = {
     "uv": (1.0, 15.0, 0.02, "eV"),
     "ir": (500.0, 4000.0, 1.0, "cm^-1"),

@@ -1,7 +1,7 @@
 """Host-side torsion metadata for Frad's hybrid (torsion + Cartesian) noise.
 
 Frad perturbs every rotatable torsion of a molecule with RDKit's ``SetDihedralDeg`` before adding
-Cartesian noise (``frad-et-spec.md`` §2). On device, :mod:`mspec.noise` only needs, per molecule,
+Cartesian noise (``docs/spec/frad.md`` §2). On device, :mod:`mspec.noise` only needs, per molecule,
 
 * the rotatable torsions ``(i, j, k, l)`` chosen by Frad's rule (§2.2), and
 * for each torsion, the boolean mask of the atoms that ``SetDihedralDeg`` moves (§2.3).
@@ -148,7 +148,7 @@ def mol_from_xyz(
 
 
 def find_torsions(mol: Chem.Mol) -> np.ndarray:
-    """Rotatable torsions by Frad's rule (``frad-et-spec.md`` §2.2).
+    """Rotatable torsions by Frad's rule (``docs/spec/frad.md`` §2.2).
 
     For every match ``(j, k)`` of :data:`ROTATABLE_SMARTS` (RDKit match order, one per bond):
 

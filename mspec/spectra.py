@@ -1,6 +1,6 @@
 """Spectrum operations for SpecFormer: input normalisation, patching and random patch masking.
 
-Written from ``shared/docs/molspectra-spec.md`` §2.4 and §4.1–§4.2. Pure ``jax.numpy``; nothing
+Written from ``docs/spec/molspectra.md`` §2.4 and §4.1–§4.2. Pure ``jax.numpy``; nothing
 here knows a spectrum length or a dataset constant: lengths come from the dataset's feature
 shapes and patch sizes, mask ratios and min/max ranges from the config (see :class:`SpectrumSpec`).
 

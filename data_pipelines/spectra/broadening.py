@@ -2,7 +2,7 @@
 
 QM9S (and MolSpectra) use fixed grids: UV-Vis 1.0-15.0 eV in 0.02 eV steps (701 points), IR and
 Raman 500-4000 cm^-1 in 1 cm^-1 steps (3501 points). The release does not document its line shapes;
-`../shared/docs/data-notes.md` §3.4 infers Lorentzians with the *peak-height* convention (peak
+`docs/spec/data-notes.md` §3.4 infers Lorentzians with the *peak-height* convention (peak
 height = stick intensity) and HWHM about 8 cm^-1 for IR/Raman, and a Gaussian with sigma about
 0.2 eV and height = oscillator strength for UV. Those are the defaults here; every width and shape
 is an argument so users can match another convention.

@@ -5,7 +5,7 @@ Units: internally atomic units (bohr, Eh, e*bohr, amu for masses). Results: wave
 IR intensities in km/mol, Raman activities in Å^4/amu (S = 45 a'^2 + 7 g'^2, the convention of
 Gaussian/ORCA and QM9S).
 
-Derivatives (data-notes §3.2): with g = dE/dx and E(F) = E0 - mu.F - 1/2 F.alpha.F,
+Derivatives (docs/spec/data-notes.md §3.2): with g = dE/dx and E(F) = E0 - mu.F - 1/2 F.alpha.F,
   d mu_i / dx = -d g / dF_i           (not used; IR takes dipoles from the Hessian displacements)
   d alpha_ij / dx = -d^2 g / dF_i dF_j (19 field single points: 0, +-f e_i, and (+-f, +-f) pairs)
 """

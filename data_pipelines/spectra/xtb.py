@@ -2,8 +2,8 @@
 uniform electric field.
 
 All quantities are atomic units (positions bohr, energy Eh, gradient Eh/bohr, dipole e*bohr, field
-Eh/(e*bohr)). Sign convention of the field term (checked in data-notes §3.2 and in the tests):
-E(F) = E0 - mu.F - 1/2 F.alpha.F, so mu = -dE/dF and alpha = dmu/dF.
+Eh/(e*bohr)). Sign convention of the field term (checked in docs/spec/data-notes.md §3.2 and in
+the tests): E(F) = E0 - mu.F - 1/2 F.alpha.F, so mu = -dE/dF and alpha = dmu/dF.
 
 tblite 0.8.0 wrapper bug: the field vector of the "electric-field" interaction must be passed as a
 cffi `double*` pointing at a float64 array, which has to stay alive as long as the calculator.

@@ -2,7 +2,7 @@
 
 Starts from a stage-1 (Frad or Coord) run: its ET encoder and noise head are restored from
 ``init_from.checkpoint``; SpecFormer is created fresh. Hyper-parameters follow
-../shared/docs/molspectra-spec.md §4–§7 (S2-QM9 column): batch 128, lr 4e-4, 10k warm-up,
+docs/spec/molspectra.md §4–§7 (S2-QM9 column): batch 128, lr 4e-4, 10k warm-up,
 official cosine over 400k steps, loss weights 1 / 1 / 1, Coord noise tau = 0.04 Å.
 
     python -m experiments.pretrain --config experiments/configs/pretrain_coord.py --workdir runs/coord
