@@ -14,7 +14,7 @@ import pytest
 
 from mspec.training import targets
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "spec" / "published-results.md"
+DOC = Path(__file__).resolve().parents[1] / "docs/spec/published-results.md"
 
 # Table column header -> the code's QM9 target / MD17 molecule name.
 COLUMNS = {
