@@ -10,8 +10,8 @@ leading device axis. They contain no host code and depend only on ``jax``.
 * :func:`apply_torsion_noise`: draws the angles ``~ N(0, sigma_deg^2)`` and calls the core.
 * :func:`frad_noise`: torsion noise, then Cartesian noise, with Frad's fractional target.
 
-Why a sequential ``lax.scan`` over torsion slots (``data-notes.md`` §4): moving sets of different
-torsions of one molecule are nested or overlap, so an inner torsion axis moves with an outer
+Why a sequential ``lax.scan`` over torsion slots (``docs/spec/data-notes.md`` §4): moving sets
+of different torsions of one molecule are nested or overlap, so an inner torsion axis moves with an outer
 rotation. Rotating torsion ``t`` about the *current* ``j -> k`` axis, one slot after the other, is
 exactly what RDKit's loop of absolute ``SetDihedralDeg`` calls does (a rotation about one acyclic
 bond never changes another torsion's dihedral, so each absolute set is a rotation by exactly its
@@ -161,7 +161,7 @@ def frad_noise(
     tau,
     fractional=True,
 ):
-    """Frad's hybrid noise: torsion noise first, then Cartesian noise (``frad-et-spec.md`` §2.4).
+    """Frad's hybrid noise: torsion noise first, then Cartesian noise (``docs/spec/frad.md`` §2.4).
 
     Molecules with no real torsion slot (no rotatable bond, or bond perception failed) are left
     unchanged by the torsion part and so get plain Coord noise (Frad's fallback, §2.7).

@@ -189,7 +189,8 @@ def test_pretraining_configs_build_their_papers_architecture(module, norm, expec
 
 def test_upstream_variant_has_the_reference_parameter_count():
     # torchmd-net 3.1.0's upstream ET (no per-layer norms, no whitened vector norm) with its
-    # vector output head: 6,864,898 parameters (perf-notes.md), the benchmark's like-for-like model.
+    # vector output head: 6,864,898 parameters (docs/spec/benchmark-protocol.md §1), the
+    # benchmark's like-for-like model.
     batch = build_batch([random_molecule(0, 3)], n_node=4, n_edge=10)
     model = Model(
         hidden=256, num_layers=8, num_heads=8, num_rbf=64, interlayer_norm="none",

@@ -22,7 +22,8 @@ _FIRST_ROW = 3000  # 7-heavy-atom region of QM9: several, often nested, torsions
 
 
 def _parse_floats(text):
-    # Fortran/Mathematica-style numbers ("0.", "-7.E-6") break json.loads (data-notes.md §1).
+    # Fortran/Mathematica-style numbers ("0.", "-7.E-6") break json.loads
+    # (docs/spec/data-notes.md §1).
     return np.array(
         [float(tok) for tok in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
     )

@@ -23,29 +23,6 @@ SPEC_DIR = REPO / "docs" / "spec"
 SCANNED_SUFFIXES = (".py", ".md", ".sh")
 SKIPPED_DIRS = {".git", "runs", "__pycache__", "build", "dist", "node_modules"}
 
-# TEMPORARY allow-list: files whose citations still point outside the repository because other
-# engineers were editing them when docs/spec/ was written (issue #19). The coordinator applies the
-# listed re-pointings and then removes each file from this set; the goal is an empty set.
-# test_pending_citation_fixes_are_still_needed fails for an entry that no longer needs to be here.
-PENDING_CITATION_FIXES = frozenset({
-    "experiments/configs/finetune_md17.py",
-    "experiments/configs/finetune_qm9.py",
-    "experiments/configs/pretrain_frad.py",
-    "mspec/io/torch_pickle.py",
-    "mspec/models/et.py",
-    "mspec/models/heads.py",
-    "mspec/models/specformer.py",
-    "mspec/noise.py",
-    "mspec/training/finetune.py",
-    "mspec/training/molspectra.py",
-    "mspec/training/optimizers.py",
-    "mspec/training/schedules.py",
-    "mspec/training/targets.py",
-    "tests/test_et_model.py",
-    "tests/test_noise.py",
-    "tests/test_torsions.py",
-})
-
 OUTSIDE_PATH = re.compile(r"\.\./shared\b|/work/shared\b|\bshared/docs/")
 # A note name not preceded by a path: "docs/spec/data-notes.md" is fine, "data-notes.md §1" is not.
 INTERNAL_NOTE = re.compile(
@@ -123,18 +100,10 @@ def citation_problems(path: Path, root: Path = REPO) -> list[str]:
 def test_every_spec_citation_resolves_in_the_repository():
     problems = [
         p for f in scanned_files(REPO)
-        if f.relative_to(REPO).as_posix() not in PENDING_CITATION_FIXES
-        and f != Path(__file__).resolve()
+        if f != Path(__file__).resolve()
         for p in citation_problems(f)
     ]
     assert not problems, "citations that do not resolve in a fresh clone:\n" + "\n".join(problems)
-
-
-def test_pending_citation_fixes_are_still_needed():
-    stale = [rel for rel in sorted(PENDING_CITATION_FIXES)
-             if not (REPO / rel).is_file() or not citation_problems(REPO / rel)]
-    assert not stale, ("remove these files from PENDING_CITATION_FIXES, their citations resolve "
-                       "now: " + ", ".join(stale))
 
 
 def test_spec_index_lists_every_spec_page():

@@ -61,7 +61,7 @@ def _rotatable_bonds(torsions):
 
 
 # --------------------------------------------------------------------------------------------
-# Torsion selection (Frad's rule, frad-et-spec.md §2.2), on explicit-H molecules.
+# Torsion selection (Frad's rule, docs/spec/frad.md §2.2), on explicit-H molecules.
 
 COUNTS = [
     ("CC", 1),  # ethane: the C-C rotor counts because H makes each C non-terminal (D=4)
@@ -214,7 +214,8 @@ def _qm9_csv(part=1):
 
 
 def _parse_floats(text):
-    # Fortran/Mathematica-style numbers ("0.", "-7.E-6") break json.loads (data-notes.md §1).
+    # Fortran/Mathematica-style numbers ("0.", "-7.E-6") break json.loads
+    # (docs/spec/data-notes.md §1).
     return np.array(
         [float(tok) for tok in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
     )

@@ -1,4 +1,6 @@
-"""MD17 fine-tuning (energies and forces), one variant per molecule (Frad's recipe, ``frad-et-spec.md`` §3.2–§3.3).
+"""MD17 fine-tuning (energies and forces), one variant per molecule.
+
+Frad's recipe, ``docs/spec/frad.md`` §3.2–§3.3.
 
     python -m experiments.finetune --config experiments/configs/finetune_md17.py:aspirin --workdir runs/ft_aspirin
     python -m experiments.finetune --config experiments/configs/finetune_md17.py:aspirin,real,train=9500 \

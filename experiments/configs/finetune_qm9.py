@@ -1,4 +1,4 @@
-"""QM9 fine-tuning, one variant per target (MolSpectra's recipe, ``molspectra-spec.md`` §6–§7).
+"""QM9 fine-tuning, one variant per target (MolSpectra's recipe, ``docs/spec/molspectra.md`` §6–§7).
 
     python -m experiments.finetune --config experiments/configs/finetune_qm9.py:homo --workdir runs/ft_homo \
         --config.init.checkpoint=runs/frad

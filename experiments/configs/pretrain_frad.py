@@ -1,7 +1,7 @@
 """Frad pre-training (fractional denoising) of the ET on real QM9 DFT geometries.
 
 Torsion noise (σ = 2° per rotatable torsion) then Cartesian noise (τ = 0.04 Å); the ET predicts
-only the Cartesian part. Hyper-parameters follow ../shared/docs/frad-et-spec.md §2.9 (AdamW,
+only the Cartesian part. Hyper-parameters follow docs/spec/frad.md §2.9 (AdamW,
 lr 4e-4, 10k linear warm-up, then the official cosine measured from step 0).
 
     python -m experiments.pretrain --config experiments/configs/pretrain_frad.py --workdir runs/frad
@@ -10,7 +10,7 @@ lr 4e-4, 10k linear warm-up, then the official cosine measured from step 0).
 Variants (``:variant``): ``base`` (default; QM9 track model, batch 70, 400k steps) and ``tiny``
 (2,000-molecule QM9 sample, a small ET, 60 steps: about a minute on 2 CPU cores).
 
-The ``base`` model is Frad's own architecture (the Frad fork's ET, frad-et-spec §4.6): after each
+The ``base`` model is Frad's own architecture (the Frad fork's ET, docs/spec/et.md §6): after each
 layer one *shared non-affine* LayerNorm on x and a per-layer EqLN on the vectors
 (``model.interlayer_norm = "shared_noaffine"``, 7,212,292 parameters). MolSpectra's variant, with
 a per-layer *affine* LayerNorm (``"affine"``, 7,216,388 parameters), is the shared default of the

@@ -1,7 +1,7 @@
 """Reads ``torch.save`` files (``.pt``, ``.ckpt``) with numpy and the standard library only; torch is
 not needed.
 
-Layout (``../shared/docs/data-notes.md`` §6.6): a zip archive whose single top-level folder (any
+Layout (``docs/spec/data-notes.md`` §6.6): a zip archive whose single top-level folder (any
 name: ``archive/``, or the file stem) holds ``data.pkl`` (a pickle whose tensor storages are
 persistent ids ``('storage', <torch.XStorage>, key, location, numel)``), ``data/<key>`` (raw
 little-endian storage bytes) and ``byteorder``. Tensors are rebuilt by

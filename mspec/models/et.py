@@ -1,6 +1,6 @@
 """TorchMD-Net Equivariant Transformer (ET) encoder, as used by Frad and MolSpectra.
 
-Written from ``shared/docs/frad-et-spec.md`` §4 and ``shared/docs/molspectra-spec.md`` §3.
+Written from ``docs/spec/et.md`` (both variants, §1).
 
 Notation: N atoms, E directed edges, F hidden width, H heads, D = F / H head width, K radial basis
 functions. Edges are directed ``j -> i`` with ``j = senders[e]`` (source) and ``i = receivers[e]``
@@ -37,7 +37,7 @@ from mspec.models import fused_eqln, fused_message
 Array = jax.Array
 
 # PyTorch semantics for every Linear of the ET, the neighbour embedding and the heads
-# (frad-et-spec §4.10): Xavier-uniform weights (gain 1) and zero biases. Flax's default
+# (docs/spec/et.md §10): Xavier-uniform weights (gain 1) and zero biases. Flax's default
 # LeCun-normal differs, so the initialisers are always passed explicitly.
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
@@ -198,9 +198,9 @@ def edge_geometry(positions: Array, senders: Array, receivers: Array) -> tuple[A
 # Equivariant (whitened) vector layer norm
 # -------------------------------------------------------------------------------------------------
 
-# Added to the singular values inside the inverse square root (frad-et-spec §4.6 step 4).
+# Added to the singular values inside the inverse square root (docs/spec/et.md §6, EqLN step 4).
 _EQLN_ROOT_EPS = 1e-5
-# Regulariser of the 3x3 covariance: 1e-5 * diag(1, 2, 3) (frad-et-spec §4.6 step 3).
+# Regulariser of the 3x3 covariance: 1e-5 * diag(1, 2, 3) (docs/spec/et.md §6, EqLN step 3).
 _EQLN_COV_EPS = 1e-5
 
 

@@ -1,6 +1,6 @@
 """Equivariant output heads of the ET (torchmd-net ``output_modules``).
 
-Written from ``shared/docs/frad-et-spec.md`` §4.8 and ``shared/docs/molspectra-spec.md`` §3.5.
+Written from ``docs/spec/et.md`` §8.
 Inputs are the encoder outputs ``x [N, F]`` and ``vec [N, 3, F]``; outputs are per atom.
 """
 

@@ -1,6 +1,6 @@
 """SpecFormer: the PatchTST-style spectrum encoder of MolSpectra (Flax linen).
 
-Written from ``shared/docs/molspectra-spec.md`` §4. For each spectrum type t (in the order of
+Written from ``docs/spec/molspectra.md`` §4. For each spectrum type t (in the order of
 ``specs``; officially UV, IR, Raman):
 
 1. normalise (``log10(1 + s)`` by default) and cut into overlapping patches ``[B, n_t, P_t]``;

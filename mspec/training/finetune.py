@@ -9,7 +9,7 @@ The step (one jitted function over a global batch ``[D, ...]`` sharded on the ``
 axis, per-device ``shard_map`` + ``lax.map`` as in :mod:`mspec.training.train`):
 
 * **QM9** (``config.task = "qm9"``): training inputs get Coord noise (τ = 0.005 Å) and the
-  property is predicted from the noisy input (Noisy Nodes, ``frad-et-spec.md`` §3.1). Loss =
+  property is predicted from the noisy input (Noisy Nodes, ``docs/spec/frad.md`` §3.1). Loss =
   ``w_y MSE(ŷ, y) + w_dn MSE(noise head, noise / denoising_scale)`` in training units (eV, D, ...).
 * **MD17** (``config.task = "md17"``): ``E = std Σ_i h_i + mean`` and ``F = -∂E/∂positions``,
   computed with ``jax.value_and_grad`` inside the differentiated loss (so training differentiates
@@ -156,7 +156,7 @@ def check_config(config) -> None:
     if config.task == "md17" and config.loss.denoising_weight > 0 and not config.loss.sep_noisy_nodes:
         raise run_config.ConfigError(
             "MD17 denoising needs config.loss.sep_noisy_nodes = True (energies and forces on clean "
-            "frames, a separate noisy pass for the noise head; frad-et-spec §3.2)"
+            "frames, a separate noisy pass for the noise head; docs/spec/frad.md §3.2)"
         )
     checkpoints = tuple((config.get("evaluate") or {}).get("checkpoints", ("last", "best")))
     if not checkpoints or set(checkpoints) - {"last", "best"}:
@@ -454,7 +454,7 @@ def validation_metric(setup: Setup, pred: dict) -> float:
     """Model-selection metric (training units): QM9 MAE; MD17 ``w_E MAE_E + w_F MAE_F``.
 
     For MD17 this is the clean L1 composite, without the official run's energy EMA and freshly
-    noised denoising term (which make its model selection noisy; frad-et-spec §7 item 4).
+    noised denoising term (which make its model selection noisy; docs/spec/frad.md §7 item 4).
     """
     mae_y = float(np.mean(np.abs(pred["y_pred"] - pred["y_true"])))
     if setup.config.task == "qm9":

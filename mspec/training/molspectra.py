@@ -1,6 +1,6 @@
 """MolSpectra stage-2 pre-training: denoising + masked-patch reconstruction + 3D->spectrum InfoNCE.
 
-Written from ``shared/docs/molspectra-spec.md`` §4–§6. :class:`MolSpectraTrainer` plugs into the
+Written from ``docs/spec/molspectra.md`` §4–§6. :class:`MolSpectraTrainer` plugs into the
 shared loop of :mod:`mspec.training.train` (``config.task = "molspectra"``) and changes:
 
 * **parameters**: the ET model's subtrees (``representation``, ``noise_head``, ...) plus
@@ -17,7 +17,8 @@ shared loop of :mod:`mspec.training.train` (``config.task = "molspectra"``) and 
 
 The ET runs per device (``shard_map`` + ``lax.map`` as in stage 1). Its molecule feature is the
 sum over each molecule's atoms of the final LayerNorm-ed scalar features ``[G, F]``, with no
-projection head (spec §3.6, Q16). SpecFormer then runs on the *global* batch of molecule slots
+projection head (docs/spec/et.md §7; docs/spec/molspectra.md §8 Q16). SpecFormer then runs on
+the *global* batch of molecule slots
 ``[D * G, L]`` under plain ``jax.jit``: its BatchNorm statistics and the InfoNCE negatives span
 all devices, as the single-GPU original's batch does, and padding slots are masked out of both.
 """

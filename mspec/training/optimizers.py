@@ -7,7 +7,7 @@ import optax
 
 
 def frad_cosine_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """The official Frad/MolSpectra pre-training schedule (frad-et-spec §2.9, quirk 21).
+    """The official Frad/MolSpectra pre-training schedule (docs/spec/frad.md §2.9, quirk 21 of §7).
 
     ``lr (s+1)/W`` for ``s < W``; afterwards ``lr (1 + cos(pi s/T)) / (1 + cos(pi (W-1)/T))``,
     i.e. a cosine measured from step 0 (not from the end of warm-up), rescaled to be continuous

@@ -1,4 +1,4 @@
-"""Fine-tuning learning-rate schedules (``shared/docs/molspectra-spec.md`` §6).
+"""Fine-tuning learning-rate schedules (``docs/spec/molspectra.md`` §6).
 
 * :func:`cosine_restarts`: the official QM9 fine-tuning schedule (MolSpectra's "cosine_warmup"),
   i.e. PyTorch ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` stepped per update, with

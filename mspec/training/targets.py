@@ -1,7 +1,7 @@
 """Fine-tuning targets: units, unit conversions, QM9 atom references, standardisation, published numbers.
 
 Training units are those of the datasets (PyG's QM9 units; MD17's kcal/mol); reporting units are
-the papers' (``shared/docs/published-results.md`` §0):
+the papers' (``docs/spec/published-results.md`` §0):
 
 ============  ===============  ============  =========
 target        training unit    report unit   factor
@@ -105,7 +105,7 @@ class Standardizer:
         return z * self.std + self.mean
 
 
-# Published test MAEs in the papers' units (shared/docs/published-results.md §1, §3).
+# Published test MAEs in the papers' units (docs/spec/published-results.md §1, §3).
 PUBLISHED_QM9 = {
     "Frad": dict(mu=0.010, alpha=0.0374, homo=15.3, lumo=13.7, gap=27.8, r2=0.3419, zpve=1.418,
                  U0=5.33, U=5.62, H=5.55, G=6.19, cv=0.020),
