@@ -2,7 +2,6 @@
 units, schedules, a tiny QM9 run that learns, and exact resume of an MD17 run."""
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -294,19 +293,7 @@ def test_md17_resume_is_exact(md17_fixture_dir, tmp_path):
     assert np.isfinite(float(a["energy_ema"]))  # the energy-loss EMA is carried in the state
 
 
-def test_resume_after_a_kill_between_the_best_and_the_periodic_checkpoint(md17_fixture_dir, tmp_path):
-    """A kill after best/N is written and before checkpoints/N: the re-run replays to N, finds
-    the same improvement and must keep best/N instead of failing (StepAlreadyExistsError)."""
-    data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
-    c = _md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6)
-    finetune.finetune_and_evaluate(c, workdir)
-    best = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
-    best_step = best.latest_step()
-    best.close()
-    assert best_step is not None
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before this save
-    summary = finetune.finetune_and_evaluate(c, workdir)
-    assert summary["final_step"] == 6 and summary["start_step"] < 6
+# A real kill between the best and the periodic checkpoint: tests/test_faults.py.
 
 
 def test_evaluate_options_select_checkpoints_and_the_validation_subset(qm9_sample_dir, tmp_path):

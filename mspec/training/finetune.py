@@ -515,6 +515,14 @@ def finetune_and_evaluate(
     check_config(config)  # before touching any data
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    config_json, changed = _resolved_config_json(config), []
+    check = safeguards.resume_check(config_json, ckpt, allow_config_change, run_config.OPERATIONAL_KEYS, changed)
+    try:
+        safeguards.check_latest_config(ckpt, check)  # a refused resume fails before any data is read
+    except run_config.ConfigError:
+        ckpt.close(quiet=True)
+        raise
     setup = build(config)
     trainer = setup.trainer
     train.note(
@@ -523,13 +531,10 @@ def finetune_and_evaluate(
         f"std {setup.standardizer.std:.6g} ({'standardised' if config.target.standardize else 'not standardised'}"
         f"{', QM9 atom references subtracted' if config.target.atomref else ''})"
     )
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
-    config_json = _resolved_config_json(config)
-    data_position, start_step, saved_config, changed = 0, 0, None, []
+    data_position, start_step, saved_config = 0, 0, None
     if ckpt.latest_step() is not None:
         abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), _dummy(setup)))
-        check = safeguards.resume_check(config_json, ckpt, allow_config_change, run_config.OPERATIONAL_KEYS, changed)
         start_step, state, saved_config, data = ckpt.restore(abstract, check_config=check, fallback=True)
         data_position = int(data["next_index"])
         train.note(f"resumed from step {start_step} (data position {data_position})")

@@ -89,6 +89,20 @@ def resume_check(config_json: dict, ckpt: checkpoint.Checkpointer, allow, operat
     return check
 
 
+def check_latest_config(ckpt: checkpoint.Checkpointer, check) -> None:
+    """Runs ``check`` (:func:`resume_check`) on the latest checkpoint's stored config, before
+    the dataset and model are built. An unreadable config is left to the restore, which falls
+    back to an older checkpoint (and checks that one's config)."""
+    step = ckpt.latest_step()
+    if step is None:
+        return
+    try:
+        stored = ckpt.read_config(step)
+    except checkpoint.CheckpointError:
+        return
+    check(stored, step)
+
+
 def record_config(workdir: str, config_json: dict, start_step: int, changed: list[str], stored: dict | None) -> None:
     """Writes ``config.json`` and, when ``--allow_config_change`` let keys differ from the
     checkpoint's config, appends them (old and new values) to ``config_changes.jsonl``."""

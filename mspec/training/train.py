@@ -500,6 +500,17 @@ def train_and_evaluate(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    config_json, changed = json.loads(config.to_json_best_effort()), []
+    check = safeguards.resume_check(
+        config_json, ckpt, allow_config_change,
+        run_config.OPERATIONAL_KEYS + run_config.PRETRAIN_EVAL_KEYS, changed,
+    )
+    try:
+        safeguards.check_latest_config(ckpt, check)  # a refused resume fails before any data is read
+    except run_config.ConfigError:
+        ckpt.close(quiet=True)
+        raise
 
     source_dir = config.data.get("source_dir", "")
     try:
@@ -534,20 +545,14 @@ def train_and_evaluate(
         f"{jax.process_count()}; per-device budget: {budget}"
     )
 
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     # Initialise from a batch-shaped dummy (the budget fixes every shape).
     dummy = graph.pack([], budget)
     state = trainer.init_state(jax.random.key(config.seed), dummy)
     note(f"model parameters: {count_params(state['params']):,}")
     num_slots = jax.device_count()
     slots = sharding.local_slots(trainer.data_sharding, num_slots)
-    start_step, data_position, saved_config, changed = 0, [0] * len(slots), None, []
-    config_json = json.loads(config.to_json_best_effort())
+    start_step, data_position, saved_config = 0, [0] * len(slots), None
     if ckpt.latest_step() is not None:
-        check = safeguards.resume_check(
-            config_json, ckpt, allow_config_change,
-            run_config.OPERATIONAL_KEYS + run_config.PRETRAIN_EVAL_KEYS, changed,
-        )
         start_step, state, saved_config, data = ckpt.restore(
             checkpoint.abstract_like(state), check_config=check, fallback=True
         )
