@@ -244,7 +244,20 @@ def test_tiny_qm9_run_beats_the_train_mean(qm9_sample_dir, tmp_path):
         assert test["mae"] < 0.6 * test["train_mean_mae"], test
     assert res["best"]["validation"]["mae"] <= res["last"]["validation"]["mae"] + 1e-9
     assert os.path.getsize(tmp_path / "parity_last.png") > 1000
+    assert res["last"]["parity_plot"] == "parity_last.png"  # relative to the workdir
     assert os.path.isfile(tmp_path / "results.json")
+
+
+def test_parity_plots_show_the_mae_in_each_panel():
+    from mspec.training import evaluation
+
+    pred = {"y_true": np.array([1.0, 2.0, 3.0]), "y_pred": np.array([1.5, 2.0, 3.0]),
+            "ref": np.zeros(3), "f_true": np.ones((4, 3)), "f_pred": np.zeros((4, 3))}
+    fig = evaluation.parity_figure("qm9", "homo", pred, "t")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["MAE 166.7 meV\n(n = 3)"]
+    fig = evaluation.parity_figure("md17", "aspirin", pred, "t")
+    assert [a.texts[0].get_text() for a in fig.axes] == [
+        "MAE 0.1667 kcal/mol\n(n = 3)", "MAE 1 kcal/mol/Å\n(n = 12)"]
 
 
 @pytest.fixture(scope="module")
