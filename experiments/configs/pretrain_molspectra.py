@@ -11,8 +11,8 @@ official cosine over 400k steps, loss weights 1 / 1 / 1, Coord noise tau = 0.04 
     # tiny CPU run (no stage 1 unless init_from.checkpoint is given):
     python -m experiments.pretrain --config experiments/configs/pretrain_molspectra.py:tiny --workdir runs/ms_tiny
 
-Variants (``:variant``): ``base`` (default) and ``tiny`` (a small ET and SpecFormer; a couple of
-minutes on 2 CPU cores). Both read the shipped ``qm9s/gfn2`` spectra by default.
+Variants (``:variant``): ``base`` (default) and ``tiny`` (a small ET and SpecFormer, 80 steps;
+about a minute on 2 CPU cores, 51 s in one measured run). Both read the shipped ``qm9s/gfn2`` spectra by default.
 The paper's modality ablation: ``--config.spectra.types='("ir","raman")'`` (no UV), etc.
 """
 
