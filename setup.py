@@ -32,10 +32,15 @@ INSTALL_REQUIRES = [
 # (data_pipelines/md17_gfn2). Not needed to read or train on the shipped files.
 COMPUTE = ["tblite==0.8.0", "pyscf==2.14.0"]
 
+# The ASE calculator (mspec/ase.py): molecular dynamics and geometry work with MD17 models.
+ASE = ["ase==3.29.0"]
+
 EXTRAS_REQUIRE = {
     "spectra": COMPUTE,
-    # e3nn: equivariance-test utilities; the compute stack: the spectra / MD pipeline tests.
-    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0", *COMPUTE],
+    "ase": ASE,
+    # e3nn: equivariance-test utilities; the compute stack: the spectra / MD pipeline tests;
+    # ase: the calculator's tests.
+    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0", *COMPUTE, *ASE],
 }
 
 setup(
