@@ -247,12 +247,17 @@ def test_a_torn_metrics_line_and_repeated_steps_are_repaired_on_resume(
 ):
     workdir = str(tmp_path)
     train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=6), workdir)
-    # As if the run had gone on past its step-6 checkpoint to step 7 and died writing step 8's
-    # line on a full disk: a record the resumed run repeats, then a torn line.
+    # As if the step-6 save had not completed and the run had gone on to step 7 and died writing
+    # step 8's line on a full disk: records 4-7 (in metrics.jsonl and TensorBoard) that the
+    # resumed run repeats, then a torn line.
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps({"step": 7, "train/loss": 123.0}) + "\n" + '{"step": 8, "train/lo')
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    summary = train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    assert summary["start_step"] == 3
     assert by_step(workdir, "train/loss") == by_step(pretrain_reference, "train/loss")
     assert tensorboard_steps(workdir, "train/loss") == list(range(1, 10))
     # A damaged line that is not the last one is named, with its line number.
