@@ -20,16 +20,7 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-flags.DEFINE_list(
-    "allow_config_change", [],
-    "Config keys (or prefixes, e.g. optim) that may differ from the config of the checkpoint "
-    "being resumed; without it such a resume is refused (docs/reliability.md).",
-)
-flags.DEFINE_float(
-    "checkpoint_every_minutes", 30.0,
-    "Also save a checkpoint when this many minutes have passed since the last one (0 = only "
-    "config.checkpoint_every steps).",
-)
+cli.define_run_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,11 +36,7 @@ def main(argv):
     distributed.initialize()
     from mspec.training import train
 
-    train.train_and_evaluate(
-        FLAGS.config, FLAGS.workdir,
-        allow_config_change=tuple(FLAGS.allow_config_change),
-        checkpoint_every_minutes=FLAGS.checkpoint_every_minutes,
-    )
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def pretrain_reference(qm9_sample_dir, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
-def _signal_during(monkeypatch, step, signum):
-    """The update of ``step`` sends ``signum`` to this process while it computes."""
+def _patch_update(monkeypatch, after):
+    """Each jitted update's result goes through ``after(new_step, (state, measurements))``."""
     post_init = train.Trainer.__post_init__
 
     def patched(self):
@@ -100,15 +100,23 @@ def _signal_during(monkeypatch, step, signum):
         update = self.update_fn
 
         def update_fn(state, batch):
-            new_step = int(state["step"]) + 1
-            out = update(state, batch)
-            if new_step == step:
-                os.kill(os.getpid(), signum)
-            return out
+            new_step = int(state["step"]) + 1  # read before the state is donated
+            return after(new_step, update(state, batch))
 
         self.update_fn = update_fn
 
     monkeypatch.setattr(train.Trainer, "__post_init__", patched)
+
+
+def _signal_during(monkeypatch, step, signum):
+    """The update of ``step`` sends ``signum`` to this process while it computes."""
+
+    def after(new_step, out):
+        if new_step == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    _patch_update(monkeypatch, after)
 
 
 def _complete_steps(workdir) -> list[int]:
@@ -181,23 +189,15 @@ def test_finetuning_kill_between_the_best_and_the_periodic_checkpoint(qm9_sample
 
 
 def _nan_after(monkeypatch, step):
-    """The update of ``step`` returns NaN parameters (a divergence)."""
-    post_init = train.Trainer.__post_init__
+    """The updates from ``step`` on return NaN parameters (a divergence)."""
 
-    def patched(self):
-        post_init(self)
-        update = self.update_fn
+    def after(new_step, out):
+        state, m = out
+        if new_step >= step:
+            state = {**state, "params": jax.tree.map(lambda p: p * float("nan"), state["params"])}
+        return state, m
 
-        def update_fn(state, batch):
-            new_step = int(state["step"]) + 1
-            state, m = update(state, batch)
-            if new_step >= step:
-                state = {**state, "params": jax.tree.map(lambda p: p * float("nan"), state["params"])}
-            return state, m
-
-        self.update_fn = update_fn
-
-    monkeypatch.setattr(train.Trainer, "__post_init__", patched)
+    _patch_update(monkeypatch, after)
 
 
 def test_a_diverged_state_is_never_saved_and_the_message_names_the_real_checkpoint(

@@ -91,6 +91,30 @@ def _excepthook(previous):
     return hook
 
 
+def define_run_flags() -> None:
+    """The training entry points' flags that are not part of the config: how a run resumes and
+    how often it checkpoints by the clock (docs/reliability.md)."""
+    flags.DEFINE_list(
+        "allow_config_change", [],
+        "Config keys (or prefixes, e.g. optim) that may differ from the config of the checkpoint "
+        "being resumed; without it such a resume is refused (docs/reliability.md).",
+    )
+    flags.DEFINE_float(
+        "checkpoint_every_minutes", 30.0,
+        "Also save a checkpoint when this many minutes have passed since the last one (0 = only "
+        "config.checkpoint_every steps).",
+    )
+
+
+def run_options() -> dict:
+    """The keyword arguments of ``train_and_evaluate`` / ``finetune_and_evaluate`` from the flags
+    of :func:`define_run_flags`."""
+    return dict(
+        allow_config_change=tuple(flags.FLAGS.allow_config_change),
+        checkpoint_every_minutes=flags.FLAGS.checkpoint_every_minutes,
+    )
+
+
 def run(main) -> None:
     """``absl.app.run(main)`` with one-line errors (see the module docstring)."""
     from mspec.training import stopping

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 from typing import Any
 
 import jax
@@ -601,15 +600,12 @@ def finetune_and_evaluate(
                             safeguards.save_checkpoint(best_ckpt, step, state, config_json, it.state(),
                                                        "best validation")
                     prog.pause()
-                if step % config.checkpoint_every == 0 or step == stop or save_now:
-                    why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
-                    writer.flush()  # every record up to a checkpoint's step is on disk before it
-                    safeguards.save_checkpoint(ckpt, step, state, config_json, it.state(), why)
-                    extra.saved()
+                if safeguards.end_of_step_save(
+                    ckpt, writer, extra, step, state, config_json, it.state,
+                    periodic=step % config.checkpoint_every == 0 or step == stop,
+                    save_now=save_now, stop_now=stop_now,
+                ):
                     prog.pause()
-                if stop_now:
-                    ckpt.wait()
-                    raise stopping.Stopped(signals.signum or signal.SIGTERM, step, ckpt.directory)
             failed = False
         finally:
             it.close()

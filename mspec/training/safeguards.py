@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mspec.training import checkpoint, run_config
+from mspec.training import checkpoint, run_config, stopping
 from mspec.training.progress import note
 
 
@@ -74,6 +75,26 @@ def save_checkpoint(ckpt: checkpoint.Checkpointer, step: int, state: dict, confi
         )
     ckpt.save(step, state, config_json, data)
     note(f"checkpoint: saving step {step}{f' ({why})' if why else ''} to {ckpt.directory}")
+
+
+def end_of_step_save(ckpt: checkpoint.Checkpointer, writer, extra: stopping.ExtraSaves, step: int,
+                     state: dict, config_json: dict, data_state, *, periodic: bool,
+                     save_now: bool, stop_now: bool) -> bool:
+    """The checkpoint logic at the end of a step, shared by the training loops: saves on the step
+    cadence (``periodic``), the wall-clock cadence or a stop signal (``save_now``, ``stop_now``
+    from :meth:`stopping.ExtraSaves.check`), then raises :class:`stopping.Stopped` if a signal
+    asked to stop. ``data_state()`` gives the input position (called only when saving: it may
+    be a collective). Returns whether it saved."""
+    saved = periodic or save_now
+    if saved:
+        why = "stop signal" if stop_now else ("wall-clock cadence" if save_now and not periodic else "")
+        writer.flush()  # every record up to a checkpoint's step is on disk before it
+        save_checkpoint(ckpt, step, state, config_json, data_state(), why)
+        extra.saved()
+    if stop_now:
+        ckpt.wait()
+        raise stopping.Stopped(extra.signals.signum or signal.SIGTERM, step, ckpt.directory)
+    return saved
 
 
 def resume_check(config_json: dict, ckpt: checkpoint.Checkpointer, allow, operational, changes: list):

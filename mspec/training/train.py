@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import signal
 from typing import Any
 
 import jax
@@ -645,18 +644,13 @@ def train_and_evaluate(
                     summary.update(ev)
                     prog.pause()  # Evaluation time is not training throughput.
 
-                if step % config.checkpoint_every == 0 or step == stop or save_now:
-                    why = "stop signal" if stop_now else ("wall-clock cadence" if save_now else "")
-                    writer.flush()  # every record up to a checkpoint's step is on disk before it
-                    safeguards.save_checkpoint(
-                        ckpt, step, state, config_json,
-                        sharding.global_state(train_iter.state()), why,
-                    )
-                    extra.saved()
+                if safeguards.end_of_step_save(
+                    ckpt, writer, extra, step, state, config_json,
+                    lambda: sharding.global_state(train_iter.state()),
+                    periodic=step % config.checkpoint_every == 0 or step == stop,
+                    save_now=save_now, stop_now=stop_now,
+                ):
                     prog.pause()
-                if stop_now:
-                    ckpt.wait()
-                    raise stopping.Stopped(signals.signum or signal.SIGTERM, step, ckpt.directory)
             failed = False
         finally:
             train_iter.close()
