@@ -137,7 +137,8 @@ def collect(p, stages, workdir: str) -> dict:
             c = rows["coord_control"]["mean"]
             rows["molspectra"]["change_vs_control"] = (rows["molspectra"]["mean"] - c) / c
         summary[target] = {"unit": unit(p, target), "arms": rows, "published": pub,
-                           "checks": goal_checks(rows)}
+                           "checks": goal_checks(rows),
+                           "paired": paired_changes(runs, target, p.arms)}
     return {
         "scale": p.scale,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -147,6 +148,50 @@ def collect(p, stages, workdir: str) -> dict:
         "summary": summary,
         "runs": runs,
     }
+
+
+# Each arm is compared with its reference arm at the same fine-tuning seed.
+PAIRED_REFERENCE = {"coord": "scratch", "frad": "scratch", "molspectra": "coord_control",
+                    "coord_control": "scratch"}
+
+
+def paired_changes(runs: list[dict], target: str, arms) -> dict[str, dict]:
+    """Relative change of each arm's test MAE vs its reference arm at the *same* seed.
+
+    A seed fixes the fresh heads' initialisation and the data order, which every arm shares, so
+    a seed that is hard for one arm tends to be hard for all: the per-seed difference removes
+    that shared part of the spread. Returns ``{arm: {"reference", "changes" (one per seed both
+    arms finished, ordered by seed), "seeds", "mean_change", "better"}}`` (``better``: seeds where
+    the arm's MAE is below its reference's).
+    """
+    mae = {(r["arm"], r["seed"]): r["test_mae"] for r in runs
+           if r["target"] == target and r["test_mae"] is not None}
+    out = {}
+    for arm in arms:
+        ref = PAIRED_REFERENCE.get(arm)
+        if ref is None or ref not in arms:
+            continue
+        seeds = sorted(s for (a, s) in mae if a == arm and (ref, s) in mae)
+        if not seeds:
+            continue
+        changes = [(mae[(arm, s)] - mae[(ref, s)]) / mae[(ref, s)] for s in seeds]
+        out[arm] = {"reference": ref, "seeds": seeds, "changes": changes,
+                    "mean_change": float(np.mean(changes)),
+                    "better": sum(c < 0 for c in changes)}
+    return out
+
+
+def paired_table(t: dict) -> list[str]:
+    """Markdown rows of :func:`paired_changes` for one target."""
+    if not t.get("paired"):
+        return []
+    lines = ["Paired by seed (each seed's change vs the reference arm at the same seed):", "",
+             "| arm | vs | change per seed | mean change | better in |", "|---|---|---|---|---|"]
+    for arm, r in t["paired"].items():
+        per_seed = ", ".join(f"{_pct(c)} (seed {s})" for s, c in zip(r["seeds"], r["changes"]))
+        lines.append(f"| {ARM_LABELS[arm]} | {ARM_LABELS[r['reference']]} | {per_seed} | "
+                     f"{_pct(r['mean_change'])} | {r['better']} of {len(r['seeds'])} seeds |")
+    return lines + [""]
 
 
 def _targets(p) -> list[str]:
@@ -350,7 +395,8 @@ def render(p, results: dict, figures: dict[str, str]) -> str:
         if baseline is not None:
             what = "predicting the training mean" if _task(p, target) == "qm9" else "predicting zero forces"
             lines += ["", f"Reference: {what} gives a test MAE of {_num(baseline, u)} {u}."]
-        lines += ["", "| goal | met |", "|---|---|"]
+        lines += [""] + paired_table(t)
+        lines += ["| goal | met |", "|---|---|"]
         lines += [f"| {k} | {_check(v)} |" for k, v in t["checks"].items()]
         lines.append("")
     if figures:

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from experiments import reproduce, reproduce_report, reproduce_stages
+from experiments.configs import reproduce as study_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -109,6 +110,30 @@ def test_goal_checks():
     assert checks["MolSpectra <= its denoising-only control (means)"] is None
     rows["frad"]["max"] = 16.6 + 1.0
     assert reproduce_report.goal_checks(rows)["seed ranges do not overlap (Frad < Coord < scratch)"] is False
+
+
+def test_paired_changes_compare_arms_at_the_same_seed():
+    def run(arm, seed, mae):
+        return {"arm": arm, "target": "homo", "seed": seed, "test_mae": mae}
+    # Seed 2 is hard for every arm; Coord is 10 % better than scratch at each seed, which the
+    # spread of the means (overlapping ranges) hides and the per-seed comparison shows.
+    runs = [run("scratch", 1, 100.0), run("scratch", 2, 200.0), run("coord", 1, 90.0),
+            run("coord", 2, 180.0), run("frad", 1, 110.0), run("frad", 3, 50.0),
+            run("molspectra", 1, 95.0), run("coord_control", 1, 100.0),
+            {"arm": "coord", "target": "lumo", "seed": 3, "test_mae": 1.0}]
+    paired = reproduce_report.paired_changes(runs, "homo", study_config.ARMS)
+    assert paired["coord"]["seeds"] == [1, 2]
+    assert paired["coord"]["changes"] == pytest.approx([-0.1, -0.1])
+    assert paired["coord"]["better"] == 2
+    assert paired["frad"]["seeds"] == [1]  # seed 3 has no scratch run to pair with
+    assert paired["frad"]["changes"] == pytest.approx([0.1]) and paired["frad"]["better"] == 0
+    assert paired["molspectra"]["reference"] == "coord_control"
+    assert paired["molspectra"]["changes"] == pytest.approx([-0.05])
+    assert paired["coord_control"]["changes"] == pytest.approx([0.0])
+    assert "scratch" not in paired
+    rows = reproduce_report.paired_table({"paired": paired})
+    assert any("| Coord | scratch | -10.0 % (seed 1), -10.0 % (seed 2) | -10.0 % | 2 of 2 seeds |"
+               == r for r in rows)
 
 
 def test_smoke_study_writes_results_report_and_figures(smoke_study):
