@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mspec import graph
-from mspec.models import fused_eqln, fused_message
+from mspec.models import fused_eqln, fused_message, precision
+from mspec.models.precision import gather_rows, in_dtype, sum_dtype
 
 Array = jax.Array
 
@@ -48,11 +50,28 @@ INTERLAYER_NORMS = ("none", "affine", "shared_noaffine")
 VECTOR_NORMS = ("whitened", "none")
 
 
-def dense(features: int, *, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-    """A torch-initialised ``nn.Linear``: Xavier-uniform kernel, zero bias."""
-    return nn.Dense(
-        features, use_bias=use_bias, kernel_init=xavier_uniform, bias_init=zeros, name=name
+def dense(
+    features: int, *, use_bias: bool = True, dtype: Any = None, name: str | None = None
+) -> nn.Dense:
+    """A torch-initialised ``nn.Linear``: Xavier-uniform kernel, zero bias.
+
+    ``dtype`` is Flax's compute dtype (None: the inputs' and parameters' own), see
+    :class:`mspec.models.precision.Dense`.
+    """
+    return precision.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=xavier_uniform,
+        bias_init=zeros,
+        dtype=dtype,
+        name=name,
     )
+
+
+def embed(num: int, features: int, name: str) -> nn.Embed:
+    """``torch.nn.Embedding(num, features)``: N(0, 1) rows. Looked up in float32 whatever the
+    compute dtype (the callers cast): the table's gradient sums over every atom of an element."""
+    return nn.Embed(num, features, embedding_init=normal_embedding, name=name)
 
 
 def layer_norm(*, affine: bool = True, name: str | None = None) -> nn.LayerNorm:
@@ -322,11 +341,14 @@ class NeighborEmbedding(nn.Module):
         cutoff: cutoff r_c in Å (the RBF already contains ``C(r)``; it is applied a second time
             here, as in torchmd-net).
         max_z: size of the embedding table.
+        dtype: compute dtype of the embedding, filter and messages (None: float32); the sum
+            over the neighbours accumulates in float32 (:func:`sum_dtype`).
     """
 
     hidden: int
     cutoff: float
     max_z: int = 100
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -357,15 +379,16 @@ class NeighborEmbedding(nn.Module):
             ``[N, F]`` features.
         """
         n = x.shape[0]
-        emb = nn.Embed(self.max_z, self.hidden, embedding_init=normal_embedding, name="embedding")(
-            atomic_numbers
-        )  # [N, F]
-        w = dense(self.hidden, name="distance_proj")(rbf) * cosine_cutoff(r, self.cutoff)[:, None]
+        (emb,) = in_dtype(self.dtype, embed(self.max_z, self.hidden, "embedding")(atomic_numbers))
+        w = dense(self.hidden, dtype=self.dtype, name="distance_proj")(rbf)
+        w = w * cosine_cutoff(r, self.cutoff)[:, None].astype(w.dtype)
         if num_pairs is not None:
             w = graph.expand_pair_rows(w, senders.shape[0])
-        msg = emb[senders] * w * mask[:, None]  # [E, F]
-        agg = jax.ops.segment_sum(msg, receivers, num_segments=n)  # [N, F]
-        return dense(self.hidden, name="combine")(jnp.concatenate([x, agg], axis=-1))
+        msg = gather_rows(emb, senders) * w * mask[:, None]  # [E, F]
+        agg = jax.ops.segment_sum(msg.astype(sum_dtype(msg.dtype)), receivers, num_segments=n)
+        return dense(self.hidden, dtype=self.dtype, name="combine")(
+            jnp.concatenate([x, agg], axis=-1)
+        )
 
 
 class EquivariantMultiHeadAttention(nn.Module):
@@ -389,6 +412,9 @@ class EquivariantMultiHeadAttention(nn.Module):
             ``o1`` / ``o2`` thirds of ``o_proj`` then only ever meet zeros (``vec3 * o1``,
             ``vec_dot * o2``), so they are skipped: the same outputs and gradients (zero for
             those weights) for less work. The parameters are created all the same.
+        dtype: compute dtype of the Linears, filters and messages (None: float32). The
+            LayerNorm runs in its input's dtype (the encoder keeps that float32) and the
+            message sums accumulate in float32.
     """
 
     hidden: int
@@ -397,6 +423,7 @@ class EquivariantMultiHeadAttention(nn.Module):
     activation: Callable[[Array], Array] = nn.silu
     attn_activation: Callable[[Array], Array] = nn.silu
     zero_vec_input: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -440,12 +467,12 @@ class EquivariantMultiHeadAttention(nn.Module):
         assert vec.shape == (n, 3, f), vec.shape
 
         x = layer_norm(name="layernorm")(x)
-        q = dense(f, name="q_proj")(x).reshape(n, h, d)
-        k = dense(f, name="k_proj")(x).reshape(n, h, d)
-        u = dense(3 * f, name="v_proj")(x).reshape(n, h, 3 * d)  # per head [s | g | t]
+        q = dense(f, dtype=self.dtype, name="q_proj")(x).reshape(n, h, d)
+        k = dense(f, dtype=self.dtype, name="k_proj")(x).reshape(n, h, d)
+        u = dense(3 * f, dtype=self.dtype, name="v_proj")(x).reshape(n, h, 3 * d)  # [s | g | t]
 
         # Contiguous F-blocks, applied on the channel axis of each spatial component.
-        vec_proj = dense(3 * f, use_bias=False, name="vec_proj")
+        vec_proj = dense(3 * f, use_bias=False, dtype=self.dtype, name="vec_proj")
         if self.zero_vec_input:
             vec_proj(vec[:0])  # creates the parameters; zero rows, no work
         else:
@@ -453,18 +480,21 @@ class EquivariantMultiHeadAttention(nn.Module):
             vec_dot = jnp.sum(vec1 * vec2, axis=1)  # [N, F]
 
         # One filter per row: both directions of an atom pair have the same length.
-        dk_proj, dv_proj = dense(f, name="dk_proj"), dense(3 * f, name="dv_proj")
+        dk_proj = dense(f, dtype=self.dtype, name="dk_proj")
+        dv_proj = dense(3 * f, dtype=self.dtype, name="dv_proj")
 
         # Attention: SiLU(sum_d q_i k_j dk_ij) * C(r_ij); no softmax and no 1/sqrt(D). The
         # messages are multiplied by the mask, which zeroes inactive edges exactly, including the
         # SiLU(bias) contributions of dk / dv that the cutoff does not reach in the vector
         # message. The vector message is not weighted by attention or cutoff (it only fades
         # through dv). Formulas: mspec.models.fused_message.
-        m = mask.astype(x.dtype)
-        cut = cosine_cutoff(r, self.cutoff)
+        # With a compute dtype the geometry (float32) and vectors meet the messages in it.
+        m, cut, unit, vec_in = in_dtype(
+            self.dtype, mask.astype(x.dtype), cosine_cutoff(r, self.cutoff), unit, vec
+        )
         if self.attn_activation is not nn.silu:
             raise ValueError("only the SiLU attention activation is implemented")
-        nodes = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec)
+        nodes = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec_in)
         edges = (unit, cut, m, senders, receivers)
         if fused:
             if self.activation is not nn.silu:
@@ -485,11 +515,14 @@ class EquivariantMultiHeadAttention(nn.Module):
                 dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
             x_agg, vec_agg = fused_message.message_xla(*nodes, dk, dv, *edges, h)
 
-        o_proj = dense(3 * f, name="o_proj")
+        o_proj = dense(3 * f, dtype=self.dtype, name="o_proj")
         if self.zero_vec_input:  # vec1 = vec2 = vec3 = 0: only o3 reaches the outputs
             o_proj(x_agg[:0])  # creates the parameters; zero rows, no work
             w = o_proj.variables["params"]
-            return x_agg @ w["kernel"][:, 2 * f :] + w["bias"][2 * f :], vec_agg
+            x_agg, kernel, bias = nn.dtypes.promote_dtype(
+                x_agg, w["kernel"][:, 2 * f :], w["bias"][2 * f :], dtype=self.dtype
+            )  # as the Dense itself
+            return x_agg @ kernel + bias, vec_agg
         o1, o2, o3 = jnp.split(o_proj(x_agg), 3, axis=-1)  # each [N, F]
         dx = vec_dot * o2 + o3
         dvec = vec3 * o1[:, None, :] + vec_agg
@@ -521,6 +554,13 @@ class EquivariantTransformer(nn.Module):
             CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
             or ``"auto"`` (fused on CPU when the kernels build, else XLA). See
             :mod:`mspec.models.fused_message` and :mod:`mspec.models.fused_eqln`.
+        dtype: compute dtype (Flax's ``dtype``; the parameters stay float32). None: float32 (or
+            float64 under ``jax_enable_x64`` with float64 inputs and parameters, the parity
+            runs). ``jnp.bfloat16``: the Linears, embeddings, filters, attention and messages
+            compute in bfloat16; the geometry and RBF, the residual stream ``x``/``vec``, every
+            LayerNorm and whitened vector norm (its 3x3 covariance and ``eigh``) stay float32
+            and the message sums accumulate in float32. The fused kernels are float32 only:
+            ``message_passing="auto"`` then runs XLA ops (and logs so), ``"fused"`` is an error.
     """
 
     hidden: int = 256
@@ -532,6 +572,7 @@ class EquivariantTransformer(nn.Module):
     interlayer_norm: str = "affine"
     vector_norm: str = "whitened"
     message_passing: str = "xla"
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -581,21 +622,25 @@ class EquivariantTransformer(nn.Module):
             raise ValueError(f"num_pairs={num_pairs} does not match {r.shape[0]} edges, {n} nodes")
         rbf = expnorm_rbf(r_rows, self.num_rbf, self.cutoff)  # [R, K]
 
-        x = nn.Embed(self.max_z, f, embedding_init=normal_embedding, name="embedding")(
-            atomic_numbers
-        )  # [N, F]
-        x = NeighborEmbedding(f, self.cutoff, self.max_z, name="neighbor_embedding")(
+        (x,) = in_dtype(self.dtype, embed(self.max_z, f, "embedding")(atomic_numbers))  # [N, F]
+        x = NeighborEmbedding(
+            f, self.cutoff, self.max_z, dtype=self.dtype, name="neighbor_embedding"
+        )(
             atomic_numbers, x, r_rows, rbf, senders, receivers, mask & (senders != receivers),
             num_pairs,
         )
+        # The residual stream sums the layers' updates: kept in float32 under bfloat16 compute.
+        (x,) = in_dtype(None if self.dtype is None else sum_dtype(self.dtype), x)
         vec = jnp.zeros((n, 3, f), x.dtype)
-        fused = fused_message.use_fused(self.message_passing, x.dtype)
+        fused = fused_message.use_fused(
+            self.message_passing, x.dtype if self.dtype is None else self.dtype
+        )
 
         if self.interlayer_norm == "shared_noaffine":
             shared_norm = layer_norm(affine=False, name="shared_layernorm")
         for layer in range(self.num_layers):
             dx, dvec = EquivariantMultiHeadAttention(
-                f, self.num_heads, self.cutoff, zero_vec_input=layer == 0,
+                f, self.num_heads, self.cutoff, zero_vec_input=layer == 0, dtype=self.dtype,
                 name=f"attention_layers_{layer}",
             )(x, vec, r, rbf, unit, senders, receivers, mask, fused, num_pairs)
             x = x + dx

@@ -36,6 +36,7 @@ import numpy as np
 
 from mspec import graph
 from mspec.kernels import build
+from mspec.models.precision import gather_rows, sum_dtype
 
 Array = jax.Array
 
@@ -51,20 +52,23 @@ def message_xla(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, heads
         cut, mask: ``[E]`` float; senders, receivers: ``[E]`` int; heads: H.
 
     Returns:
-        ``(x_agg [N, F], vec_agg [N, 3, F])``.
+        ``(x_agg [N, F], vec_agg [N, 3, F])``, summed in float32 (or float64) whatever the
+        inputs' dtype, as are the backward pass's sums over the gathered rows.
     """
     n, f = q.shape
     e = senders.shape[0]
     h = heads
     d = f // h
-    attn = jnp.sum(q.reshape(n, h, d)[receivers] * k.reshape(n, h, d)[senders] * dk.reshape(e, h, d), axis=-1)
+    q_i, k_j = gather_rows(q.reshape(n, h, d), receivers), gather_rows(k.reshape(n, h, d), senders)
+    attn = jnp.sum(q_i * k_j * dk.reshape(e, h, d), axis=-1)
     attn = jax.nn.silu(attn) * (cut * mask)[:, None]  # [E, H]
-    s, g, t = jnp.split(u.reshape(n, h, 3 * d)[senders] * dv.reshape(e, h, 3 * d), 3, axis=-1)
+    s, g, t = jnp.split(gather_rows(u.reshape(n, h, 3 * d), senders) * dv.reshape(e, h, 3 * d), 3, axis=-1)
     x_msg = s * attn[:, :, None]  # [E, H, D]
-    vec_j = vec[senders].reshape(e, 3, h, d)
+    vec_j = gather_rows(vec, senders).reshape(e, 3, h, d)
     vec_msg = (vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]) * mask[:, None, None, None]
-    x_agg = jax.ops.segment_sum(x_msg, receivers, num_segments=n).reshape(n, f)
-    vec_agg = jax.ops.segment_sum(vec_msg, receivers, num_segments=n).reshape(n, 3, f)
+    acc = sum_dtype(x_msg.dtype)  # bfloat16 messages sum in float32
+    x_agg = jax.ops.segment_sum(x_msg.astype(acc), receivers, num_segments=n).reshape(n, f)
+    vec_agg = jax.ops.segment_sum(vec_msg.astype(acc), receivers, num_segments=n).reshape(n, 3, f)
     return x_agg, vec_agg
 
 

@@ -6,6 +6,8 @@ Inputs are the encoder outputs ``x [N, F]`` and ``vec [N, 3, F]``; outputs are p
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,11 +48,14 @@ class GatedEquivariantBlock(nn.Module):
         out_channels: F_out.
         intermediate_channels: F_mid; defaults to F_in.
         scalar_activation: apply SiLU to the scalar output.
+        dtype: compute dtype of the Linears (None: float32; see
+            :class:`mspec.models.et.EquivariantTransformer`).
     """
 
     out_channels: int
     intermediate_channels: int | None = None
     scalar_activation: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, vec: Array) -> tuple[Array, Array]:
@@ -65,11 +70,14 @@ class GatedEquivariantBlock(nn.Module):
         """
         f_in = x.shape[-1]
         f_mid = self.intermediate_channels or f_in
-        a = safe_norm(dense(f_in, use_bias=False, name="vec1_proj")(vec), axis=-2)  # [N, F_in]
-        b = dense(self.out_channels, use_bias=False, name="vec2_proj")(vec)  # [N, 3, F_out]
-        h = jnp.concatenate([x, a], axis=-1)
-        h = nn.silu(dense(f_mid, name="update_net_0")(h))
-        x_out, gate = jnp.split(dense(2 * self.out_channels, name="update_net_2")(h), 2, axis=-1)
+        dt = self.dtype
+        a = safe_norm(dense(f_in, use_bias=False, dtype=dt, name="vec1_proj")(vec), axis=-2)
+        b = dense(self.out_channels, use_bias=False, dtype=dt, name="vec2_proj")(vec)
+        h = jnp.concatenate([x, a], axis=-1)  # [N, 2 F_in]
+        h = nn.silu(dense(f_mid, dtype=dt, name="update_net_0")(h))
+        x_out, gate = jnp.split(
+            dense(2 * self.out_channels, dtype=dt, name="update_net_2")(h), 2, axis=-1
+        )
         vec_out = gate[:, None, :] * b
         if self.scalar_activation:
             x_out = nn.silu(x_out)
@@ -79,17 +87,21 @@ class GatedEquivariantBlock(nn.Module):
 class _TwoGatedBlocks(nn.Module):
     """``G(F -> F/2, F_mid=F, SiLU)`` followed by ``G(F/2 -> 1, F_mid=F/2)``."""
 
+    dtype: Any = None
+
     @nn.compact
     def __call__(self, x: Array, vec: Array) -> tuple[Array, Array]:
         f = x.shape[-1]
-        x, vec = GatedEquivariantBlock(f // 2, scalar_activation=True, name="output_network_0")(
-            x, vec
-        )
-        return GatedEquivariantBlock(1, name="output_network_1")(x, vec)
+        x, vec = GatedEquivariantBlock(
+            f // 2, scalar_activation=True, dtype=self.dtype, name="output_network_0"
+        )(x, vec)
+        return GatedEquivariantBlock(1, dtype=self.dtype, name="output_network_1")(x, vec)
 
 
 class EquivariantScalar(nn.Module):
-    """Per-atom scalar head (``output_model = "Scalar"`` for the ET)."""
+    """Per-atom scalar head (``output_model = "Scalar"`` for the ET); ``dtype``: compute dtype."""
+
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, vec: Array) -> Array:
@@ -102,12 +114,15 @@ class EquivariantScalar(nn.Module):
         Returns:
             ``[N]`` per-atom scalars (before std / mean / prior).
         """
-        x, _ = _TwoGatedBlocks(name="blocks")(x, vec)
+        x, _ = _TwoGatedBlocks(self.dtype, name="blocks")(x, vec)
         return x[:, 0]
 
 
 class EquivariantVectorOutput(nn.Module):
-    """Per-atom vector head (``output_model = "VectorOutput"``), the denoising (noise) head."""
+    """Per-atom vector head (``output_model = "VectorOutput"``), the denoising (noise) head;
+    ``dtype``: compute dtype."""
+
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, vec: Array) -> Array:
@@ -120,5 +135,5 @@ class EquivariantVectorOutput(nn.Module):
         Returns:
             ``[N, 3]`` per-atom vectors.
         """
-        _, vec = _TwoGatedBlocks(name="blocks")(x, vec)
+        _, vec = _TwoGatedBlocks(self.dtype, name="blocks")(x, vec)
         return vec[:, :, 0]

@@ -15,6 +15,7 @@ import jax
 from mspec import graph
 from mspec.models.et import EquivariantTransformer
 from mspec.models.heads import EquivariantScalar, EquivariantVectorOutput
+from mspec.models.precision import compute_dtype
 
 Array = jax.Array
 
@@ -29,6 +30,9 @@ class Model(nn.Module):
         message_passing: encoder settings, see :class:`mspec.models.et.EquivariantTransformer`.
         heads: which heads to build: ``"scalar"`` (:class:`EquivariantScalar`, per-atom property
             contributions) and/or ``"noise"`` (:class:`EquivariantVectorOutput`, denoising).
+        dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"`` (bfloat16 Linears and
+            messages; float32 parameters, norms, sums and outputs; see
+            :class:`mspec.models.et.EquivariantTransformer`).
     """
 
     hidden: int = 256
@@ -41,6 +45,7 @@ class Model(nn.Module):
     vector_norm: str = "whitened"
     message_passing: str = "xla"
     heads: tuple[str, ...] = ("scalar", "noise")
+    dtype: Any = "float32"
 
     @nn.compact
     def __call__(self, batch: dict[str, Array]) -> dict[str, Array]:
@@ -60,6 +65,7 @@ class Model(nn.Module):
         unknown = set(self.heads) - set(HEADS)
         if unknown:
             raise ValueError(f"Unknown heads {sorted(unknown)}; expected a subset of {HEADS}.")
+        dtype = compute_dtype(self.dtype)
         x, vec = EquivariantTransformer(
             hidden=self.hidden,
             num_layers=self.num_layers,
@@ -70,6 +76,7 @@ class Model(nn.Module):
             interlayer_norm=self.interlayer_norm,
             vector_norm=self.vector_norm,
             message_passing=self.message_passing,
+            dtype=dtype,
             name="representation",
         )(
             batch["atomic_numbers"],
@@ -87,11 +94,14 @@ class Model(nn.Module):
         node_mask = batch["node_mask"].astype(x.dtype)  # [N]
         out = {"node_features": x * node_mask[:, None], "vectors": vec * node_mask[:, None, None]}
         # Heads read the unmasked features; padding atoms never feed real atoms (their edges are
-        # masked), and their own outputs are zeroed below.
+        # masked), and their own outputs are zeroed below, in the encoder's output dtype (float32
+        # under bfloat16 compute, so the losses and readout sums run in float32).
         if "scalar" in self.heads:
-            out["scalar"] = EquivariantScalar(name="scalar_head")(x, vec) * node_mask
+            scalar = EquivariantScalar(dtype, name="scalar_head")(x, vec)
+            out["scalar"] = scalar.astype(x.dtype) * node_mask
         if "noise" in self.heads:
-            out["noise"] = EquivariantVectorOutput(name="noise_head")(x, vec) * node_mask[:, None]
+            noise = EquivariantVectorOutput(dtype, name="noise_head")(x, vec)
+            out["noise"] = noise.astype(x.dtype) * node_mask[:, None]
         return out
 
 
