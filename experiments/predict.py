@@ -302,6 +302,8 @@ def run(workdir: str, source: str, value, out: str, *, embeddings: str = "none",
             f"{workdir} is not a fine-tuned model (config.task {inference.task_of(config)!r}: a "
             "pre-training run or converted encoder), so it predicts no properties; use "
             "--embeddings molecule (or atom) for its representation")
+    if source in ("sdf", "xyz", "smiles-file") and not os.path.isfile(value):
+        raise FileNotFoundError(f"--{source} {value}: no such file")
     model = inference.load(workdir, which)
     print(f"model: {model.describe()}", file=sys.stderr, flush=True)
     molecules, skipped = read_inputs(source, value, seed)
@@ -325,8 +327,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     given = [name for name in INPUTS if FLAGS[name].value is not None]
     if len(given) != 1:
-        raise app.UsageError(f"give exactly one input of --{', --'.join(INPUTS)}"
-                             + (f" (got --{', --'.join(given)})" if given else ""))
+        print(f"predict: error: give exactly one input of --{', --'.join(INPUTS)}"
+              + (f" (got --{', --'.join(given)})" if given else ""), file=sys.stderr)
+        sys.exit(2)  # a command-line mistake, as cli.run reports them
     try:
         p = run(FLAGS.workdir, given[0], FLAGS[given[0]].value, FLAGS.out,
                 embeddings=FLAGS.embeddings, which=FLAGS.which, batch_size=FLAGS.batch_size,
