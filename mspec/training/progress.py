@@ -2,7 +2,8 @@
 
 The time per step is an exponential moving average over log intervals (evaluation and
 checkpoint time excluded), so one slow interval on a shared machine moves the ETA by a fraction
-of its deviation instead of replacing it.
+of its deviation instead of replacing it. The first interval after a (re)start holds the step's
+compilation and does not enter the average.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Progress:
         self.last_step = start_step
         self.last_time = time.time()
         self.seconds_per_step: float | None = None
+        self.intervals = 0
 
     def pause(self) -> None:
         self.last_time = time.time()
@@ -53,9 +55,12 @@ class Progress:
         now = time.time()
         elapsed = max(now - self.last_time, 1e-9)
         per_step = elapsed / max(step - self.last_step, 1)
+        self.last_time, self.last_step = now, step
+        self.intervals += 1
+        if self.intervals == 1:  # includes the step's compilation: not a sample of the pace
+            return molecules / elapsed, (self.end_step - step) * per_step
         if self.seconds_per_step is None:
             self.seconds_per_step = per_step
         else:
             self.seconds_per_step += SMOOTHING * (per_step - self.seconds_per_step)
-        self.last_time, self.last_step = now, step
         return molecules / elapsed, (self.end_step - step) * self.seconds_per_step
