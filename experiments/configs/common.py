@@ -53,6 +53,10 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
             # "xla" | "fused" | "auto" (mspec.models.fused_message): the fused CPU kernel gives
             # first-order gradients only, so training on forces keeps "xla".
             message_passing="xla",
+            # Compute dtype (mspec.models.precision): "float32", or "bfloat16" for accelerators
+            # (bfloat16 matmuls and messages; float32 parameters, norms, sums and outputs; the
+            # fused CPU kernels are float32 only, so "auto" then runs XLA ops).
+            dtype="float32",
             **sizes[size],
         )
     )

@@ -31,6 +31,9 @@ OPERATIONAL_KEYS = (
     "model.message_passing",  # the same math (tested in tests/test_fused_message.py)
     "evaluate",
 )
+# Keys added after runs were written, with the value that those runs used: a stored config
+# without one compares as if it had it (so older workdirs still resume).
+DEFAULTS_OF_NEWER_KEYS = {"model.dtype": "float32"}
 # Pre-training only: its validation does not feed back into training (fine-tuning's does, through
 # the best checkpoint and the plateau schedule).
 PRETRAIN_EVAL_KEYS = ("eval_every", "data.eval_max_molecules", "data.eval_split")
@@ -131,7 +134,7 @@ def check_resume(
     Raises:
       ConfigError: one line listing the differing keys with both values.
     """
-    old, new = flatten(stored), flatten(current)
+    old, new = ({**DEFAULTS_OF_NEWER_KEYS, **flatten(c)} for c in (stored, current))
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     differing = [k for k in differing if not _under(k, operational)]
     model = [k for k in differing if k.startswith("model.")]

@@ -61,6 +61,7 @@ def make_model(config: ml_collections.ConfigDict) -> Model:
         vector_norm=m.get("vector_norm", "whitened"),
         message_passing=m.get("message_passing", "xla"),
         heads=tuple(m.heads),
+        dtype=m.get("dtype", "float32"),  # absent from configs written before the key existed
     )
 
 
