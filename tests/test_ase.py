@@ -13,14 +13,14 @@ from ase.md.verlet import VelocityVerlet
 
 from experiments import predict
 from experiments.configs import finetune_md17, finetune_qm9, pretrain_frad
+from data_pipelines import md17
 from data_pipelines.spectra import inputs
 from mspec import ase as mspec_ase
 from mspec import inference
 from mspec.data import datasets
 from mspec.training import finetune
 
-SHIPPED_ETHANOL = os.path.join(os.path.dirname(finetune_md17.__file__), "..", "..",
-                               "data_pipelines", "md17_gfn2_data", "md17_ethanol.npz")
+SHIPPED_ETHANOL = os.path.join(os.path.dirname(md17.__file__), "md17_gfn2_data", "md17_ethanol.npz")
 KCAL_PER_MOL = units.kcal / units.mol  # eV
 
 
