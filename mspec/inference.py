@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -42,16 +43,17 @@ QM9_FAMILIES = ("qm9", "qm9s", "qm9_synthetic_spectra")  # datasets of QM9 molec
 # Closer than this, two atoms are a unit or input error (the shortest bond, H2, is 0.74 Å).
 MIN_DISTANCE = 0.5  # Å
 
-SYMBOLS = {1: "H", 5: "B", 6: "C", 7: "N", 8: "O", 9: "F", 14: "Si", 15: "P", 16: "S", 17: "Cl",
-           35: "Br", 53: "I"}
 
 
 class ModelError(run_config.ConfigError):
     """The workdir cannot do what was asked (e.g. properties from a pre-training run)."""
 
 
-def element(z: int) -> str:
-    return f"{SYMBOLS[z]} (Z={z})" if z in SYMBOLS else f"Z={z}"
+def symbol(z: int) -> str:
+    """Element symbol of atomic number ``z`` (RDKit's periodic table)."""
+    from rdkit import Chem
+
+    return Chem.GetPeriodicTable().GetElementSymbol(int(z))
 
 
 @dataclasses.dataclass
@@ -109,7 +111,7 @@ class TrainedModel:
 
     def describe(self) -> str:
         what = (f"{self.task} {self.config.target.name}" if self.finetuned
-                else f"encoder ({self.task} pre-training)")
+                else f"encoder without a property head (config.task {self.task!r})")
         return f"{what} model from {self.checkpoint} (step {self.step})"
 
 
@@ -269,8 +271,8 @@ def check_molecule(model: TrainedModel, numbers: np.ndarray, positions: np.ndarr
         if not 1 <= z < max_z:
             return f"element Z={z} is outside the model's embedding table (1 <= Z < {max_z})"
         if allowed is not None and z not in allowed:
-            return (f"element {element(z)} is not in the model's training data "
-                    f"({', '.join(SYMBOLS[a] for a in allowed)})")
+            return (f"element {symbol(z)} (Z={z}) is not in the model's training data "
+                    f"({', '.join(symbol(a) for a in allowed)})")
     if charge:
         return f"net charge {charge:+d}: the model was trained on neutral molecules"
     if len(numbers) > 1:
