@@ -20,8 +20,9 @@ A molecule that cannot be read or used (unparseable SMILES, no 3D coordinates, a
 model was not trained on, a net charge, overlapping atoms, ...) is reported on stderr by record
 and skipped; the summary line counts them, and the NPZ lists them (``skipped_record``,
 ``skipped_reason``). Exit status: 0, or 3 when molecules were skipped (0 with
-``--allow_skips``), 1 with one ``error:`` line when nothing could be predicted or the workdir
-cannot serve the request.
+``--allow_skips``), 1 with one ``error:`` line when nothing could be predicted, an input file
+is missing or the workdir cannot serve the request, 2 for flag mistakes. Details:
+docs/models.md, "Using a trained model".
 """
 
 from __future__ import annotations
