@@ -86,6 +86,10 @@ def _diff(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
+            # A protocol key added after a study was recorded is no difference while it holds an
+            # empty value (new keys default to what earlier studies did, e.g. extra=()).
+            if k not in a and b[k] in ((), [], "", None):
+                continue
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]

@@ -157,6 +157,12 @@ def _finetune_common(p, block, seed: int, arm: str) -> list[tuple[str, object]]:
     ]
     if block.get("manual_dir"):
         over.append(("data.manual_dir", block.manual_dir))
+    for item in block.get("extra", ()):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"protocol extra {item!r}: expected 'KEY=VALUE' (a fine-tuning "
+                             "config key and its value)")
+        over.append((key, value))
     if arm != "scratch":
         over.append(("init.checkpoint", f"pretrain/{arm}"))
     return over

@@ -96,6 +96,32 @@ def test_changed_protocol_is_refused(tmp_path):
         reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu", ["qm9.num_labels=50"]))
 
 
+def test_protocol_keys_added_later_default_to_the_recorded_study(tmp_path):
+    # The committed CPU study was recorded before qm9.extra / md17.extra existed: it must still
+    # continue under today's protocol, and a non-empty extra is a different study.
+    current = reproduce.load_protocol("cpu", [])
+    saved = reproduce.protocol_json(current)
+    del saved["qm9"]["extra"], saved["md17"]["extra"]
+    (tmp_path / reproduce.PROTOCOL_FILE).write_text(json.dumps(saved))
+    reproduce.check_protocol(str(tmp_path), current)
+    with pytest.raises(SystemExit, match=r"qm9.extra: None -> \['init.zero_scalar_readout=True'\]"):
+        reproduce.check_protocol(str(tmp_path), reproduce.load_protocol(
+            "cpu", ["qm9.extra=('init.zero_scalar_readout=True',)"]))
+
+
+def test_protocol_extra_reaches_every_finetuning_stage_of_its_block():
+    p = reproduce.load_protocol("smoke", ["qm9.extra=('init.zero_scalar_readout=True',)"])
+    stages = reproduce_stages.finetune_stages(p)
+    qm9 = [s for s in stages if s.target in p.qm9.targets]
+    md17 = [s for s in stages if s.target == p.md17.molecule]
+    assert qm9 and md17
+    assert all(("init.zero_scalar_readout", "True") in s.overrides for s in qm9)
+    assert not any(k == "init.zero_scalar_readout" for s in md17 for k, _ in s.overrides)
+    p = reproduce.load_protocol("smoke", ["qm9.extra=('no_equals_sign',)"])
+    with pytest.raises(ValueError, match="expected 'KEY=VALUE'"):
+        reproduce_stages.finetune_stages(p)
+
+
 def test_goal_checks():
     rows = {"scratch": dict(mean=20.0, min=19.0, max=21.0),
             "coord": dict(mean=17.0, min=16.5, max=17.5, change_vs_scratch=-0.15,

@@ -35,8 +35,12 @@ def base_config(task: str, dataset: str, size: str) -> ml_collections.ConfigDict
         )
     )
     # Initialisation from a pre-training checkpoint (a workdir, its checkpoints/ or a step dir).
+    # zero_scalar_readout: start the fresh scalar head's output at exactly 0 per atom, so the first
+    # prediction is the standardiser's mean (+ prior) whatever the seed (the official heads use
+    # Xavier init throughout; docs/finetuning.md says when this matters).
     c.init = ml_collections.ConfigDict(
-        dict(checkpoint="", step=-1, subtrees=("representation", "noise_head"), prefix="")
+        dict(checkpoint="", step=-1, subtrees=("representation", "noise_head"), prefix="",
+             zero_scalar_readout=False)
     )
     c.optim = ml_collections.ConfigDict(
         dict(

@@ -70,17 +70,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         patch_len=dict(uv=20, ir=50, raman=50), stride=dict(uv=10, ir=25, raman=25),
     ))
     # QM9 fine-tuning: experiments/configs/finetune_qm9.py:<target> with these overrides
-    # (Noisy Nodes as in the config: τ = 0.005 Å, weight 0.1).
+    # (Noisy Nodes as in the config: τ = 0.005 Å, weight 0.1). ``extra`` (here and in md17):
+    # further fine-tuning config values as "KEY=VALUE" strings, e.g.
+    # ("init.zero_scalar_readout=True",), passed to every fine-tuning stage of that block.
     c.qm9 = ml_collections.ConfigDict(dict(
         dataset="qm9/full", targets=QM9_TARGETS, num_labels=0, batch_size=32, steps=0,
         lr=4e-4, warmup_steps=0, schedule="warmup_cosine", eval_every=0,
-        eval_max_molecules=0, message_passing="auto", log_every=100,
+        eval_max_molecules=0, message_passing="auto", log_every=100, extra=(),
     ))
     # MD17 fine-tuning: experiments/configs/finetune_md17.py:aspirin (Frad's loss: smooth-L1,
     # 0.2 energy EMA + 0.8 forces; forces by autodiff, so the XLA message passing).
     c.md17 = ml_collections.ConfigDict(dict(
         molecule="aspirin", dataset="md17/gfn2_aspirin", real=False, manual_dir="", batch_size=8, steps=0, lr=5e-4,
-        warmup_steps=0, schedule="warmup_cosine", eval_every=0, log_every=100,
+        warmup_steps=0, schedule="warmup_cosine", eval_every=0, log_every=100, extra=(),
     ))
     # Seconds per step measured on the 2-core CI machine (docs/reproduction.md), for --dry-run
     # estimates; ``startup_s`` covers process start, compilation and the final evaluations.

@@ -393,10 +393,35 @@ def _dummy(setup: Setup) -> dict:
     return split_host(pack_labeled([], setup.budget, setup.config.task == "md17"))[0]
 
 
+def zero_scalar_readout(params: dict) -> dict:
+    """``params`` with the scalar head's last output column (kernel ``[:, 0]`` and bias ``[0]`` of
+    ``scalar_head/blocks/output_network_1/update_net_2``) set to 0: every per-atom output, and so
+    the sum readout, starts at exactly 0 (the prediction is the standardiser's mean + prior).
+
+    Why: with Xavier init the sum over a molecule's atoms of the head's initial outputs can sit
+    tens of standard deviations away from the target, depending on the seed (an initial loss of
+    25 to 3,800 over five seeds at the CPU study's size, docs/reproduction.md); Adam's second
+    moment then remembers those gradients (β2 = 0.999) and shrinks every later step.
+    """
+    try:
+        last = params["scalar_head"]["blocks"]["output_network_1"]["update_net_2"]
+    except KeyError as e:
+        raise ValueError("config.init.zero_scalar_readout: this model has no scalar head "
+                         f"(missing {e.args[0]!r} under scalar_head/blocks)") from None
+    new_last = {**last, "kernel": last["kernel"].at[:, 0].set(0.0),
+                "bias": last["bias"].at[0].set(0.0)}
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    out["scalar_head"]["blocks"]["output_network_1"]["update_net_2"] = new_last
+    return out
+
+
 def init_params(setup: Setup) -> dict:
     """Fresh parameters, then the configured subtrees from a pre-training checkpoint."""
     cfg = setup.config
     params = jax.jit(setup.trainer.model.init)(jax.random.key(cfg.seed), _dummy(setup))["params"]
+    if cfg.init.get("zero_scalar_readout", False):
+        # Before the restore, so a checkpoint that holds a trained scalar head still replaces it.
+        params = zero_scalar_readout(params)
     params = jax.device_put(params, setup.trainer.replicated)
     if cfg.init.checkpoint:
         params, report = restore.restore_subtrees(
