@@ -158,11 +158,13 @@ def test_bfloat16_keeps_float32_parameters_and_close_finite_gradients(runs):
 
 
 def _equations(jaxpr):
-    """``(primitive, input dtype, input shapes)`` of every equation, sub-jaxprs included."""
+    """``(primitive, input dtype, input and output shapes)`` of every equation, sub-jaxprs
+    included (one entry per input dtype)."""
     for eqn in jaxpr.eqns:
         arrays = [v.aval for v in eqn.invars if hasattr(v.aval, "dtype")]
+        shapes = [a.shape for a in arrays] + [v.aval.shape for v in eqn.outvars]
         for dtype in {str(a.dtype) for a in arrays}:
-            yield eqn.primitive.name, dtype, [a.shape for a in arrays]
+            yield eqn.primitive.name, dtype, shapes
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if isinstance(sub, core.ClosedJaxpr):
@@ -185,6 +187,12 @@ def test_bfloat16_runs_the_matmuls_in_bfloat16_and_norms_and_sums_in_float32():
     for dtype, shapes in dots:
         if dtype != "bfloat16":
             assert dtype == "float32" and any(len(s) == 3 and s[1] == 3 for s in shapes), shapes
+    # That algebra (the covariance V V^T / F, its inverse square root, the whitening) is float32,
+    # forward and backward: in bfloat16 the whitening would amplify its round-off by up to
+    # 1 / sqrt(1e-5) ~ 300 along directions of small variance.
+    for prim, dtype, shapes in both:
+        if prim == "dot_general" and any(s[-2:] == (3, 3) for s in shapes):
+            assert dtype == "float32", shapes
     # The 3 x 3 covariance's eigh and every (inverse) square root of a norm stay float32, and every
     # segment sum (messages forward, gathered rows backward) accumulates in float32.
     for prim in ("eigh", "rsqrt", "scatter-add"):
