@@ -1,7 +1,7 @@
 """Run the PyTorch reference benchmark (torchmd-net) in its own interpreter.
 
 mspec must not depend on torch, so the reference lives in a separate virtual environment
-(by default ``/root/torchref-venv``, see ``docs/spec/benchmark-protocol.md`` §2) and is
+(by default ``~/torchref-venv``, see ``docs/spec/benchmark-protocol.md`` §2) and is
 driven from here through a subprocess running ``benchmarks/torchmd_reference.py``. This
 module imports neither torch nor torchmd-net.
 
@@ -17,7 +17,7 @@ Typical use from an mspec benchmark::
         print(ref["mol_per_s_median"])
 
 The interpreter is chosen as: the ``python`` argument, else the environment variable
-``MSPEC_TORCH_PYTHON``, else ``/root/torchref-venv/bin/python`` if it exists. When none is
+``MSPEC_TORCH_PYTHON``, else ``~/torchref-venv/bin/python`` if it exists. When none is
 available the reference is skipped: a line ``reference skipped: ...`` is printed and
 ``None`` returned.
 """
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Default location of the reference virtual environment's interpreter.
-DEFAULT_VENV_PYTHON = "/root/torchref-venv/bin/python"
+DEFAULT_VENV_PYTHON = os.path.expanduser("~/torchref-venv/bin/python")
 
 #: glibc malloc settings that keep freed memory in the process (no mmap for large
 #: blocks, never trim the heap); they make the PyTorch reference 3-4x faster on CPU.

@@ -2,7 +2,7 @@
 
 Run this script with the *reference* interpreter, not the mspec environment::
 
-    /root/torchref-venv/bin/python benchmarks/torchmd_reference.py \
+    ~/torchref-venv/bin/python benchmarks/torchmd_reference.py \
         --batches /tmp/qm9_b128.npz --threads 2 --steps 10 --warmup 2
 
 (``benchmarks/reference_runner.py`` does exactly that from the mspec environment.) The

@@ -12,7 +12,7 @@ run is a separate subprocess, so memory and allocator settings do not leak betwe
 allocator matters on CPU (docs/spec/benchmark-protocol.md §3; mspec/host_malloc.py): every
 implementation runs under each ``--malloc`` setting, and the summary compares them per setting
 and each at its best.
-The reference is skipped with a message when its interpreter (``/root/torchref-venv`` or
+The reference is skipped with a message when its interpreter (``~/torchref-venv`` or
 ``$MSPEC_TORCH_PYTHON``) is not installed.
 
 mspec runs its real training path: pipeline neighbour lists with radius cutoff + skin, the
