@@ -34,12 +34,7 @@ TINY = {
 
 def _apply(c, data_dir, overrides):
     c.data.data_dir = data_dir
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -28,12 +28,7 @@ def tiny_config(data_dir, **overrides):
     c.data.data_dir = data_dir
     c.data.eval_max_molecules = 40
     c.total_steps = 200
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
