@@ -112,3 +112,16 @@ def test_trained_atomrefs_are_refused_for_a_fine_tuning_workdir(tmp_path):
     with pytest.raises(torch_et.ConversionError, match="trained atomrefs are not supported"):
         export.write_finetune_workdir(bad, str(tmp_path / "u0"), config)
     assert not os.path.exists(tmp_path / "u0")
+
+
+def test_a_failed_conversion_leaves_no_output_directory(tmp_path, monkeypatch):
+    converted = torch_et.convert(golden("frad.state_dict.pt"), "frad", {"num_heads": 8})
+
+    def fail(directory, state, config):
+        os.makedirs(directory)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_save", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export.write_pretrained(converted, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []  # neither out/ nor a staging directory

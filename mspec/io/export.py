@@ -23,8 +23,11 @@ An existing non-empty ``DIR`` is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -64,12 +67,20 @@ def resolved_config(converted: Converted) -> dict:
     }
 
 
-def _fresh_dir(out: str) -> str:
+@contextlib.contextmanager
+def _fresh_dir(out: str):
+    """Yields a staging directory beside ``out`` that becomes ``out`` only when everything in it
+    is written, so a failed or killed conversion never leaves a directory that looks complete."""
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and os.listdir(out):
         raise ConversionError(f"{out} exists and is not empty; choose a new --out directory")
-    os.makedirs(out, exist_ok=True)
-    return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
+    try:
+        yield staging
+        os.replace(staging, out)  # onto a missing or empty directory: atomic
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save(directory: str, state: Any, config: dict) -> None:
@@ -90,14 +101,14 @@ def _write_json(path: str, obj: dict) -> None:
 
 def write_pretrained(converted: Converted, out: str) -> str:
     """Writes ``out/config.json`` and ``out/checkpoints/0``; returns ``out`` (absolute)."""
-    out = _fresh_dir(out)
     config = resolved_config(converted)
     state: dict[str, Any] = {"params": converted.params}
     if converted.normalizer is not None:
         state["normalizer"] = tuple(converted.normalizer)
-    _save(os.path.join(out, "checkpoints"), state, config)
-    _write_json(os.path.join(out, "config.json"), config)
-    return out
+    with _fresh_dir(out) as staging:
+        _save(os.path.join(staging, "checkpoints"), state, config)
+        _write_json(os.path.join(staging, "config.json"), config)
+    return os.path.abspath(os.path.expanduser(out))
 
 
 def _atomref_setting(converted: Converted, config) -> bool:
@@ -157,11 +168,11 @@ def write_finetune_workdir(converted: Converted, out: str, config) -> str:
         config.loss.denoising_weight = 0.0
     config.converted_from = resolved_config(converted)["converted_from"]
     finetune.check_config(config)
-    out = _fresh_dir(out)
     trainer = finetune.FinetuneTrainer(config, train.make_model(config), train.make_mesh())
     state = jax.device_get(trainer.state_from_params(converted.params))
     config_json = json.loads(config.to_json_best_effort())
-    for sub in ("checkpoints", "best"):
-        _save(os.path.join(out, sub), state, config_json)
-    _write_json(os.path.join(out, "config.json"), config_json)
-    return out
+    with _fresh_dir(out) as staging:
+        for sub in ("checkpoints", "best"):
+            _save(os.path.join(staging, sub), state, config_json)
+        _write_json(os.path.join(staging, "config.json"), config_json)
+    return os.path.abspath(os.path.expanduser(out))
