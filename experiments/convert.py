@@ -108,7 +108,9 @@ def main(argv):
     m = converted.model
     print(f"converted {FLAGS.ckpt} ({converted.variant}): F={m['hidden']}, L={m['num_layers']}, "
           f"H={m['num_heads']}, K={m['num_rbf']}, cutoff {m['cutoff']} Å, per-layer norm "
-          f"{m['interlayer_norm']}, vector norm {m['vector_norm']}, heads {list(m['heads'])}")
+          f"{m['interlayer_norm']}, vector norm {m['vector_norm']}, heads {list(m['heads'])}"
+          + (", separate noise vectors" if m.get("separate_noise_vectors") else "")
+          + (", learnable atomref prior" if m.get("prior", "none") != "none" else ""))
     print(f"standardisation: {converted.standardization['mean']} + "
           f"{converted.standardization['std']} x sum of atoms"
           + (", with atom references" if converted.standardization["atomref"] else ""))
@@ -117,9 +119,6 @@ def main(argv):
         print(f"evaluate: python -m experiments.evaluate --workdir {out}")
     else:
         print("fine-tune with: --config.init.checkpoint=" + out + " " + " ".join(export.model_flags(converted)))
-        if m["vector_norm"] == "none":
-            print("note: this model has no output vector norm; the shipped fine-tuning configs "
-                  "always use it (see docs/models.md)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -97,21 +98,56 @@ def test_fine_tuning_workdir_evaluates_with_the_checkpoints_own_statistics(qm9_s
     assert results["best"]["step"] == 0 and np.isfinite(results["best"]["test"]["mae"])
 
 
-def test_trained_atomrefs_are_refused_for_a_fine_tuning_workdir(tmp_path):
+def test_atomrefs_become_the_learnable_prior_and_the_label_convention_is_inferred(tmp_path):
     from experiments.configs import finetune_qm9
     from mspec.training import targets
 
     qm9_refs = np.zeros((100, 1), np.float32)
     qm9_refs[[1, 6, 7, 8, 9], 0] = targets.QM9_ATOMREF_EV["U0"]
-    config = finetune_qm9.get_config("U0")
-    ok = torch_et.convert(_with_stats(tmp_path, qm9_refs), "frad", {"num_heads": 8})
-    assert export._atomref_setting(ok, config) is True
     trained = qm9_refs.copy()
-    trained[6, 0] += 0.05
-    bad = torch_et.convert(_with_stats(tmp_path, trained), "frad", {"num_heads": 8})
-    with pytest.raises(torch_et.ConversionError, match="trained atomrefs are not supported"):
+    trained[6, 0] += 0.05  # a trained table: converted as it is, into params["prior"]
+    config = finetune_qm9.get_config("U0")
+    full = torch_et.convert(_with_stats(tmp_path, trained), "frad", {"num_heads": 8})
+    assert full.model["prior"] == "atomref"
+    np.testing.assert_array_equal(full.params["prior"]["atomref"], trained[:, 0])
+    # Total-energy references inside the model: the labels are used as they are.
+    assert export._atomref_setting(full, config) is False
+    # Frad's pre-trained path: a small learned correction on labels with QM9's references removed.
+    correction = np.zeros((100, 1), np.float32)
+    correction[[1, 6], 0] = [0.02, -0.3]
+    small = torch_et.convert(_with_stats(tmp_path, correction), "frad", {"num_heads": 8})
+    assert export._atomref_setting(small, config) is True
+    # Neither: refused, and nothing is written.
+    odd = qm9_refs * 0.5
+    bad = torch_et.convert(_with_stats(tmp_path, odd), "frad", {"num_heads": 8})
+    with pytest.raises(torch_et.ConversionError, match="cannot tell which labels"):
         export.write_finetune_workdir(bad, str(tmp_path / "u0"), config)
     assert not os.path.exists(tmp_path / "u0")
+
+
+def test_a_converted_prior_is_evaluated_as_torch_reads_out(qm9_sample_dir, tmp_path):
+    """E = std sum_i h_i + sum_i atomref[z_i] + mean, with the trained table as the model's prior."""
+    from experiments.configs import finetune_qm9
+    from mspec.training import finetune, targets
+
+    table = np.zeros((100, 1), np.float32)
+    table[[1, 6, 7, 8, 9], 0] = targets.QM9_ATOMREF_EV["U0"]
+    table[6, 0] += 0.05
+    converted = torch_et.convert(_with_stats(tmp_path, table), "frad",
+                                 {"num_heads": 8, "output_model": "Scalar"})
+    config = finetune_qm9.get_config("tiny,target=U0")
+    config.data.data_dir = qm9_sample_dir
+    out = export.write_finetune_workdir(converted, str(tmp_path / "u0"), config)
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["model"]["prior"] == "atomref" and saved["target"]["atomref"] is False
+    setup = finetune.build(ml_collections.ConfigDict(saved))
+    params = jax.tree.map(np.asarray, converted.params)
+    with_prior = finetune.predict(setup, params, "test", limit=8)["y_pred"]
+    no_prior = finetune.predict(setup, {**params, "prior": {"atomref": np.zeros(100, np.float32)}},
+                                "test", limit=8)["y_pred"]
+    atom_sums = [table[np.asarray(setup.sources["test"][i]["atomic_numbers"]), 0].sum(dtype=np.float64)
+                 for i in range(8)]
+    np.testing.assert_allclose(with_prior - no_prior, atom_sums, rtol=1e-6)
 
 
 def test_a_failed_conversion_leaves_no_output_directory(tmp_path, monkeypatch):

@@ -30,8 +30,8 @@ def test_zero_readout_starts_every_prediction_at_the_mean(qm9_sample_dir):
     assert np.max(np.abs(pred_default["y_pred"] - expected)) > 1e-3
 
 
-def test_zero_readout_needs_a_scalar_head():
-    with pytest.raises(ValueError, match="zero_scalar_readout: this model has no scalar head"):
+def test_zero_readout_needs_a_property_head():
+    with pytest.raises(ValueError, match="zero_scalar_readout: this model has no property head"):
         finetune.zero_scalar_readout({"representation": {}, "noise_head": {}})
 
 

@@ -153,10 +153,10 @@ def test_plain_state_dict_needs_the_head_count():
 def test_unsupported_settings_are_named():
     with pytest.raises(torch_et.ConversionError) as err:
         torch_et.convert(golden("frad.ckpt"), "frad",
-                         {"output_model": "DipoleMoment", "seperate_noise": True,
+                         {"output_model": "VectorOutput", "prior_model": "ZBL",
                           "attn_activation": "tanh", "num_heads": 7})
     msg = str(err.value)
-    for fault in ["output_model='DipoleMoment'", "seperate_noise=True", "attn_activation='tanh'",
+    for fault in ["output_model='VectorOutput'", "prior_model='ZBL'", "attn_activation='tanh'",
                   "not divisible by num_heads=7"]:
         assert fault in msg, (fault, msg)
 

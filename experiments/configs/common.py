@@ -49,7 +49,18 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
             num_heads=8,
             cutoff=5.0,
             max_z=100,
+            # Property head ("scalar", "dipole" or "spatial_extent") and/or the "noise" head
+            # (mspec.models.Model).
             heads=("scalar", "noise"),
+            # Final norm on the vectors: "whitened" (the forks' EqLN) or "none" (upstream
+            # torchmd-net's ET, e.g. a converted torchmd-net checkpoint).
+            vector_norm="whitened",
+            # "none" or "atomref": learnable per-element offsets added to the scalar head's
+            # atom contributions (torchmd-net's Atomref prior; zero-initialised).
+            prior="none",
+            # Frad's MD17 recipe: the energy head reads the vectors before the final whitened
+            # norm, the noise head the normalised ones.
+            separate_noise_vectors=False,
             # "xla" | "fused" | "auto" (mspec.models.fused_message): the fused CPU kernel gives
             # first-order gradients only, so training on forces keeps "xla".
             message_passing="xla",

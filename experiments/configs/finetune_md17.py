@@ -13,7 +13,11 @@ and ``tiny`` (ethanol, small ET, a few steps on CPU). Options (comma-separated a
   default is the shipped GFN2-xTB stand-in (``md17/gfn2_<molecule>``, NOT DFT, 1,200 frames,
   so only the 950 split exists); ``rmd17=k``: the rMD17 official split ``k`` (1–5);
 * ``train=950`` (default; batch 8) or ``train=9500`` (batch 80);
-* ``noisy``: Frad's separate noisy-node pass (torsion σ = 20° + 0.005 Å, weight 0.1).
+* ``noisy``: Frad's separate noisy-node pass (torsion σ = 20° + 0.005 Å, weight 0.1);
+* ``separate_noise`` (with ``noisy``): Frad's two vector streams (its ``seperate_noise``): the
+  energy head reads the ET's vectors before the final whitened norm, the noise head the
+  normalised ones (``model.separate_noise_vectors``); without it both heads read the normalised
+  vectors. Frad's full MD17 recipe is ``:aspirin,noisy,separate_noise``.
 
 Every molecule: the MD17-track ET (H=128, 6 layers, 32 RBF, no per-layer norms), E = std Σ h_i +
 mean from the training energies, F = -∂E/∂x, loss 0.2 L_E^ema + 0.8 L_F with smooth-L1 and
@@ -29,12 +33,15 @@ from data_pipelines.md17 import MOLECULES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="aspirin", real=False, rmd17=0, train=950, noisy=False)
+    arg = common.parse_arg(arg, variant="aspirin", real=False, rmd17=0, train=950, noisy=False,
+                           separate_noise=False)
     molecule = "ethanol" if arg.variant == "tiny" else arg.variant
     if molecule not in MOLECULES:
         raise ValueError(f"unknown MD17 variant {arg.variant!r}; use one of {MOLECULES} or 'tiny'")
     if arg.train not in (950, 9500):
         raise ValueError(f"train must be 950 or 9500, got {arg.train}")
+    if arg.separate_noise and not arg.noisy:
+        raise ValueError("separate_noise needs noisy (it routes the normalised vectors to the noise head)")
     if arg.rmd17:
         dataset = f"md17/rmd17_{molecule}"
     elif arg.real:
@@ -53,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.validation_split = f"validation_{val}"
         c.data.test_split = f"test_{arg.train}"
     c.model.heads = ("scalar", "noise") if arg.noisy else ("scalar",)
+    c.model.separate_noise_vectors = arg.separate_noise
     c.init.subtrees = ("representation", "noise_head") if arg.noisy else ("representation",)
     c.noise = ml_collections.ConfigDict(dict(type="frad", tau=0.005, sigma_deg=20.0, fractional=True))
     c.loss.property_loss = "smooth_l1"
@@ -74,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.variant == "tiny":
         c.model = common.model_config("tiny")
         c.model.heads = ("scalar", "noise") if arg.noisy else ("scalar",)
+        c.model.separate_noise_vectors = arg.separate_noise
         c.data.eval_max_molecules = 20
         c.batch_size = 8
         c.total_steps = 40

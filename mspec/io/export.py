@@ -35,17 +35,16 @@ import numpy as np
 from mspec.io.torch_et import ConversionError, Converted
 
 MODEL_FLAG_KEYS = ("hidden", "num_layers", "num_heads", "num_rbf", "cutoff", "max_z",
-                   "interlayer_norm")
+                   "interlayer_norm", "vector_norm")
 
 
 def model_flags(converted: Converted) -> list[str]:
-    """The ``--config.model.*`` overrides that give a fine-tuning config this checkpoint's model.
-
-    ``vector_norm`` is not a key of the shipped configs (they always use the whitened norm), so
-    a checkpoint without it (upstream torchmd-net) cannot be matched by flags; see
-    :func:`write_finetune_workdir`.
-    """
-    return [f"--config.model.{k}={converted.model[k]}" for k in MODEL_FLAG_KEYS]
+    """The ``--config.model.*`` overrides that give a fine-tuning config this checkpoint's
+    encoder (the property head and prior are the fine-tuning config's own choice)."""
+    flags = [f"--config.model.{k}={converted.model[k]}" for k in MODEL_FLAG_KEYS]
+    if converted.model.get("separate_noise_vectors"):
+        flags.append("--config.model.separate_noise_vectors=True")
+    return flags
 
 
 def _json_safe(obj: Any) -> Any:
@@ -112,27 +111,31 @@ def write_pretrained(converted: Converted, out: str) -> str:
 
 
 def _atomref_setting(converted: Converted, config) -> bool:
-    """Whether the fine-tuning config's fixed QM9 atom references equal the checkpoint's prior."""
+    """Whether the labels get QM9's fixed atom references subtracted (``target.atomref``) for a
+    checkpoint whose Atomref table became the model's learnable prior.
+
+    Both torch conventions exist: a model trained on total energies holds the references
+    themselves in its prior (about -13.6 eV for H, -1030 eV for C: the labels are used as they
+    are), while Frad's pre-trained path subtracts QM9's references from the labels and learns a
+    small correction (well under 5 eV per element). Anything else is refused as ambiguous.
+    """
     from mspec.training import targets
 
     atomref = converted.standardization["atomref"]
-    if atomref is None:
-        return False
     name = config.target.name
-    if config.task != "qm9" or name not in targets.QM9_ATOMREF_EV:
-        raise ConversionError(
-            f"{converted.source['file']}: the checkpoint has an Atomref prior, which mspec applies "
-            f"only as QM9's fixed atom references (U0, U, H, G); target {name!r} has none"
-        )
-    expected = np.zeros(len(atomref))
-    expected[list(targets._ATOMREF_Z)] = targets.QM9_ATOMREF_EV[name]
-    if not np.allclose(atomref, expected, rtol=1e-6, atol=1e-4):
-        raise ConversionError(
-            f"{converted.source['file']}: the checkpoint's atom references differ from QM9's "
-            f"{name} references (trained atomrefs are not supported: mspec has no learnable "
-            "atomref yet)"
-        )
-    return True
+    if atomref is None or config.task != "qm9" or name not in targets.QM9_ATOMREF_EV:
+        return False
+    table = np.asarray(atomref, np.float64)[list(targets._ATOMREF_Z)]
+    refs = np.asarray(targets.QM9_ATOMREF_EV[name])
+    if np.allclose(table, refs, rtol=0.1, atol=0.0):
+        return False
+    if np.max(np.abs(table)) < 5.0:
+        return True
+    raise ConversionError(
+        f"{converted.source['file']}: the checkpoint's Atomref prior (H, C, N, O, F: "
+        f"{np.round(table, 3).tolist()} eV) is neither QM9's {name} references nor a small "
+        "correction on top of them; cannot tell which labels it was trained on"
+    )
 
 
 def write_finetune_workdir(converted: Converted, out: str, config) -> str:
@@ -142,7 +145,8 @@ def write_finetune_workdir(converted: Converted, out: str, config) -> str:
         converted: the converted checkpoint (it must have the scalar head).
         out: a new directory.
         config: a fine-tuning config (``experiments/configs/finetune_*.py``), unlocked; its
-            ``model`` section is replaced by the checkpoint's, ``target.atomref`` and
+            ``model`` section is replaced by the checkpoint's (its property head, prior and
+            vector streams included), ``target.atomref`` (:func:`_atomref_setting`) and
             ``target.fixed_standardizer`` are set from the checkpoint, ``init.checkpoint`` is
             cleared (the parameters are in the workdir).
 
@@ -153,9 +157,13 @@ def write_finetune_workdir(converted: Converted, out: str, config) -> str:
 
     from mspec.training import finetune, train
 
-    if "scalar" not in converted.model["heads"]:
-        raise ConversionError(f"{converted.source['file']}: no scalar head (output_model.*): "
-                              "nothing to evaluate")
+    from mspec import models
+
+    try:
+        models.property_head(converted.model["heads"])
+    except ValueError:
+        raise ConversionError(f"{converted.source['file']}: no property head (output_model.*): "
+                              "nothing to evaluate") from None
     config = config.copy_and_resolve_references()
     config.unlock()
     config.model.update(dict(converted.model, heads=tuple(converted.model["heads"])))

@@ -36,6 +36,9 @@ def run_model(model_cfg: dict, params, ref, dtype, message_passing: str = "xla",
     ``jax.enable_x64(True)`` for float64. ``energy = std sum_i h_i + sum_i atomref[z_i] + mean``.
     """
     std = standardization or {"mean": 0.0, "std": 1.0, "atomref": None}
+    if "scalar" not in model_cfg["heads"]:
+        raise ValueError(f"parity runs compare the scalar head's energy; this model has heads "
+                         f"{tuple(model_cfg['heads'])}")
     model = Model(**model_cfg, message_passing=message_passing)
     n_mol = len(ref["n_atoms"])
     mol = jnp.asarray(ref["batch"], jnp.int32)
@@ -46,14 +49,17 @@ def run_model(model_cfg: dict, params, ref, dtype, message_passing: str = "xla",
         receivers=jnp.asarray(ref["edge_index"][1], jnp.int32),
         edge_mask=jnp.ones(ref["edge_index"].shape[1], bool),
         node_mask=jnp.ones(len(ref["z"]), bool),
+        node_graph=mol,
+        graph_mask=jnp.ones(n_mol, bool),
     )
     c, r = jnp.asarray(ref["loss_c"], dtype), jnp.asarray(ref["loss_r"], dtype)
-    atomref = (jnp.zeros((), dtype) if std["atomref"] is None
+    # A converted Atomref is the model's prior (out["prior"]); a fixed table only otherwise.
+    atomref = (jnp.zeros((), dtype) if std["atomref"] is None or model.prior != "none"
                else jnp.asarray(std["atomref"], dtype)[z])
 
     def forward(p, pos):
         out = model.apply({"params": p}, {**batch, "positions": pos})
-        per_atom = out["scalar"] * std["std"] + atomref
+        per_atom = out["scalar"] * std["std"] + atomref + out.get("prior", 0.0)
         return out, jax.ops.segment_sum(per_atom, mol, num_segments=n_mol) + std["mean"]
 
     def loss(p, pos):

@@ -29,11 +29,16 @@ F-blocked ``vec_proj`` / ``o_proj`` need no reordering because the mspec layers 
 layouts (:class:`mspec.models.et.EquivariantMultiHeadAttention`). LayerNorm ``weight`` is Flax's
 ``scale``.
 
+Heads: ``output_model`` (hyper-parameter ``output_model``: ``Scalar``, ``DipoleMoment`` or
+``ElectronicSpatialExtent``, with or without ``Equivariant``) becomes mspec's ``scalar_head``,
+``dipole_head`` or ``spatial_extent_head``; ``output_model_noise`` the ``noise_head``; a trained
+``Atomref`` table (``prior_model.atomref.weight``) the learnable ``prior`` (``model.prior =
+"atomref"``); Frad's ``seperate_noise`` sets ``model.separate_noise_vectors``.
+
 Buffers: the RBF ``means`` / ``betas`` must equal mspec's constants bitwise
 (:func:`mspec.models.et.expnorm_rbf_params`; a trainable or modified RBF is refused); ``mean`` /
-``std`` (standardisation: ``E = std sum_i h_i + mean``), an ``Atomref`` prior (per-element
-offsets added to each atom's output) and the forks' denoising normaliser ``pos_normalizer.*`` are
-carried in :class:`Converted`.
+``std`` (standardisation: ``E = std sum_i h_i + mean``) and the forks' denoising normaliser
+``pos_normalizer.*`` are carried in :class:`Converted`.
 """
 
 from __future__ import annotations
@@ -61,11 +66,14 @@ class Converted:
     Attributes:
         variant: one of :data:`VARIANTS`.
         model: mspec model settings (``hidden, num_layers, num_heads, num_rbf, cutoff, max_z,
-            interlayer_norm, vector_norm, heads``), see :class:`mspec.models.Model`.
-        params: the parameter tree ``{"representation": ..., "scalar_head": ...,
-            "noise_head": ...}`` (float32 numpy arrays), as ``Model.init(...)["params"]``.
+            interlayer_norm, vector_norm, heads, prior, separate_noise_vectors``), see
+            :class:`mspec.models.Model`.
+        params: the parameter tree ``{"representation": ..., "scalar_head" (or "dipole_head",
+            "spatial_extent_head"): ..., "noise_head": ..., "prior": ...}`` (float32 numpy
+            arrays), as ``Model.init(...)["params"]``.
         standardization: ``{"mean": float, "std": float, "atomref": [max_z] list or None}``:
-            a molecule's property is ``std * sum_i h_i + sum_i atomref[z_i] + mean``.
+            a molecule's property is ``std * sum_i h_i + sum_i atomref[z_i] + mean``; the
+            atomref values are also the model's learnable prior (``params["prior"]``).
         normalizer: the forks' denoising-target statistics ``(sum [3], sum of squares [3],
             count [])`` (mspec's :class:`mspec.losses.RunningStats`), or None.
         max_num_neighbors: the checkpoint's neighbour cap (None when unknown).
@@ -140,12 +148,13 @@ _SUPPORTED = {
     "reduce_op": ("add",),
     "cutoff_lower": (0, 0.0),
     "atom_filter": (-1,),
-    "output_model": ("Scalar",),
+    "output_model": ("Scalar", "EquivariantScalar", "DipoleMoment", "EquivariantDipoleMoment",
+                     "ElectronicSpatialExtent", "EquivariantElectronicSpatialExtent"),
     "output_model_noise": (None, "VectorOutput"),
     "prior_model": (None, "Atomref"),
     "vector_cutoff": (False,),
     "output_mlp_num_layers": (0,),
-    "seperate_noise": (False,),  # Frad's MD17 two-stream recipe (energy head on un-normed vec)
+    "seperate_noise": (False, True),  # Frad's MD17 two-stream recipe (energy head on un-normed vec)
     "layernorm_on_vec": (None, "whitened"),
 }
 
@@ -189,13 +198,39 @@ def _head_path(variant: str, head: str, rest: str):
     return None
 
 
-def parameter_path(variant: str, name: str) -> tuple[tuple[str, ...], bool] | None:
+# torchmd-net's output_model names (hyper-parameter, with or without "Equivariant") -> mspec head.
+OUTPUT_MODELS = {"Scalar": "scalar", "DipoleMoment": "dipole",
+                 "ElectronicSpatialExtent": "spatial_extent"}
+
+
+def property_head_of(hparams: dict) -> str:
+    """The mspec property head for the checkpoint's ``output_model`` (``"Scalar"`` if absent)."""
+    name = str(hparams.get("output_model") or "Scalar")
+    return OUTPUT_MODELS.get(name.removeprefix("Equivariant"), "scalar")
+
+
+def _spatial_extent_path(rest: str):
+    """``ElectronicSpatialExtent``'s MLP: ``output_network.{0,2}`` (the forks' ``Sequential``) or
+    ``output_network.layers.{0,2}`` (torchmd-net 3.x's ``MLP``)."""
+    m = re.fullmatch(r"output_network\.(?:layers\.)?([02])\.(weight|bias)", rest)
+    if m:
+        return ("spatial_extent_head", f"output_network_{m[1]}", _LINEAR_PART[m[2]]), m[2] == "weight"
+    return None
+
+
+def parameter_path(variant: str, name: str, head: str = "scalar") -> tuple[tuple[str, ...], bool] | None:
     """Where torch parameter ``name`` goes in the mspec tree: ``(path, transpose)``.
 
+    ``head``: the mspec property head that ``output_model.*`` holds (:func:`property_head_of`).
     None when ``name`` is not a parameter of this variant (a buffer, or unknown).
     """
     if name.startswith("output_model."):
-        return _head_path(variant, "scalar_head", name[len("output_model."):])
+        rest = name[len("output_model."):]
+        if head == "spatial_extent":
+            return _spatial_extent_path(rest)
+        return _head_path(variant, f"{head}_head", rest)
+    if _ATOMREF_WEIGHT.fullmatch(name):
+        return ("prior", "atomref"), False
     if name.startswith("output_model_noise."):
         return _head_path(variant, "noise_head", name[len("output_model_noise."):])
     if not name.startswith(_REP):
@@ -237,9 +272,13 @@ _RBF_BUFFERS = (_REP + "distance_expansion.means", _REP + "distance_expansion.be
 _NORMALIZER = ("pos_normalizer.acc_sum", "pos_normalizer.acc_squared_sum",
                "pos_normalizer.acc_count", "pos_normalizer.num_accumulations")
 _ATOMREF = re.compile(r"prior_model\.(?:\d+\.)?(atomref\.weight|initial_atomref)")
+# The trained Atomref table (a parameter: mspec's learnable prior); initial_atomref is a buffer.
+_ATOMREF_WEIGHT = re.compile(r"prior_model\.(?:\d+\.)?atomref\.weight")
 
 
 def _is_buffer(variant: str, name: str) -> bool:
+    if _ATOMREF_WEIGHT.fullmatch(name):
+        return False
     if name in ("mean", "std") or name in _RBF_BUFFERS or _ATOMREF.fullmatch(name):
         return True
     if variant == "torchmd-net":
@@ -247,16 +286,17 @@ def _is_buffer(variant: str, name: str) -> bool:
     return name in _NORMALIZER
 
 
-def to_tree(variant: str, named: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
+def to_tree(variant: str, named: dict[str, np.ndarray], head: str = "scalar") -> tuple[dict, list[str]]:
     """``(nested mspec tree, names that are not parameters of the variant)``.
 
     Used for the weights and, in the parity tests, for torch's gradients (same names, same
-    layouts).
+    layouts). ``head``: the property head ``output_model.*`` holds. The Atomref table
+    ``[max_z, 1]`` becomes the prior's ``[max_z]``.
     """
     tree: dict = {}
     unmapped = []
     for name, value in named.items():
-        where = parameter_path(variant, name)
+        where = parameter_path(variant, name, head)
         if where is None:
             unmapped.append(name)
             continue
@@ -264,7 +304,10 @@ def to_tree(variant: str, named: dict[str, np.ndarray]) -> tuple[dict, list[str]
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = np.asarray(value).T if transpose else np.asarray(value)
+        value = np.asarray(value)
+        if path == ("prior", "atomref") and value.ndim == 2 and value.shape[1] == 1:
+            value = value[:, 0]
+        node[path[-1]] = value.T if transpose else value
     return tree, unmapped
 
 
@@ -321,16 +364,25 @@ def infer_model(variant: str, state: dict, hparams: dict, path: str) -> dict:
     vector_norm = "whitened" if has(_REP + "out_norm_vec.") else "none"
     if hparams.get("layernorm_on_vec") == "whitened" and vector_norm == "none":
         faults.append(f"layernorm_on_vec='whitened' but {_REP}out_norm_vec.weight is missing")
-    heads = tuple(h for h, prefix in (("scalar", "output_model."), ("noise", "output_model_noise."))
+    separate = hparams.get("seperate_noise") is True
+    if separate and vector_norm == "none":
+        faults.append(f"seperate_noise=True but {_REP}out_norm_vec.weight is missing")
+    head = property_head_of(hparams)
+    heads = tuple(h for h, prefix in ((head, "output_model."), ("noise", "output_model_noise."))
                   if any(k.startswith(prefix) for k in state))
     if not heads:
         faults.append("no output head (output_model.* / output_model_noise.*)")
+    prior = "atomref" if any(_ATOMREF_WEIGHT.fullmatch(k) for k in state) else "none"
+    if prior != "none" and head != "scalar":
+        faults.append(f"an Atomref prior with output_model={hparams.get('output_model')!r} "
+                      "(torchmd-net allows a prior only with the scalar head)")
     faults += _unsupported_settings(hparams)
     if faults:
         raise ConversionError(f"{path}: cannot convert ({variant}): " + "; ".join(faults))
     return dict(hidden=int(hidden), num_layers=num_layers, num_heads=num_heads,
                 num_rbf=int(num_rbf), cutoff=cutoff, max_z=int(max_z),
-                interlayer_norm=interlayer, vector_norm=vector_norm, heads=heads)
+                interlayer_norm=interlayer, vector_norm=vector_norm, heads=heads, prior=prior,
+                separate_noise_vectors=separate)
 
 
 def expected_params(model: dict) -> dict:
@@ -343,6 +395,7 @@ def expected_params(model: dict) -> dict:
         atomic_numbers=np.zeros(2, np.int32), positions=np.zeros((2, 3), np.float32),
         node_mask=np.ones(2, bool), senders=np.zeros(1, np.int32),
         receivers=np.zeros(1, np.int32), edge_mask=np.ones(1, bool),
+        node_graph=np.zeros(2, np.int32), graph_mask=np.ones(1, bool),
     )
     return jax.eval_shape(Model(**model).init, jax.random.key(0), batch)["params"]
 
@@ -410,7 +463,7 @@ def convert(path: str, variant: str, hparams: dict | None = None) -> Converted:
     model = infer_model(variant, state, merged, path)
 
     params_named = {k: v for k, v in state.items() if not _is_buffer(variant, k)}
-    tree, unmapped = to_tree(variant, params_named)
+    tree, unmapped = to_tree(variant, params_named, property_head_of(merged))
     expected = _flat(expected_params(model))
     got = _flat(tree)
     faults = [f"unmapped tensor {n}" for n in unmapped]

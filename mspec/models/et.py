@@ -549,6 +549,10 @@ class EquivariantTransformer(nn.Module):
             ``"shared_noaffine"`` (Frad fork: one shared non-affine LayerNorm on x + per-layer EqLN
             on vec).
         vector_norm: final norm on ``vec``: ``"whitened"`` (EqLN) or ``"none"``.
+        separate_noise_vectors: Frad's MD17 recipe (its ``seperate_noise``): return the final
+            vectors both before and after the whitened norm (``vector_norm`` must be
+            ``"whitened"``; the parameters are the same as without it), so the energy head can
+            read the un-normalised stream and the noise head the normalised one.
         message_passing: ``"xla"`` (XLA ops, any backend, any order of differentiation),
             ``"fused"`` (C++ kernels for XLA:CPU, float32, first-order gradients only; faster on
             CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
@@ -571,6 +575,7 @@ class EquivariantTransformer(nn.Module):
     max_z: int = 100
     interlayer_norm: str = "affine"
     vector_norm: str = "whitened"
+    separate_noise_vectors: bool = False
     message_passing: str = "xla"
     dtype: Any = None
 
@@ -583,7 +588,7 @@ class EquivariantTransformer(nn.Module):
         receivers: Array,
         edge_mask: Array,
         num_pairs: int | None = None,
-    ) -> tuple[Array, Array]:
+    ) -> tuple[Array, ...]:
         """Encode a (padded) batch of molecules.
 
         Args:
@@ -599,7 +604,9 @@ class EquivariantTransformer(nn.Module):
                 result for about half the filter work.
 
         Returns:
-            ``(x [N, F], vec [N, 3, F])``. Rows of padding atoms are not zeroed here.
+            ``(x [N, F], vec [N, 3, F])``; with ``separate_noise_vectors``
+            ``(x, vec [N, 3, F] before the final vector norm, vec after it)``. Rows of padding
+            atoms are not zeroed here.
         """
         if self.interlayer_norm not in INTERLAYER_NORMS:
             raise ValueError(
@@ -610,6 +617,11 @@ class EquivariantTransformer(nn.Module):
         if self.vector_norm not in VECTOR_NORMS:
             raise ValueError(
                 f"Unknown vector_norm {self.vector_norm!r}; expected one of {VECTOR_NORMS}."
+            )
+        if self.separate_noise_vectors and self.vector_norm != "whitened":
+            raise ValueError(
+                "separate_noise_vectors needs vector_norm='whitened' (the noise stream is the "
+                f"normalised one), got vector_norm={self.vector_norm!r}"
             )
         n = atomic_numbers.shape[0]
         f = self.hidden
@@ -653,6 +665,8 @@ class EquivariantTransformer(nn.Module):
                 vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec, fused)
 
         x = layer_norm(name="out_norm")(x)
+        if self.separate_noise_vectors:
+            return x, vec, EquivariantLayerNorm(name="out_norm_vec")(vec, fused)
         if self.vector_norm == "whitened":
             vec = EquivariantLayerNorm(name="out_norm_vec")(vec, fused)
         assert x.shape == (n, f) and vec.shape == (n, 3, f)

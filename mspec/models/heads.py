@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mspec.elements import ATOMIC_MASSES
 from mspec.models.et import dense
 
 Array = jax.Array
@@ -137,3 +138,92 @@ class EquivariantVectorOutput(nn.Module):
         """
         _, vec = _TwoGatedBlocks(self.dtype, name="blocks")(x, vec)
         return vec[:, :, 0]
+
+
+def centre_of_mass_offsets(
+    positions: Array, atomic_numbers: Array, node_graph: Array, node_mask: Array, num_graphs: int
+) -> Array:
+    """Each atom's position relative to its molecule's centre of mass, ``p_i - c_mol(i)``.
+
+    Masses are :data:`mspec.elements.ATOMIC_MASSES` in float32, as torchmd-net's dipole and
+    spatial-extent heads use them.
+
+    Args:
+        positions: ``[N, 3]`` in Å.
+        atomic_numbers: ``[N]`` int.
+        node_graph: ``[N]`` molecule index of each atom.
+        node_mask: ``[N]`` bool, False for padding atoms (they get weight 0 and offset 0).
+        num_graphs: G, the number of molecule slots.
+
+    Returns:
+        ``[N, 3]`` offsets in Å (0 on padding rows).
+    """
+    masses = jnp.asarray(ATOMIC_MASSES, jnp.float32)[atomic_numbers] * node_mask  # [N]
+    weighted = jax.ops.segment_sum(masses[:, None] * positions, node_graph, num_segments=num_graphs)
+    total = jax.ops.segment_sum(masses, node_graph, num_segments=num_graphs)  # [G]
+    centre = weighted / jnp.where(total > 0, total, 1.0)[:, None]  # [G, 3]
+    return (positions - centre[node_graph]) * node_mask[:, None]
+
+
+class EquivariantDipoleMoment(nn.Module):
+    """Dipole head (torchmd-net ``EquivariantDipoleMoment``, Frad's μ recipe): per atom a charge
+    ``q_i`` and a vector ``v_i`` from the two gated blocks, contributing ``q_i (p_i - c) + v_i``;
+    the molecule's μ is the norm of the sum (done in the readout). ``dtype``: compute dtype."""
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, vec: Array, offsets: Array) -> Array:
+        """Per-atom dipole contributions.
+
+        Args:
+            x: ``[N, F]`` scalar features.
+            vec: ``[N, 3, F]`` vector features.
+            offsets: ``[N, 3]`` positions relative to the molecule's centre of mass
+                (:func:`centre_of_mass_offsets`).
+
+        Returns:
+            ``[N, 3]``; the molecule's dipole vector is their sum.
+        """
+        q, v = _TwoGatedBlocks(self.dtype, name="blocks")(x, vec)
+        return q.astype(offsets.dtype) * offsets + v[:, :, 0].astype(offsets.dtype)
+
+
+class ElectronicSpatialExtent(nn.Module):
+    """Spatial-extent head (torchmd-net ``ElectronicSpatialExtent``, Frad's ⟨R²⟩ recipe): an MLP
+    ``Linear(F -> F/2) -> SiLU -> Linear(F/2 -> 1)`` on the scalars, times ``|p_i - c|²``; the
+    molecule's ⟨R²⟩ is the sum (done in the readout). Invariant; reads no vectors.
+    ``dtype``: compute dtype."""
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, offsets: Array) -> Array:
+        """Per-atom contributions.
+
+        Args:
+            x: ``[N, F]`` scalar features.
+            offsets: ``[N, 3]`` positions relative to the molecule's centre of mass.
+
+        Returns:
+            ``[N]``.
+        """
+        f = x.shape[-1]
+        h = nn.silu(dense(f // 2, dtype=self.dtype, name="output_network_0")(x))
+        q = dense(1, dtype=self.dtype, name="output_network_2")(h)[:, 0].astype(offsets.dtype)
+        return q * jnp.sum(offsets * offsets, axis=-1)
+
+
+class AtomrefPrior(nn.Module):
+    """Learnable per-element offsets added to each atom's output (torchmd-net's ``Atomref``
+    prior, ``Embedding(max_z, 1)``). Starts at 0: Frad's pre-trained path, where the data have
+    QM9's atom references subtracted and the model learns a correction (``docs/spec/frad.md``
+    §4.9); a converted checkpoint brings its own values."""
+
+    max_z: int = 100
+
+    @nn.compact
+    def __call__(self, atomic_numbers: Array) -> Array:
+        """``[N]`` int -> ``[N]`` per-atom offsets (float32)."""
+        table = self.param("atomref", nn.initializers.zeros, (self.max_z,), jnp.float32)
+        return table[atomic_numbers]

@@ -14,22 +14,47 @@ import jax
 
 from mspec import graph
 from mspec.models.et import EquivariantTransformer
-from mspec.models.heads import EquivariantScalar, EquivariantVectorOutput
+from mspec.models.heads import (
+    AtomrefPrior,
+    ElectronicSpatialExtent,
+    EquivariantDipoleMoment,
+    EquivariantScalar,
+    EquivariantVectorOutput,
+    centre_of_mass_offsets,
+    safe_norm,
+)
 from mspec.models.precision import compute_dtype
 
 Array = jax.Array
 
-HEADS = ("scalar", "noise")
+# Property heads (a fine-tuned model has exactly one) and the denoising head.
+PROPERTY_HEADS = ("scalar", "dipole", "spatial_extent")
+HEADS = (*PROPERTY_HEADS, "noise")
+PRIORS = ("none", "atomref")
 
 
 class Model(nn.Module):
-    """ET encoder + optional scalar and noise heads.
+    """ET encoder + optional property, noise and prior heads.
 
     Attributes:
         hidden, num_layers, num_heads, num_rbf, cutoff, max_z, interlayer_norm, vector_norm,
         message_passing: encoder settings, see :class:`mspec.models.et.EquivariantTransformer`.
-        heads: which heads to build: ``"scalar"`` (:class:`EquivariantScalar`, per-atom property
-            contributions) and/or ``"noise"`` (:class:`EquivariantVectorOutput`, denoising).
+        heads: which heads to build (parameter subtree in brackets):
+
+            * ``"scalar"`` (``scalar_head``, :class:`EquivariantScalar`): per-atom property
+              contributions ``[N]``; the molecule's value is their sum;
+            * ``"dipole"`` (``dipole_head``, :class:`EquivariantDipoleMoment`): per-atom dipole
+              contributions ``[N, 3]``; the molecule's μ is the norm of their sum;
+            * ``"spatial_extent"`` (``spatial_extent_head``, :class:`ElectronicSpatialExtent`):
+              per-atom ⟨R²⟩ contributions ``[N]``; the molecule's value is their sum;
+            * ``"noise"`` (``noise_head``, :class:`EquivariantVectorOutput`): denoising.
+        prior: ``"none"`` or ``"atomref"`` (``prior``, :class:`AtomrefPrior`): learnable
+            per-element offsets, output ``"prior" [N]``, which the readout adds to the scalar
+            head's atom contributions.
+        separate_noise_vectors: Frad's MD17 recipe: the property heads read the vectors before
+            the final whitened norm, the noise head the normalised ones (needs
+            ``vector_norm="whitened"``; same parameters). Off: every head reads the normalised
+            vectors.
         dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"`` (bfloat16 Linears and
             messages; float32 parameters, norms, sums and outputs; see
             :class:`mspec.models.et.EquivariantTransformer`).
@@ -45,6 +70,8 @@ class Model(nn.Module):
     vector_norm: str = "whitened"
     message_passing: str = "xla"
     heads: tuple[str, ...] = ("scalar", "noise")
+    prior: str = "none"
+    separate_noise_vectors: bool = False
     dtype: Any = "float32"
 
     @nn.compact
@@ -54,19 +81,24 @@ class Model(nn.Module):
         Args:
             batch: a device batch (see :mod:`mspec.types`); reads ``atomic_numbers [N]``,
                 ``positions [N, 3]``, ``senders [E]``, ``receivers [E]``, ``edge_mask [E]`` and
-                ``node_mask [N]``. With the key ``pair_layout`` (written by
+                ``node_mask [N]`` (the dipole and spatial-extent heads also ``node_graph [N]`` and
+                ``graph_mask [G]``). With the key ``pair_layout`` (written by
                 :func:`mspec.graph.pack`) the edges must be in its pair layout and each distance
                 filter is computed once per atom pair; without it, edges may come in any order.
 
         Returns:
-            ``{"node_features": [N, F], "vectors": [N, 3, F], "scalar": [N], "noise": [N, 3]}``
-            (heads only when requested), with every padding-atom row exactly 0.
+            ``{"node_features": [N, F], "vectors": [N, 3, F], "scalar": [N], "dipole": [N, 3],
+            "spatial_extent": [N], "noise": [N, 3], "prior": [N]}`` (heads only when
+            requested), with every padding-atom row exactly 0. ``vectors`` are the property
+            heads' input (un-normalised with ``separate_noise_vectors``).
         """
         unknown = set(self.heads) - set(HEADS)
         if unknown:
             raise ValueError(f"Unknown heads {sorted(unknown)}; expected a subset of {HEADS}.")
+        if self.prior not in PRIORS:
+            raise ValueError(f"Unknown prior {self.prior!r}; expected one of {PRIORS}.")
         dtype = compute_dtype(self.dtype)
-        x, vec = EquivariantTransformer(
+        encoded = EquivariantTransformer(
             hidden=self.hidden,
             num_layers=self.num_layers,
             num_heads=self.num_heads,
@@ -75,6 +107,7 @@ class Model(nn.Module):
             max_z=self.max_z,
             interlayer_norm=self.interlayer_norm,
             vector_norm=self.vector_norm,
+            separate_noise_vectors=self.separate_noise_vectors,
             message_passing=self.message_passing,
             dtype=dtype,
             name="representation",
@@ -91,6 +124,8 @@ class Model(nn.Module):
                 else None
             ),
         )
+        x, vec = encoded[:2]
+        noise_vec = encoded[2] if self.separate_noise_vectors else vec
         node_mask = batch["node_mask"].astype(x.dtype)  # [N]
         out = {"node_features": x * node_mask[:, None], "vectors": vec * node_mask[:, None, None]}
         # Heads read the unmasked features; padding atoms never feed real atoms (their edges are
@@ -99,12 +134,70 @@ class Model(nn.Module):
         if "scalar" in self.heads:
             scalar = EquivariantScalar(dtype, name="scalar_head")(x, vec)
             out["scalar"] = scalar.astype(x.dtype) * node_mask
+        if "dipole" in self.heads or "spatial_extent" in self.heads:
+            offsets = centre_of_mass_offsets(
+                batch["positions"].astype(x.dtype), batch["atomic_numbers"], batch["node_graph"],
+                batch["node_mask"], batch["graph_mask"].shape[0],
+            )
+            if "dipole" in self.heads:
+                dipole = EquivariantDipoleMoment(dtype, name="dipole_head")(x, vec, offsets)
+                out["dipole"] = dipole * node_mask[:, None]
+            if "spatial_extent" in self.heads:
+                extent = ElectronicSpatialExtent(dtype, name="spatial_extent_head")(x, offsets)
+                out["spatial_extent"] = extent * node_mask
         if "noise" in self.heads:
-            noise = EquivariantVectorOutput(dtype, name="noise_head")(x, vec)
+            noise = EquivariantVectorOutput(dtype, name="noise_head")(x, noise_vec)
             out["noise"] = noise.astype(x.dtype) * node_mask[:, None]
+        if self.prior == "atomref":
+            prior = AtomrefPrior(self.max_z, name="prior")(batch["atomic_numbers"])
+            out["prior"] = prior.astype(x.dtype) * node_mask
         return out
 
 
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct``s)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def property_head(heads) -> str:
+    """The one property head among ``heads`` (see :data:`PROPERTY_HEADS`).
+
+    Raises:
+        ValueError: none, or more than one.
+    """
+    found = [h for h in heads if h in PROPERTY_HEADS]
+    if len(found) != 1:
+        raise ValueError(
+            f"need exactly one property head of {PROPERTY_HEADS} in heads {tuple(heads)}, "
+            f"found {len(found)}"
+        )
+    return found[0]
+
+
+def molecule_property(
+    out: dict[str, Array], node_graph: Array, num_graphs: int, std: float | Array = 1.0
+) -> Array:
+    """The molecule-level property from :class:`Model`'s per-atom outputs, as torchmd-net reads
+    out: each atom's contribution times ``std``, plus the prior, summed per molecule; for the
+    dipole head the norm of the summed vectors. The standardiser's mean (and any fixed atom
+    references) are added by the caller.
+
+    Args:
+        out: :class:`Model` outputs holding exactly one property head (and ``"prior"`` if any).
+        node_graph: ``[N]`` molecule index of each atom.
+        num_graphs: G.
+        std: the standardiser's std.
+
+    Returns:
+        ``[G]`` (0 for empty molecule slots, and for padding graphs).
+    """
+    head = property_head(k for k in out if k in PROPERTY_HEADS)
+    if head == "dipole":
+        if "prior" in out:
+            raise ValueError("the dipole head takes no prior (torchmd-net allows none)")
+        total = jax.ops.segment_sum(out["dipole"] * std, node_graph, num_segments=num_graphs)
+        return safe_norm(total, axis=-1)
+    atom = out[head] * std  # [N]; padding rows are 0
+    if "prior" in out:
+        atom = atom + out["prior"]
+    return jax.ops.segment_sum(atom, node_graph, num_segments=num_graphs)

@@ -38,7 +38,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mspec import graph, host_malloc, losses
+from mspec import graph, host_malloc, losses, models
 from mspec.data import datasets, pipeline
 from mspec.models import count_params
 from mspec.training import (
@@ -144,8 +144,23 @@ def check_config(config) -> None:
         raise run_config.ConfigError(f"unknown QM9 target {config.target.name!r}; known: {targets.QM9_TARGETS}")
     if config.target.atomref and (config.task != "qm9" or config.target.name not in targets.QM9_ATOMREF_EV):
         raise run_config.ConfigError(f"config.target.atomref is only for QM9 {sorted(targets.QM9_ATOMREF_EV)}")
-    if "scalar" not in config.model.heads:
-        raise run_config.ConfigError("fine-tuning needs the 'scalar' head in config.model.heads")
+    try:
+        head = models.property_head(config.model.heads)
+    except ValueError as e:
+        raise run_config.ConfigError(f"config.model.heads: fine-tuning {e}") from None
+    prior = config.model.get("prior", "none")
+    if prior not in models.PRIORS:
+        raise run_config.ConfigError(f"config.model.prior must be one of {models.PRIORS}, got {prior!r}")
+    if prior != "none" and head != "scalar":
+        raise run_config.ConfigError(
+            f"config.model.prior={prior!r} needs the 'scalar' head (torchmd-net allows no prior "
+            f"with the {head!r} head)")
+    if config.task == "md17" and head != "scalar":
+        raise run_config.ConfigError(f"MD17 needs the 'scalar' (energy) head, not {head!r}")
+    if (config.model.get("separate_noise_vectors", False)
+            and config.model.get("vector_norm", "whitened") != "whitened"):
+        raise run_config.ConfigError(
+            "config.model.separate_noise_vectors needs config.model.vector_norm='whitened'")
     if config.loss.denoising_weight > 0 and "noise" not in config.model.heads:
         raise run_config.ConfigError("config.loss.denoising_weight > 0 needs the 'noise' head")
     if config.loss.property_loss not in ("mse", "smooth_l1"):
@@ -207,8 +222,8 @@ class FinetuneTrainer:
             self.config.model.cutoff, self.config.data.max_neighbors,
         )
         out = self.model.apply({"params": params}, {**b, "positions": positions, "edge_mask": edge_mask})
-        atom = out["scalar"] * self.std  # [N]; padding rows are 0
-        per_graph = jax.ops.segment_sum(atom, b["node_graph"], num_segments=b["graph_mask"].shape[0])
+        per_graph = models.molecule_property(
+            out, b["node_graph"], b["graph_mask"].shape[0], self.std)
         return per_graph, out
 
     def energy_and_forces(self, params, b, positions):
@@ -394,24 +409,41 @@ def _dummy(setup: Setup) -> dict:
 
 
 def zero_scalar_readout(params: dict) -> dict:
-    """``params`` with the scalar head's last output column (kernel ``[:, 0]`` and bias ``[0]`` of
-    ``scalar_head/blocks/output_network_1/update_net_2``) set to 0: every per-atom output, and so
-    the sum readout, starts at exactly 0 (the prediction is the standardiser's mean + prior).
+    """``params`` with the property head's last output set to 0, so every per-atom contribution,
+    and so the readout, starts at exactly 0 (the prediction is the standardiser's mean + prior):
+
+    * ``scalar_head``: column 0 (the scalar) of ``blocks/output_network_1/update_net_2``'s
+      kernel and bias;
+    * ``dipole_head``: columns 0 and 1 there (the charge, and the gate of the vector part);
+    * ``spatial_extent_head``: ``output_network_2``'s kernel and bias.
 
     Why: with Xavier init the sum over a molecule's atoms of the head's initial outputs can sit
     tens of standard deviations away from the target, depending on the seed (an initial loss of
     25 to 3,800 over five seeds at the CPU study's size, docs/reproduction.md); Adam's second
     moment then remembers those gradients (β2 = 0.999) and shrinks every later step.
     """
-    try:
-        last = params["scalar_head"]["blocks"]["output_network_1"]["update_net_2"]
-    except KeyError as e:
-        raise ValueError("config.init.zero_scalar_readout: this model has no scalar head "
-                         f"(missing {e.args[0]!r} under scalar_head/blocks)") from None
-    new_last = {**last, "kernel": last["kernel"].at[:, 0].set(0.0),
-                "bias": last["bias"].at[0].set(0.0)}
     out = jax.tree_util.tree_map(lambda x: x, params)
-    out["scalar_head"]["blocks"]["output_network_1"]["update_net_2"] = new_last
+
+    def zeroed(layer: dict, columns: slice) -> dict:
+        return {**layer, "kernel": layer["kernel"].at[:, columns].set(0.0),
+                "bias": layer["bias"].at[columns].set(0.0)}
+
+    try:
+        if "scalar_head" in params:
+            blocks = out["scalar_head"]["blocks"]["output_network_1"]
+            blocks["update_net_2"] = zeroed(blocks["update_net_2"], slice(0, 1))
+        elif "dipole_head" in params:
+            blocks = out["dipole_head"]["blocks"]["output_network_1"]
+            blocks["update_net_2"] = zeroed(blocks["update_net_2"], slice(0, 2))
+        elif "spatial_extent_head" in params:
+            head = out["spatial_extent_head"]
+            head["output_network_2"] = zeroed(head["output_network_2"], slice(None))
+        else:
+            raise ValueError("config.init.zero_scalar_readout: this model has no property head "
+                             f"(parameters: {sorted(params)})")
+    except KeyError as e:
+        raise ValueError("config.init.zero_scalar_readout: the property head lacks its output "
+                         f"layer (missing {e.args[0]!r})") from None
     return out
 
 

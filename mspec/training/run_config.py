@@ -33,7 +33,13 @@ OPERATIONAL_KEYS = (
 )
 # Keys added after runs were written, with the value that those runs used: a stored config
 # without one compares as if it had it (so older workdirs still resume).
-DEFAULTS_OF_NEWER_KEYS = {"model.dtype": "float32", "init.zero_scalar_readout": False}
+DEFAULTS_OF_NEWER_KEYS = {
+    "model.dtype": "float32",
+    "model.vector_norm": "whitened",
+    "model.prior": "none",
+    "model.separate_noise_vectors": False,
+    "init.zero_scalar_readout": False,
+}
 # Pre-training only: its validation does not feed back into training (fine-tuning's does, through
 # the best checkpoint and the plateau schedule).
 PRETRAIN_EVAL_KEYS = ("eval_every", "data.eval_max_molecules", "data.eval_split")

@@ -61,7 +61,10 @@ def make_model(config: ml_collections.ConfigDict) -> Model:
         vector_norm=m.get("vector_norm", "whitened"),
         message_passing=m.get("message_passing", "xla"),
         heads=tuple(m.heads),
-        dtype=m.get("dtype", "float32"),  # absent from configs written before the key existed
+        # Keys absent from configs written before they existed:
+        prior=m.get("prior", "none"),
+        separate_noise_vectors=m.get("separate_noise_vectors", False),
+        dtype=m.get("dtype", "float32"),
     )
 
 
