@@ -225,6 +225,8 @@ def test_tiny_qm9_runs_with_frads_heads_beat_the_train_mean(qm9_sample_dir, tmp_
     c = finetune_qm9.get_config(f"tiny,target={target}")
     c.data.data_dir = qm9_sample_dir
     c.evaluate.checkpoints = ("last",)
+    c.total_steps = c.optim.restart_period = c.eval_every = c.checkpoint_every = 80
     summary = finetune.finetune_and_evaluate(c, str(tmp_path))
     test = summary["results"]["last"]["test"]
-    assert np.isfinite(test["mae"]) and test["mae"] < test["train_mean_mae"], test
+    # Measured at 80 steps: mu 0.96 vs 1.26 D, r2 85 vs 220 a0^2, U0 2.0 vs 8.2 eV.
+    assert np.isfinite(test["mae"]) and test["mae"] < 0.85 * test["train_mean_mae"], test
