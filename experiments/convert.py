@@ -71,10 +71,14 @@ def _check(converted) -> None:
 
     ref = dict(np.load(FLAGS.check))
     grads = {k[len("grad/"):]: v for k, v in ref.items() if k.startswith("grad/")}
-    tree, unmapped = torch_et.to_tree(converted.variant, grads) if grads else (None, [])
+    head = torch_et.property_head_of(converted.hyper_parameters or {})
+    tree, unmapped = torch_et.to_tree(converted.variant, grads, head) if grads else (None, [])
     if unmapped:
         raise SystemExit(f"error: {FLAGS.check}: gradients of unknown parameters {unmapped}")
-    errors = parity.compare(converted, ref, grads_tree=tree)
+    try:
+        errors = parity.compare(converted, ref, grads_tree=tree)
+    except ValueError as e:
+        raise SystemExit(f"error: {FLAGS.check}: {e}") from None
     tol64, tol32 = FLAGS.check_tol, max(1e-4, 100 * FLAGS.check_tol)
     bad = {k: e for k, e in errors.items() if e > (tol64 if k.startswith("float64") else tol32)}
     for k, e in errors.items():
