@@ -71,7 +71,7 @@ def _check(converted) -> None:
 
     ref = dict(np.load(FLAGS.check))
     grads = {k[len("grad/"):]: v for k, v in ref.items() if k.startswith("grad/")}
-    head = torch_et.property_head_of(converted.hyper_parameters or {})
+    head = next((h for h in converted.model["heads"] if h != "noise"), "scalar")
     tree, unmapped = torch_et.to_tree(converted.variant, grads, head) if grads else (None, [])
     if unmapped:
         raise SystemExit(f"error: {FLAGS.check}: gradients of unknown parameters {unmapped}")
