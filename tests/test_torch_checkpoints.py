@@ -196,3 +196,59 @@ def test_not_a_checkpoint(tmp_path):
         torch_et.convert(path, "frad")
     with pytest.raises(torch_et.ConversionError, match="unknown variant"):
         torch_et.convert(golden("frad.ckpt"), "schnet")
+
+
+# -------------------------------------------------------------------------------------------------
+# Frad's heads, prior and vector streams
+# -------------------------------------------------------------------------------------------------
+
+
+def test_dipole_output_model_maps_the_gated_blocks_to_the_dipole_head():
+    scalar = torch_et.convert(golden("frad.ckpt"), "frad")
+    dipole = torch_et.convert(golden("frad.ckpt"), "frad", {"output_model": "DipoleMoment"})
+    assert dipole.model["heads"] == ("dipole", "noise") and "scalar_head" not in dipole.params
+    # The same torch tensors (EquivariantDipoleMoment subclasses EquivariantScalar).
+    for a, b in zip(jax_leaves(scalar.params["scalar_head"]), jax_leaves(dipole.params["dipole_head"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("mlp_prefix", ["output_network.", "output_network.layers."])
+def test_spatial_extent_mlp_maps_from_either_layout(tmp_path, mlp_prefix):
+    state = {k: v for k, v in frad_state().items() if not k.startswith("output_model.")}
+    rng = np.random.default_rng(0)
+    w0, b0 = rng.normal(size=(32, 64)).astype(np.float32), rng.normal(size=32).astype(np.float32)
+    w2, b2 = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=1).astype(np.float32)
+    state.update({f"output_model.{mlp_prefix}0.weight": w0, f"output_model.{mlp_prefix}0.bias": b0,
+                  f"output_model.{mlp_prefix}2.weight": w2, f"output_model.{mlp_prefix}2.bias": b2})
+    path = write_state_dict(state, tmp_path / "r2.pt")
+    c = torch_et.convert(path, "frad", {**PLAIN, "output_model": "ElectronicSpatialExtent"})
+    assert c.model["heads"] == ("spatial_extent", "noise")
+    head = c.params["spatial_extent_head"]
+    np.testing.assert_array_equal(head["output_network_0"]["kernel"], w0.T)
+    np.testing.assert_array_equal(head["output_network_2"]["bias"], b2)
+    # Read as a scalar head instead, the MLP tensors are named as unmapped, not dropped.
+    with pytest.raises(torch_et.ConversionError, match=f"unmapped tensor output_model.{mlp_prefix}0.weight"):
+        torch_et.convert(path, "frad", PLAIN)
+
+
+def test_trained_atomref_becomes_the_prior_and_seperate_noise_the_two_streams(tmp_path):
+    state = frad_state()
+    table = np.linspace(-1, 1, 100, dtype=np.float32)[:, None]
+    state["prior_model.atomref.weight"] = table
+    state["prior_model.initial_atomref"] = np.zeros_like(table)
+    path = write_state_dict(state, tmp_path / "prior.pt")
+    c = torch_et.convert(path, "frad", {**PLAIN, "prior_model": "Atomref", "seperate_noise": True})
+    assert c.model["prior"] == "atomref" and c.model["separate_noise_vectors"] is True
+    np.testing.assert_array_equal(c.params["prior"]["atomref"], table[:, 0])
+    with pytest.raises(torch_et.ConversionError, match="allows a prior only with the scalar head"):
+        torch_et.convert(path, "frad", {**PLAIN, "output_model": "DipoleMoment"})
+    up = dict(torch_pickle.load(golden("upstream.state_dict.pt"), mmap=False))
+    with pytest.raises(torch_et.ConversionError, match="seperate_noise=True but .*out_norm_vec"):
+        torch_et.convert(write_state_dict(up, tmp_path / "up.pt"), "torchmd-net",
+                         {**PLAIN, "seperate_noise": True})
