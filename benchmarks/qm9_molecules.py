@@ -34,6 +34,7 @@ __all__ = [
     "QM9_NUM_MOLECULES",
     "qm9_csv_paths",
     "load_qm9_sample",
+    "load_qm9_labeled_sample",
     "save_batches_npz",
     "load_batches_npz",
 ]
@@ -139,6 +140,44 @@ def _parse_row(line: str) -> Molecule:
     return z, pos
 
 
+def _select_rows(n: int, seed: int, data_dir: Optional[str]) -> Tuple[List[str], List[str]]:
+    """The CSV lines of the ``n`` molecules drawn by :func:`load_qm9_sample`, in draw order, and
+    the header's column names."""
+    paths = qm9_csv_paths(data_dir)
+    counts = [_count_rows(p) for p in paths]
+    total = int(sum(counts))
+    if not 1 <= n <= total:
+        raise ValueError(f"n must be in [1, {total}], got {n}")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(total, size=n, replace=False)
+
+    # Map each global row index to its position(s) in the output list.
+    wanted: Dict[int, int] = {int(g): k for k, g in enumerate(chosen)}
+    out: List[Optional[str]] = [None] * n
+    header: List[str] = []
+    offset = 0
+    for path, count in zip(paths, counts):
+        lo, hi = offset, offset + count
+        local = sorted(g - lo for g in wanted if lo <= g < hi)
+        offset = hi
+        if not local:
+            continue
+        targets = iter(local)
+        target = next(targets)
+        with open(path, "r", encoding="utf-8", newline="") as fh:
+            header = next(csv.reader([fh.readline()]))
+            for i, line in enumerate(fh):
+                if i != target:
+                    continue
+                out[wanted[lo + i]] = line
+                target = next(targets, None)
+                if target is None:
+                    break
+    if any(m is None for m in out):  # pragma: no cover - would mean a malformed file
+        raise RuntimeError("failed to read some selected QM9 rows")
+    return out, header  # type: ignore[return-value]
+
+
 def load_qm9_sample(
     n: int, seed: int = 0, data_dir: Optional[str] = None
 ) -> List[Molecule]:
@@ -160,38 +199,29 @@ def load_qm9_sample(
         List of ``(atomic_numbers, positions)`` with ``atomic_numbers`` int32 ``[n_i]``
         and ``positions`` float32 ``[n_i, 3]`` in Angstrom.
     """
-    paths = qm9_csv_paths(data_dir)
-    counts = [_count_rows(p) for p in paths]
-    total = int(sum(counts))
-    if not 1 <= n <= total:
-        raise ValueError(f"n must be in [1, {total}], got {n}")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(total, size=n, replace=False)
+    lines, _ = _select_rows(n, seed, data_dir)
+    return [_parse_row(line) for line in lines]
 
-    # Map each global row index to its position(s) in the output list.
-    wanted: Dict[int, int] = {int(g): k for k, g in enumerate(chosen)}
-    out: List[Optional[Molecule]] = [None] * n
-    offset = 0
-    for path, count in zip(paths, counts):
-        lo, hi = offset, offset + count
-        local = sorted(g - lo for g in wanted if lo <= g < hi)
-        offset = hi
-        if not local:
-            continue
-        targets = iter(local)
-        target = next(targets)
-        with open(path, "r", encoding="utf-8", newline="") as fh:
-            fh.readline()  # header
-            for i, line in enumerate(fh):
-                if i != target:
-                    continue
-                out[wanted[lo + i]] = _parse_row(line)
-                target = next(targets, None)
-                if target is None:
-                    break
-    if any(m is None for m in out):  # pragma: no cover - would mean a malformed file
-        raise RuntimeError("failed to read some selected QM9 rows")
-    return out  # type: ignore[return-value]
+
+def load_qm9_labeled_sample(
+    n: int, column: str, seed: int = 0, data_dir: Optional[str] = None
+) -> Tuple[List[Molecule], np.ndarray]:
+    """The molecules of :func:`load_qm9_sample` (same selection) and one label column.
+
+    Args:
+        n, seed, data_dir: as in :func:`load_qm9_sample`.
+        column: a qm9pack CSV column holding one number per molecule, e.g. ``"HOMO_au"``
+            (Hartree; multiply by 27.211386246 for eV).
+
+    Returns:
+        ``(molecules, labels float64 [n])`` in the draw order.
+    """
+    lines, header = _select_rows(n, seed, data_dir)
+    if column not in header:
+        raise ValueError(f"no column {column!r} in the qm9pack CSV; columns: {header}")
+    col = header.index(column)
+    labels = np.array([float(next(csv.reader([line]))[col]) for line in lines], np.float64)
+    return [_parse_row(line) for line in lines], labels
 
 
 def save_batches_npz(
@@ -199,6 +229,10 @@ def save_batches_npz(
     molecules: Sequence[Molecule],
     batch_size: int,
     drop_remainder: bool = True,
+    *,
+    targets: Optional[Sequence[float]] = None,
+    forces: Optional[Sequence[np.ndarray]] = None,
+    scalars: Optional[Dict[str, float]] = None,
 ) -> int:
     """Write consecutive batches of ``batch_size`` molecules to one ``.npz`` file.
 
@@ -208,7 +242,11 @@ def save_batches_npz(
     * ``pos_{b}``   float32 ``[A_b, 3]``  positions in Angstrom;
     * ``batch_{b}`` int32   ``[A_b]``     molecule index within the batch (0 .. size-1);
 
-    plus the scalars ``num_batches`` and ``batch_size``. This is the layout
+    * ``y_{b}``      float64 ``[size]``   one label per molecule (with ``targets``);
+    * ``forces_{b}`` float32 ``[A_b, 3]`` per-atom forces (with ``forces``);
+
+    plus the scalars ``num_batches``, ``batch_size`` and any of ``scalars`` (float64, e.g. the
+    label standardiser's ``target_mean`` / ``target_std``). This is the layout
     ``benchmarks/torchmd_reference.py`` reads, and :func:`load_batches_npz` returns.
 
     Args:
@@ -216,6 +254,9 @@ def save_batches_npz(
         molecules: ``(atomic_numbers, positions)`` pairs, e.g. from
             :func:`load_qm9_sample`.
         batch_size: Molecules per batch (>= 1).
+        targets: Optional per-molecule labels, aligned with ``molecules``.
+        forces: Optional per-molecule ``[n_i, 3]`` force arrays, aligned with ``molecules``.
+        scalars: Optional named scalars stored as 0-d float64 arrays.
         drop_remainder: If True (default) a trailing incomplete batch is not written, so
             every batch has exactly ``batch_size`` molecules; if False it is kept.
 
@@ -233,10 +274,15 @@ def save_batches_npz(
         raise ValueError(
             f"{n} molecules are fewer than one batch of {batch_size} (drop_remainder=True)"
         )
+    for name, labels in (("targets", targets), ("forces", forces)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} {name} for {n} molecules")
     arrays: Dict[str, np.ndarray] = {
         "num_batches": np.asarray(n_batches, dtype=np.int64),
         "batch_size": np.asarray(batch_size, dtype=np.int64),
     }
+    for name, value in (scalars or {}).items():
+        arrays[name] = np.asarray(value, dtype=np.float64)
     for b in range(n_batches):
         chunk = molecules[b * batch_size:(b + 1) * batch_size]
         arrays[f"z_{b}"] = np.concatenate([np.asarray(z, np.int32) for z, _ in chunk])
@@ -246,6 +292,13 @@ def save_batches_npz(
         arrays[f"batch_{b}"] = np.concatenate(
             [np.full(len(z), k, dtype=np.int32) for k, (z, _) in enumerate(chunk)]
         )
+        lo, hi = b * batch_size, b * batch_size + len(chunk)
+        if targets is not None:
+            arrays[f"y_{b}"] = np.asarray(targets[lo:hi], dtype=np.float64)
+        if forces is not None:
+            arrays[f"forces_{b}"] = np.concatenate(
+                [np.asarray(f, np.float32).reshape(-1, 3) for f in forces[lo:hi]]
+            )
     np.savez(path, **arrays)
     return n_batches
 

@@ -112,6 +112,7 @@ def run_reference(
     rbf: int = 64,
     extra_args: Sequence[str] = (),
     timeout_s: Optional[float] = None,
+    script: Optional[str] = None,
 ) -> Optional[Dict[str, Any]]:
     """Time torchmd-net on the batches in ``batches_path`` in a subprocess.
 
@@ -130,6 +131,9 @@ def run_reference(
         extra_args: Further command-line arguments for ``torchmd_reference.py``.
         timeout_s: Subprocess timeout in seconds; default is generous and scales with
             the number of steps (120 s + 60 s per step).
+        script: The script to run in the reference interpreter (default
+            :data:`REFERENCE_SCRIPT`; ``benchmarks/torchmd_finetune_reference.py`` times the
+            fine-tuning steps). It must take the options above and print one JSON line.
 
     Returns:
         The parsed JSON result of ``torchmd_reference.py`` (keys ``impl``, ``torch``,
@@ -155,9 +159,10 @@ def run_reference(
     if not os.path.isfile(batches_path):
         raise FileNotFoundError(f"batches file not found: {batches_path}")
 
+    script = script or REFERENCE_SCRIPT
     cmd = [
         exe,
-        REFERENCE_SCRIPT,
+        script,
         "--batches", os.path.abspath(batches_path),
         "--threads", str(int(threads)),
         "--steps", str(int(steps)),
@@ -187,7 +192,7 @@ def run_reference(
     try:
         proc = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-            cwd=os.path.dirname(REFERENCE_SCRIPT),
+            cwd=os.path.dirname(script),
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr

@@ -32,9 +32,7 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +51,7 @@ def run_mspec_worker(
     import jax
     import numpy as np
 
+    from benchmarks.harness import peak_rss_gb
     from benchmarks.qm9_molecules import load_batches_npz
     from experiments.configs import pretrain_coord
     from mspec import graph
@@ -136,7 +135,7 @@ def run_mspec_worker(
         "mol_per_s_max": max(rates),
         "step_s_median": statistics.median(times),
         "compile_s": compile_s,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": peak_rss_gb(),
         "n_params": n_params,
         "batch_size": n_mol,
         "node_fill": float(
@@ -153,23 +152,14 @@ def run_mspec_worker(
 
 
 def _mspec_subprocess(batches, config, steps, warmup, malloc, microbatches=1) -> dict | None:
-    from benchmarks.reference_runner import malloc_environment
+    from benchmarks.harness import run_worker
 
-    env = malloc_environment(dict(os.environ), malloc)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    # The worker is started with the allocator setting under test; keep mspec's own
-    # re-execution (mspec/host_malloc.py, used by the entry points) out of the way.
-    env["MSPEC_MALLOC_TUNING"] = "0"
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", config, "--batches", batches,
-           "--steps", str(steps), "--warmup", str(warmup), "--microbatches", str(microbatches)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        print(f"mspec run failed ({config}, {malloc} malloc):\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["malloc"] = malloc
-    return out
+    return run_worker(
+        "benchmarks.train_step",
+        ["--worker", config, "--batches", batches, "--steps", str(steps), "--warmup", str(warmup),
+         "--microbatches", str(microbatches)],
+        malloc, config,
+    )
 
 
 def _table(rows: list[dict]) -> str:
@@ -356,8 +346,9 @@ def main(argv=None) -> int:
             + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs)
             + ".\n\n"
         )
-        with open(os.path.join(REPO, "BENCHMARKS.md"), "a") as f:
-            f.write(header + table + "\n" + "\n".join(ratios) + "\n")
+        from benchmarks.harness import append_to_benchmarks
+
+        append_to_benchmarks(header + table + "\n" + "\n".join(ratios) + "\n")
     return 0
 
 

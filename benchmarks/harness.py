@@ -1,0 +1,103 @@
+"""Shared machinery of the step benchmarks (``train_step.py``, ``finetune_step.py``).
+
+Protocol (docs/spec/benchmark-protocol.md §5): every measurement runs in its own subprocess
+under one allocator setting (``GLIBC_TUNABLES``, :data:`benchmarks.reference_runner.MALLOC_SETTINGS`),
+so memory and allocator state never leak between runs; each worker reports one JSON line with
+its timings and its own peak RSS; the orchestrating script interleaves the implementations and
+appends its table to ``BENCHMARKS.md``. No JAX or torch import at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
+
+
+def worker_env(malloc: str, base: Optional[dict] = None) -> dict:
+    """Environment of an mspec worker process: the named allocator setting, the CPU backend, no
+    inherited ``XLA_FLAGS``, and mspec's own malloc re-execution (mspec/host_malloc.py) off, since
+    the worker is started with the setting under test."""
+    from benchmarks.reference_runner import malloc_environment
+
+    env = malloc_environment(dict(os.environ if base is None else base), malloc)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["MSPEC_MALLOC_TUNING"] = "0"
+    return env
+
+
+def run_worker(module: str, args: Sequence[str], malloc: str, label: str,
+               timeout_s: float = 3600) -> Optional[dict]:
+    """Run ``python -m <module> --worker ...`` under ``malloc``; its last stdout line as JSON
+    (with ``"malloc"`` added), or None after printing the tail of its stderr."""
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(malloc), capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+        print(f"mspec run failed ({label}, {malloc} malloc):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["malloc"] = malloc
+    return out
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size in GB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def time_steps(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Call ``step(i)`` for ``warmup`` untimed and then ``steps`` timed iterations (``step`` must
+    block until its result is ready); returns ``(warm-up seconds, per-step seconds)``."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    warm = time.perf_counter() - t0
+    times = []
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t)
+    return warm, times
+
+
+def median_ratio(pairs: Sequence[tuple[float, float]]) -> tuple[float, list[float]]:
+    """``(median of a / b, [a / b per pair])``."""
+    ratios = [a / b for a, b in pairs]
+    return statistics.median(ratios), ratios
+
+
+def load_average() -> str:
+    """``"1.23, 1.10, 0.98"`` (1, 5, 15 min) or ``"n/a"``."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def append_to_benchmarks(text: str) -> None:
+    """Append ``text`` to BENCHMARKS.md."""
+    with open(BENCHMARKS_MD, "a") as f:
+        f.write(text)
