@@ -340,6 +340,7 @@ class Predictor:
         if not properties:  # the encoder alone
             config = ml_collections.ConfigDict(config.to_dict())
             config.model.heads = ()
+            config.model.prior = "none"
         net = train.make_model(config)
         device = jax.devices()[0]
         if properties:
@@ -360,7 +361,7 @@ class Predictor:
             elif model.task == "md17":  # the training step's E and F = -∂E/∂x
                 res["pred"], res["forces"], out = trainer.energy_and_forces(params, b, b["positions"])
             else:  # the evaluation's clean-input prediction
-                res["pred"], out = trainer._heads(params, b, b["positions"])
+                res["pred"], out = trainer.molecule_outputs(params, b, b["positions"])
             if embeddings:
                 res["node_features"] = out["node_features"]
             return res

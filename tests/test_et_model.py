@@ -204,7 +204,8 @@ def test_unknown_options_raise():
     for kwargs, word in [
         (dict(interlayer_norm="frad"), "interlayer_norm"),
         (dict(vector_norm="l2"), "vector_norm"),
-        (dict(heads=("scalar", "dipole")), "heads"),
+        (dict(heads=("scalar", "polarizability")), "heads"),
+        (dict(prior="zbl"), "prior"),
     ]:
         with pytest.raises(ValueError, match=word):
             jax.eval_shape(Model(**SMALL, **kwargs).init, jax.random.key(0), batch)

@@ -44,7 +44,7 @@ def test_forces_equal_finite_differences_of_the_energy():
 
         @jax.jit
         def total_energy(pos):
-            e, _ = trainer._heads(params, batch, pos)
+            e, _ = trainer.molecule_outputs(params, batch, pos)
             return jnp.sum(jnp.where(batch["graph_mask"], e, 0.0))
 
         def total(pos):

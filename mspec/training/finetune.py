@@ -215,8 +215,9 @@ class FinetuneTrainer:
 
     # ---- one device batch ------------------------------------------------------------------
 
-    def _heads(self, params, b, positions):
-        """Per-molecule predictions ``[G]`` (residual units) and the raw model outputs."""
+    def molecule_outputs(self, params, b, positions):
+        """Per-molecule predictions ``[G]`` (residual units: without the standardiser's mean and
+        fixed atom references) and the raw model outputs, for one device batch at ``positions``."""
         edge_mask = graph.active_edges(
             positions, b["senders"], b["receivers"], b["edge_mask"],
             self.config.model.cutoff, self.config.data.max_neighbors,
@@ -230,7 +231,7 @@ class FinetuneTrainer:
         """``(E [G], F [N, 3] = -∂ΣE/∂positions, model outputs)`` for one device batch."""
 
         def total(pos):
-            e, out = self._heads(params, b, pos)
+            e, out = self.molecule_outputs(params, b, pos)
             return jnp.sum(jnp.where(b["graph_mask"], e, 0.0)), (e, out)
 
         (_, (e, out)), grad = jax.value_and_grad(total, has_aux=True)(positions)
@@ -242,7 +243,7 @@ class FinetuneTrainer:
             pos = b["positions"]
             if training and self.denoise:
                 pos, res["noise_target"] = train.perturb(self.config, key, b)
-            res["pred"], out = self._heads(params, b, pos)
+            res["pred"], out = self.molecule_outputs(params, b, pos)
             if training and self.denoise:
                 res["noise_pred"] = out["noise"]
             return res
@@ -250,7 +251,7 @@ class FinetuneTrainer:
         if training and self.denoise:
             # Frad's sep-noisy-node pass: its energy and forces are discarded.
             noisy, res["noise_target"] = train.perturb(self.config, key, b)
-            _, out = self._heads(params, b, noisy)
+            _, out = self.molecule_outputs(params, b, noisy)
             res["noise_pred"] = out["noise"]
         return res
 
