@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mspec import graph
-from mspec.training import checkpoint, restore, run_config, targets
+from mspec.training import restore, run_config, targets
 
 # Elements in each training set. A model has never seen the others (their embedding rows are
 # untrained), so a molecule holding one is refused instead of given a meaningless number.
@@ -139,49 +137,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def _read_state(step_dir: str) -> dict:
-    """The stored train state on this process's first device, whatever devices wrote it.
-
-    The target tree is built from the checkpoint's own metadata: without one, orbax refuses a
-    checkpoint written on another device topology (e.g. trained on 4 devices, used on 1).
-    """
-    path = os.path.join(step_dir, "state")
-    try:
-        reader = ocp.StandardCheckpointer()
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" in the item directory
-        try:
-            meta = reader.metadata(path).item_metadata
-        finally:
-            absl_logger.setLevel(level)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-        return reader.restore(path, target)
-    except Exception as e:  # noqa: BLE001  (orbax raises many types on a bad directory)
-        raise restore.RestoreError(f"cannot read checkpoint {step_dir}: {e}") from e
-
-
-def _verified_params(step_dir: str) -> dict:
-    """The checkpoint's parameters, checked against its stored CRC32s (``checkpoint.py``)."""
-    state = _read_state(step_dir)
+def _params_of(step_dir: str) -> dict:
+    """The checkpoint's parameters (host arrays, checksums verified, any device count)."""
+    state = restore.load_state(step_dir)
     if "params" not in state:
         raise restore.RestoreError(f"checkpoint {step_dir} has no 'params' (keys: {sorted(state)})")
-    params = jax.tree.map(np.asarray, state["params"])
-    path = os.path.join(step_dir, "checksum", "metadata")  # orbax's JSON item file
-    if not os.path.isfile(path):
-        print(f"checkpoint {step_dir} has no checksums (written by an older version): "
-              "read without verification", file=sys.stderr, flush=True)
-        return params
-    with open(path) as f:
-        stored = json.load(f).get("leaves", {})
-    actual = {f"['params']{k}": v for k, v in checkpoint.state_checksums(params).items()}
-    bad = sorted(k for k in actual if stored.get(k) != actual[k])
-    if bad:
-        raise checkpoint.CheckpointError(
-            f"{step_dir}/state: checksum mismatch in {len(bad)} parameter array(s), e.g. "
-            f"{bad[0]} (the data files are damaged)")
-    return params
+    return state["params"]
 
 
 def standardizer_of(workdir: str, config) -> targets.Standardizer:
@@ -239,7 +200,7 @@ def load(workdir: str, which: str | None = None) -> TrainedModel:
         step_dir, step = restore.find_checkpoint(directory)
     except restore.RestoreError as e:
         raise ModelError(f"{workdir}: no {which} checkpoint ({e})") from None
-    model = TrainedModel(workdir, config, step_dir, step, _verified_params(step_dir), None)
+    model = TrainedModel(workdir, config, step_dir, step, _params_of(step_dir), None)
     if model.finetuned:
         model.standardizer = standardizer_of(workdir, config)
     return model

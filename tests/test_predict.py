@@ -236,7 +236,7 @@ def test_damaged_or_missing_checkpoints_are_errors(u0, tmp_path):
     stored["leaves"][key] = "00000000"
     with open(path, "w") as f:
         json.dump(stored, f)
-    with pytest.raises(checkpoint.CheckpointError, match=r"checksum mismatch in 1 parameter array"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"checksum mismatch in 1 array"):
         inference.load(damaged, "last")
     shutil.rmtree(os.path.join(damaged, "best"))
     with pytest.raises(inference.ModelError, match="no best checkpoint"):

@@ -15,12 +15,18 @@ checkpoint whose model nests the encoder, e.g. ``prefix="encoder"``).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
+import re
+import sys
 from typing import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mspec.training import checkpoint
 
 
 class RestoreError(ValueError):
@@ -71,12 +77,55 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     return os.path.join(path, str(step)), step
 
 
+def _dict_key(key: str) -> str:
+    """A leaf's key path as it reads when every node is a dict or list: the state comes back
+    from the checkpoint's metadata without its named tuples (optax states), so an attribute
+    ``.count`` is written ``['count']`` on both sides of the comparison."""
+    return re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", key)
+
+
 def load_state(step_dir: str) -> dict:
-    """The whole train state stored in a checkpoint step directory (host arrays)."""
+    """The whole train state stored in a checkpoint step directory, as host numpy arrays,
+    verified against the CRC32 of every array that :class:`mspec.training.checkpoint.Checkpointer`
+    stores beside it.
+
+    Readable whatever devices wrote it (e.g. trained on 8 GPUs, read on a laptop): the arrays
+    are restored onto this process's first local device, with a target built from the
+    checkpoint's own metadata (without one, orbax refuses another device topology).
+
+    Raises:
+        RestoreError: the directory cannot be read.
+        mspec.training.checkpoint.CheckpointError: an array does not match its checksum.
+    """
+    path = os.path.join(step_dir, "state")
     try:
-        return ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+        reader = ocp.StandardCheckpointer()
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" in the item directory
+        try:
+            meta = reader.metadata(path).item_metadata
+        finally:
+            absl_logger.setLevel(level)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+        state = jax.tree.map(np.asarray, reader.restore(path, target))
     except Exception as e:  # noqa: BLE001  (orbax raises many types on a bad directory)
         raise RestoreError(f"cannot read checkpoint {step_dir}: {e}") from e
+    sums = os.path.join(step_dir, "checksum", "metadata")  # orbax's JSON item file
+    if not os.path.isfile(sums):
+        print(f"checkpoint {step_dir} has no checksums (written by an older version or converted "
+              "without them): read without verification", file=sys.stderr, flush=True)
+        return state
+    with open(sums) as f:
+        stored = {_dict_key(k): v for k, v in json.load(f).get("leaves", {}).items()}
+    actual = {_dict_key(k): v for k, v in checkpoint.state_checksums(state).items()}
+    bad = sorted(k for k in set(stored) | set(actual) if stored.get(k) != actual.get(k))
+    if bad:
+        raise checkpoint.CheckpointError(
+            f"{path}: checksum mismatch in {len(bad)} array(s), e.g. {bad[0]} (the data files "
+            "are damaged)")
+    return state
 
 
 def load_params(step_dir: str, prefix: str = "") -> dict:
