@@ -6,9 +6,10 @@
 
 How to run it: build the reference venv first (``~/torchref-venv``, docs/spec/benchmark-protocol.md
 §2; without it only mspec is timed, with a ``reference skipped`` line). Each run is one subprocess;
-a full default run (3 workloads × 2 mspec paths × 2 allocator settings + the reference) takes
-about 10 minutes per repeat on 2 cores. The machine should be otherwise idle: the summary prints
-the load average seen at the start and the end. ``--record`` appends the table, the ratio lines
+a full default run (3 workloads × 2 mspec paths × 2 allocator settings, each with the reference)
+takes about 13 minutes per repeat on 2 cores (QM9 about 7 of them). The machine should be
+otherwise idle (pause background jobs; the reference's QM9 step slows down 2–4x under contention):
+the summary prints the load average seen at the start and the end. ``--record`` appends the table, the ratio lines
 and the machine/versions to BENCHMARKS.md.
 
 Workloads (docs/spec/benchmark-protocol.md §5; same protocol as ``benchmarks/train_step.py``):
