@@ -12,7 +12,7 @@ from data_pipelines.fixtures import md17 as md17_fixture
 from experiments.configs import finetune_md17, finetune_qm9
 from mspec import graph
 from mspec.data import pipeline
-from mspec.training import checkpoint, finetune, restore, schedules, targets, train
+from mspec.training import checkpoint, finetune, restore, run_config, schedules, targets, train
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +225,20 @@ def test_config_variants():
         finetune_qm9.get_config("homo2")
     with pytest.raises(ValueError, match="unknown config argument"):
         finetune_md17.get_config("aspirin,trian=950")
+
+
+def test_message_passing_auto_is_fused_for_qm9_and_xla_for_md17_forces(capsys):
+    qm9 = finetune_qm9.get_config("tiny")
+    assert qm9.model.message_passing == "auto"
+    assert finetune.message_passing_of(qm9) == "auto"
+    assert "message passing: fused CPU kernels (model.message_passing='auto')" in capsys.readouterr().err
+    md17 = finetune_md17.get_config("tiny")
+    md17.model.message_passing = "auto"
+    assert finetune.message_passing_of(md17) == "xla"
+    assert "MD17 trains on forces, a second-order gradient" in capsys.readouterr().err
+    md17.model.message_passing = "fused"
+    with pytest.raises(run_config.ConfigError, match="'fused' cannot train on MD17"):
+        finetune.check_config(md17)
 
 
 # --------------------------------------------------------------------------------------------------

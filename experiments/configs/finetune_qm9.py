@@ -8,7 +8,8 @@ Variants: ``mu, alpha, homo, lumo, gap, r2, zpve, U0, U, H, G, cv`` and ``tiny``
 QM9 sample, small ET, 150 steps on CPU; pick its target with ``:tiny,target=homo``, default
 ``zpve``, which a sum of atom contributions learns within a few steps).
 
-Every target: the ET (H=256, 8 layers) with the scalar head and sum readout, training-set
+Every target: the ET (H=256, 8 layers; message passing ``"auto"``: the fused CPU kernels on CPU,
+XLA ops elsewhere, printed at start-up) with the scalar head and sum readout, training-set
 standardisation, Noisy Nodes (Coord noise 0.005 Å on training inputs, weight 0.1), batch 128,
 AdamW lr 4e-4 (weight decay 0), 10k-step linear warm-up then cosine annealing with warm restarts
 (T0 = 100k, ×2, floor 1e-7) for 700k steps, split 110,000 / 10,000 / 10,831 (seed 1).
@@ -43,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if target not in QM9_TARGETS:
         raise ValueError(f"unknown QM9 variant {arg.variant!r}; use one of {QM9_TARGETS} or 'tiny'")
     c = finetune_common.base_config("qm9", "qm9/full", "qm9")
+    # The fused CPU kernels where they run (first-order gradients suffice here; 2-3.5x the
+    # XLA ops' step on 2 cores, BENCHMARKS.md finetune_step), XLA ops elsewhere.
+    c.model.message_passing = "auto"
     c.target.name = target
     head = arg.head or _DEFAULT_HEADS.get(target, "scalar")
     if head not in PROPERTY_HEADS:
@@ -59,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.variant == "tiny":
         c.data.dataset = "qm9/sample"
         c.model = common.model_config("tiny")
+        c.model.message_passing = "auto"
         c.model.heads = (head, "noise")
         if target in QM9_ATOMREF_EV:
             c.model.prior = arg.prior or "atomref"

@@ -157,6 +157,11 @@ def check_config(config) -> None:
             f"with the {head!r} head)")
     if config.task == "md17" and head != "scalar":
         raise run_config.ConfigError(f"MD17 needs the 'scalar' (energy) head, not {head!r}")
+    if config.task == "md17" and config.model.get("message_passing", "xla") == "fused":
+        raise run_config.ConfigError(
+            "config.model.message_passing='fused' cannot train on MD17: the loss differentiates "
+            "the forces (a second-order gradient) and the fused CPU kernels are first-order only; "
+            "use 'xla' or 'auto'")
     if (config.model.get("separate_noise_vectors", False)
             and config.model.get("vector_norm", "whitened") != "whitened"):
         raise run_config.ConfigError(
@@ -400,8 +405,33 @@ def build(config, mesh=None) -> Setup:
         standardizer = targets.Standardizer(**config.target.fixed_standardizer)
     featurizer = dataclasses.replace(unshifted, mean=standardizer.mean)
     budget = train.choose_budget(config, builder, featurizer, sources["train"])
-    trainer = FinetuneTrainer(config, train.make_model(config), mesh, std=standardizer.std)
+    model = train.make_model(config).clone(message_passing=message_passing_of(config))
+    trainer = FinetuneTrainer(config, model, mesh, std=standardizer.std)
     return Setup(config, builder, sources, featurizer, standardizer, fitted, budget, trainer)
+
+
+def message_passing_of(config) -> str:
+    """The message-passing implementation a fine-tuning run uses, printed with the reason.
+
+    ``"auto"`` is the fused CPU kernels where they run (CPU backend, float32, the kernels build;
+    see :func:`mspec.models.fused_message.use_fused`), except for MD17: its loss differentiates
+    the forces, a second-order gradient, which only the XLA ops have.
+    """
+    from mspec.models import fused_message, precision
+
+    chosen = config.model.get("message_passing", "xla")
+    if chosen == "auto" and config.task == "md17":
+        train.note("message passing: XLA ops (model.message_passing='auto'; MD17 trains on "
+                   "forces, a second-order gradient, and the fused CPU kernels are first-order only)")
+        return "xla"
+    if chosen == "xla":
+        train.note("message passing: XLA ops (model.message_passing='xla')")
+    elif fused_message.use_fused(chosen, precision.compute_dtype(config.model.get("dtype", "float32")) or "float32"):
+        train.note(f"message passing: fused CPU kernels (model.message_passing={chosen!r})")
+    else:
+        train.note(f"message passing: XLA ops (model.message_passing={chosen!r}; the fused "
+                   "kernels do not run here, see the warning above)")
+    return chosen
 
 
 def _dummy(setup: Setup) -> dict:
