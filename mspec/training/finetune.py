@@ -417,20 +417,12 @@ def message_passing_of(config) -> str:
     see :func:`mspec.models.fused_message.use_fused`), except for MD17: its loss differentiates
     the forces, a second-order gradient, which only the XLA ops have.
     """
-    from mspec.models import fused_message, precision
-
     chosen = config.model.get("message_passing", "xla")
     if chosen == "auto" and config.task == "md17":
         train.note("message passing: XLA ops (model.message_passing='auto'; MD17 trains on "
                    "forces, a second-order gradient, and the fused CPU kernels are first-order only)")
         return "xla"
-    if chosen == "xla":
-        train.note("message passing: XLA ops (model.message_passing='xla')")
-    elif fused_message.use_fused(chosen, precision.compute_dtype(config.model.get("dtype", "float32")) or "float32"):
-        train.note(f"message passing: fused CPU kernels (model.message_passing={chosen!r})")
-    else:
-        train.note(f"message passing: XLA ops (model.message_passing={chosen!r}; the fused "
-                   "kernels do not run here, see the warning above)")
+    train.note_message_passing(config)
     return chosen
 
 

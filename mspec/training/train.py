@@ -48,6 +48,21 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
+def note_message_passing(config: ml_collections.ConfigDict) -> None:
+    """Prints which message-passing implementation ``config.model.message_passing`` runs here."""
+    from mspec.models import fused_message, precision
+
+    chosen = config.model.get("message_passing", "xla")
+    dtype = precision.compute_dtype(config.model.get("dtype", "float32")) or "float32"
+    if chosen == "xla":
+        note("message passing: XLA ops (model.message_passing='xla')")
+    elif fused_message.use_fused(chosen, dtype):
+        note(f"message passing: fused CPU kernels (model.message_passing={chosen!r})")
+    else:
+        note(f"message passing: XLA ops (model.message_passing={chosen!r}; the fused kernels do "
+             "not run here, see the warning above)")
+
+
 def make_model(config: ml_collections.ConfigDict) -> Model:
     m = config.model
     return Model(
@@ -460,6 +475,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh, builder=None) -> Train
     """
     task = config.get("task", "denoise")
     model = make_model(config)
+    note_message_passing(config)
     if task == "denoise":
         trainer = Trainer(config, model, mesh)
     elif task == "molspectra":
