@@ -366,3 +366,39 @@ def test_stop_signals_are_turned_into_a_request_once():
         # The second one would act as usual: the handler is back to the default.
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) != signals._handle
+
+
+def test_evaluating_a_run_in_progress_leaves_its_unfinished_save_alone(tmp_path):
+    """experiments.evaluate opens the run's checkpoint directories read-only: a writer's manager
+    deletes unfinished save directories when it opens (in the background), which would destroy
+    the save in progress (the running job's next save check then stops it)."""
+    import numpy as np
+
+    from mspec.training import checkpoint
+
+    def run_dir(name: str) -> tuple[str, str]:
+        directory = str(tmp_path / name / "checkpoints")
+        writer = checkpoint.Checkpointer(directory, keep=2, async_save=False)
+        writer.save(1, {"params": {"w": np.ones(3, np.float32)}}, {}, {})
+        writer.close()
+        in_progress = os.path.join(directory, "2.orbax-checkpoint-tmp")  # orbax's naming
+        os.makedirs(os.path.join(in_progress, "state"))
+        return directory, in_progress
+
+    # What the read-only mode prevents: a second writer's manager removes the unfinished save.
+    directory, in_progress = run_dir("writer")
+    start = time.monotonic()
+    checkpoint.Checkpointer(directory, keep=1, async_save=False).close()
+    while os.path.exists(in_progress) and time.monotonic() - start < 20:
+        time.sleep(0.05)
+    assert not os.path.exists(in_progress)
+    latency = time.monotonic() - start
+
+    directory, in_progress = run_dir("reader")
+    reader = checkpoint.Checkpointer(directory, keep=1, async_save=False, read_only=True)
+    assert reader.latest_step() == 1
+    with pytest.raises(checkpoint.CheckpointError, match="opened read-only"):
+        reader.save(3, {"params": {}}, {}, {})
+    reader.close()
+    time.sleep(max(1.0, 3 * latency))  # well past the time the writer took to remove it
+    assert os.path.isdir(in_progress)

@@ -79,19 +79,26 @@ def state_checksums(state: Any) -> dict[str, str]:
 class Checkpointer:
     """Periodic, keep-N, asynchronous checkpoints in ``directory``."""
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """``read_only``: for readers of a directory that a running job may be writing
+        (``experiments.evaluate`` on a run in progress): nothing is created, saved, moved or
+        deleted. A writer's manager removes unfinished save directories when it opens, which
+        would destroy the running job's save in progress."""
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep_checkpoints must be an integer >= 1, got {keep!r}")
         _quiet_orbax()
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         self._pending: int | None = None  # step of the save running in the background
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=async_save,
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                enable_async_checkpointing=async_save and not read_only,
+                read_only=read_only,
             ),
         )
 
@@ -112,8 +119,10 @@ class Checkpointer:
         """Starts saving (asynchronously); returns once device arrays are copied to host.
 
         Raises:
-          CheckpointError: this or the previous save failed.
+          CheckpointError: this or the previous save failed, or this is a read-only reader.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot save step {step}")
         self.poll()
         self.wait()
         checksum = {"algorithm": "crc32", "leaves": state_checksums(state)}
@@ -255,6 +264,8 @@ class Checkpointer:
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves damaged step directories out of orbax's sight (kept for inspection)."""
+        if self.read_only:
+            return
         aside = self.directory + ".corrupt"
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)

@@ -114,7 +114,8 @@ def parity_plot(task: str, name: str, pred: dict, path: str, title: str) -> str:
 def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
     if not os.path.isdir(directory):
         return None
-    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    # Read-only: the run may still be training and saving into this directory.
+    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False, read_only=True)
     try:
         if ckpt.latest_step() is None:
             return None
