@@ -95,8 +95,9 @@ def get_config(workload: str, message_passing: str = "config"):
 # --------------------------------------------------------------------------------------------------
 
 
-def write_batches(workload: str, n_batches: int, path: str) -> dict:
-    """Write ``n_batches`` batches of the workload's molecules with their labels to ``path``
+def write_batches(workload: str, n_batches: int, path: str, batch_size: int = 0) -> dict:
+    """Write ``n_batches`` batches (of ``batch_size`` molecules; 0 = the workload's) of the
+    workload's molecules with their labels to ``path``
     (``qm9_molecules.save_batches_npz`` layout, which both implementations read), and the
     standardiser (``targets.Standardizer.fit``, as the fine-tuning run fits it) as the scalars
     ``target_mean`` / ``target_std``. Returns a description of the data."""
@@ -104,6 +105,7 @@ def write_batches(workload: str, n_batches: int, path: str) -> dict:
     from mspec.training.targets import Standardizer
 
     task, _, _, batch, _, _ = WORKLOADS[workload]
+    batch = batch_size or batch
     if task == "qm9":
         mols, homo = load_qm9_labeled_sample(n_batches * batch, "HOMO_au", seed=0)
         y = homo * HARTREE_TO_EV
@@ -133,6 +135,7 @@ def mspec_batches(config, batches_path: str):
     Molecule ``k`` of batch ``b`` is graph slot ``k`` of packed batch ``b``."""
     import numpy as np
 
+    from benchmarks.harness import fitting_budget
     from benchmarks.qm9_molecules import load_batches_npz
     from data_pipelines.qm9pack_source import TARGET_NAMES
     from mspec import graph
@@ -162,14 +165,8 @@ def mspec_batches(config, batches_path: str):
                 example["targets"] = t
             mols.append(feat(example))
         per_batch.append(mols)
-    # A static budget that fits every batch (as train_step.py): nodes rounded up to 8 + 1 padding
-    # slot; edges of graph.pack's pair layout (both directions of each pair, then N self-loops).
-    nodes = max(sum(len(m["atomic_numbers"]) for m in mols) for mols in per_batch)
-    pair_edges = max(sum(len(m["senders"]) - len(m["atomic_numbers"]) for m in mols)
-                     for mols in per_batch)
-    n_node = 8 * ((nodes + 8) // 8) + 1
-    budget = graph.Budget(n_node=n_node, n_edge=n_node + pair_edges,
-                          n_graph=len(per_batch[0]) + 1, max_torsions=1)
+    # A static budget that fits every batch (as train_step.py).
+    budget = fitting_budget(per_batch)
     packed = [finetune.split_host(finetune.pack_labeled(m, budget, with_forces=md17))[0]
               for m in per_batch]
     return [graph.stack([p]) for p in packed], budget

@@ -1,4 +1,5 @@
-"""Shared machinery of the step benchmarks (``train_step.py``, ``finetune_step.py``).
+"""Shared machinery of the step benchmarks (``train_step.py``, ``finetune_step.py``,
+``stage2_step.py``, ``inference.py``).
 
 Protocol (docs/spec/benchmark-protocol.md §5): every measurement runs in its own subprocess
 under one allocator setting (``GLIBC_TUNABLES``, :data:`benchmarks.reference_runner.MALLOC_SETTINGS`),
@@ -101,3 +102,70 @@ def append_to_benchmarks(text: str) -> None:
     """Append ``text`` to BENCHMARKS.md."""
     with open(BENCHMARKS_MD, "a") as f:
         f.write(text)
+
+
+def fitting_budget(per_batch: Sequence[Sequence[dict]], spectra: tuple = ()):
+    """The static :class:`mspec.graph.Budget` that fits every batch of featurised molecules
+    (``pipeline.Featurizer`` outputs, one list per batch): nodes rounded up to 8 plus one padding
+    slot; edges of ``graph.pack``'s pair layout (both directions of every pair, then one
+    self-loop per node slot); one padding graph slot; ``spectra`` as the featuriser carries them.
+    Every batch then packs into one compiled shape, as in training."""
+    from mspec import graph
+
+    nodes = max(sum(len(m["atomic_numbers"]) for m in mols) for mols in per_batch)
+    pair_edges = max(sum(len(m["senders"]) - len(m["atomic_numbers"]) for m in mols)
+                     for mols in per_batch)
+    n_node = 8 * ((nodes + 8) // 8) + 1
+    return graph.Budget(n_node=n_node, n_edge=n_node + pair_edges,
+                        n_graph=max(len(m) for m in per_batch) + 1, max_torsions=1,
+                        spectra=tuple(spectra))
+
+
+def step_stats(times: Sequence[float], n_mol: int) -> dict:
+    """``step_s_median/min/max`` and ``mol_per_s_median`` of per-step times in seconds."""
+    med = statistics.median(times)
+    return {"step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
+            "mol_per_s_median": n_mol / med, "steps": len(times)}
+
+
+def cost_analysis(compiled) -> dict:
+    """XLA's static cost estimate of a compiled function (``jax.jit(f).lower(...).compile()``):
+    ``{"gflop": ..., "gbytes": ...}`` (floating-point operations and bytes accessed, in 1e9), or
+    ``{}`` where the backend gives none."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - an estimate only
+        return {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    out = {}
+    if "flops" in ca:
+        out["gflop"] = float(ca["flops"]) / 1e9
+    if "bytes accessed" in ca:
+        out["gbytes"] = float(ca["bytes accessed"]) / 1e9
+    return out
+
+
+def versions() -> str:
+    """``"Python 3.11.7, jax 0.10.2, flax 0.12.8"`` (imports jax and flax)."""
+    import flax
+    import jax
+
+    return f"Python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}"
+
+
+def record_header(title: str, command: str, load_start: str, load_end: str, details: str = "",
+                  reference: str = "") -> str:
+    """The heading and the machine paragraph of a BENCHMARKS.md section: ``### <title> — <date>``,
+    then the CPU, core count, versions (``reference``: e.g. "reference torchmd-net 3.1.0 on torch
+    2.13.0+cpu"), the load average at the start and end, the command and ``details``."""
+    import datetime
+
+    ref = f"; {reference}" if reference else ""
+    return (
+        f"\n### {title} — {datetime.date.today().isoformat()}\n\n"
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {versions()}{ref}. Load average "
+        f"(1/5/15 min) {load_start} at the start, {load_end} at the end. Command: `{command}`"
+        + (f"; {details}" if details else "") + ".\n\n"
+    )

@@ -233,6 +233,7 @@ def save_batches_npz(
     targets: Optional[Sequence[float]] = None,
     forces: Optional[Sequence[np.ndarray]] = None,
     scalars: Optional[Dict[str, float]] = None,
+    per_molecule: Optional[Dict[str, Sequence[np.ndarray]]] = None,
 ) -> int:
     """Write consecutive batches of ``batch_size`` molecules to one ``.npz`` file.
 
@@ -244,6 +245,8 @@ def save_batches_npz(
 
     * ``y_{b}``      float64 ``[size]``   one label per molecule (with ``targets``);
     * ``forces_{b}`` float32 ``[A_b, 3]`` per-atom forces (with ``forces``);
+    * ``<name>_{b}`` float32 ``[size, L]`` one fixed-length vector per molecule for every
+      ``name`` of ``per_molecule`` (e.g. the spectra ``uv``, ``ir``, ``raman``);
 
     plus the scalars ``num_batches``, ``batch_size`` and any of ``scalars`` (float64, e.g. the
     label standardiser's ``target_mean`` / ``target_std``). This is the layout
@@ -257,6 +260,8 @@ def save_batches_npz(
         targets: Optional per-molecule labels, aligned with ``molecules``.
         forces: Optional per-molecule ``[n_i, 3]`` force arrays, aligned with ``molecules``.
         scalars: Optional named scalars stored as 0-d float64 arrays.
+        per_molecule: Optional ``{name: [L] arrays aligned with molecules}``; the names must not
+            clash with the keys above.
         drop_remainder: If True (default) a trailing incomplete batch is not written, so
             every batch has exactly ``batch_size`` molecules; if False it is kept.
 
@@ -274,7 +279,7 @@ def save_batches_npz(
         raise ValueError(
             f"{n} molecules are fewer than one batch of {batch_size} (drop_remainder=True)"
         )
-    for name, labels in (("targets", targets), ("forces", forces)):
+    for name, labels in (("targets", targets), ("forces", forces), *(per_molecule or {}).items()):
         if labels is not None and len(labels) != n:
             raise ValueError(f"{len(labels)} {name} for {n} molecules")
     arrays: Dict[str, np.ndarray] = {
@@ -299,6 +304,8 @@ def save_batches_npz(
             arrays[f"forces_{b}"] = np.concatenate(
                 [np.asarray(f, np.float32).reshape(-1, 3) for f in forces[lo:hi]]
             )
+        for name, values in (per_molecule or {}).items():
+            arrays[f"{name}_{b}"] = np.stack([np.asarray(v, np.float32) for v in values[lo:hi]])
     np.savez(path, **arrays)
     return n_batches
 
