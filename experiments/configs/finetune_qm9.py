@@ -13,7 +13,7 @@ XLA ops elsewhere, printed at start-up) with the scalar head and sum readout, tr
 standardisation, Noisy Nodes (Coord noise 0.005 Å on training inputs, weight 0.1), batch 128,
 AdamW lr 4e-4 (weight decay 0), 10k-step linear warm-up then cosine annealing with warm restarts
 (T0 = 100k, ×2, floor 1e-7) for 700k steps, split 110,000 / 10,000 / 10,831 (seed 1).
-Frad's per-target heads (``docs/spec/frad.md`` §3.5, §4.8–§4.9), selected by the variant:
+Frad's per-target heads (``docs/spec/frad.md`` §3.5, ``docs/spec/et.md`` §8–§9), selected by the variant:
 
 * ``U0, U, H, G``: QM9's atom references subtracted from the labels, no standardisation, and a
   learnable per-element offset (``model.prior = "atomref"``, zero-initialised: Frad's "nt"

@@ -1,6 +1,6 @@
-"""Equivariant output heads of the ET (torchmd-net ``output_modules``).
+"""Output heads of the ET (torchmd-net ``output_modules``) and the Atomref prior.
 
-Written from ``docs/spec/et.md`` §8.
+Written from ``docs/spec/et.md`` §8–§9.
 Inputs are the encoder outputs ``x [N, F]`` and ``vec [N, 3, F]``; outputs are per atom.
 """
 
@@ -217,8 +217,8 @@ class ElectronicSpatialExtent(nn.Module):
 class AtomrefPrior(nn.Module):
     """Learnable per-element offsets added to each atom's output (torchmd-net's ``Atomref``
     prior, ``Embedding(max_z, 1)``). Starts at 0: Frad's pre-trained path, where the data have
-    QM9's atom references subtracted and the model learns a correction (``docs/spec/frad.md``
-    §4.9); a converted checkpoint brings its own values."""
+    QM9's atom references subtracted and the model learns a correction (``docs/spec/et.md``
+    §9); a converted checkpoint brings its own values."""
 
     max_z: int = 100
 
