@@ -297,9 +297,12 @@ class Predictor:
                 "predicts no properties; ask for its embeddings only")
         self.properties, self.embeddings = properties, embeddings
         self.traces = 0
-        config = model.config
+        config = ml_collections.ConfigDict(model.config.to_dict())
+        # Prediction needs values and at most first-order gradients (MD17 forces), which the
+        # fused CPU kernels give (the same math as XLA ops, 2x faster forward on 2 cores,
+        # BENCHMARKS.md inference), whatever setting the run trained with.
+        config.model.message_passing = "auto"
         if not properties:  # the encoder alone
-            config = ml_collections.ConfigDict(config.to_dict())
             config.model.heads = ()
             config.model.prior = "none"
         net = train.make_model(config)
