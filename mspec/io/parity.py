@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mspec.models import Model
+from mspec.models import Model, molecule_property
 
 OUTPUTS = ("x", "vec", "scalar", "energy", "noise", "forces", "grad_pos")
 
@@ -33,9 +33,10 @@ def run_model(model_cfg: dict, params, ref, dtype, message_passing: str = "xla",
 
     Returns ``x [A, F], vec [A, 3, F], scalar [A], noise [A, 3], energy [B], loss [],
     grad_pos [A, 3], forces [A, 3], grad_params`` (the mspec tree). Call under
-    ``jax.enable_x64(True)`` for float64. ``energy = std sum_i h_i + sum_i atomref[z_i] + mean``.
+    ``jax.enable_x64(True)`` for float64. ``energy = std sum_i h_i + sum_i atomref[z_i] + mean``
+    (:func:`mspec.models.molecule_property`; a converted Atomref table is the model's prior).
     """
-    std = standardization or {"mean": 0.0, "std": 1.0, "atomref": None}
+    std = standardization or {"mean": 0.0, "std": 1.0}
     if "scalar" not in model_cfg["heads"]:
         raise ValueError(f"parity runs compare the scalar head's energy; this model has heads "
                          f"{tuple(model_cfg['heads'])}")
@@ -53,14 +54,11 @@ def run_model(model_cfg: dict, params, ref, dtype, message_passing: str = "xla",
         graph_mask=jnp.ones(n_mol, bool),
     )
     c, r = jnp.asarray(ref["loss_c"], dtype), jnp.asarray(ref["loss_r"], dtype)
-    # A converted Atomref is the model's prior (out["prior"]); a fixed table only otherwise.
-    atomref = (jnp.zeros((), dtype) if std["atomref"] is None or model.prior != "none"
-               else jnp.asarray(std["atomref"], dtype)[z])
 
     def forward(p, pos):
         out = model.apply({"params": p}, {**batch, "positions": pos})
-        per_atom = out["scalar"] * std["std"] + atomref + out.get("prior", 0.0)
-        return out, jax.ops.segment_sum(per_atom, mol, num_segments=n_mol) + std["mean"]
+        readout = {k: out[k] for k in ("scalar", "prior") if k in out}
+        return out, molecule_property(readout, mol, n_mol, std["std"]) + std["mean"]
 
     def loss(p, pos):
         out, energy = forward(p, pos)
