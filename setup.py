@@ -54,6 +54,18 @@ setup(
     # Shipped datasets: GFN2-xTB MD17-format trajectories and the QM9 stick spectra.
     package_data={"data_pipelines": ["md17_gfn2_data/*.npz", "md17_gfn2_data/*.json",
                                      "md17_gfn2_data/*.md", "spectra/data/qm9_gfn2/*"]},
+    # The dataset builders, found by name through this group (mspec.data.datasets), so the
+    # library never imports data_pipelines itself.
+    entry_points={
+        "mspec.datasets": [
+            "qm9 = data_pipelines.qm9:QM9",
+            "qm9s = data_pipelines.qm9s:QM9S",
+            "pcqm4mv2 = data_pipelines.pcqm4mv2:PCQM4Mv2",
+            "md17 = data_pipelines.md17:MD17",
+            # Synthetic spectra on qm9/sample molecules, for tests and quick CPU runs.
+            "qm9_synthetic_spectra = data_pipelines.synthetic_spectra:QM9SyntheticSpectra",
+        ],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

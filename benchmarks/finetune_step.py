@@ -137,7 +137,7 @@ def mspec_batches(config, batches_path: str):
 
     from benchmarks.harness import fitting_budget
     from benchmarks.qm9_molecules import load_batches_npz
-    from data_pipelines.qm9pack_source import TARGET_NAMES
+    from mspec.training.targets import QM9_LABEL_COLUMNS as TARGET_NAMES
     from mspec import graph
     from mspec.data import pipeline
     from mspec.training import finetune
@@ -183,14 +183,15 @@ def run_mspec_worker(batches_path: str, workload: str, path: str, steps: int, wa
 
     from benchmarks.harness import peak_rss_gb, time_steps
     from mspec.models import count_params
-    from mspec.training import finetune, train
+    from mspec import models
+    from mspec.training import finetune
 
     c = get_config(workload, path)
     with np.load(batches_path) as data:
         std = float(data["target_std"])
     host_batches, budget = mspec_batches(c, batches_path)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    trainer = finetune.FinetuneTrainer(c, train.make_model(c), mesh, std=std)
+    trainer = finetune.FinetuneTrainer(c, models.get_model(c.model), mesh, std=std)
     batches = [trainer.global_batch(b) for b in host_batches]
     dummy = finetune.split_host(finetune.pack_labeled([], budget, c.task == "md17"))[0]
     state = trainer.init_state(jax.random.key(0), dummy)

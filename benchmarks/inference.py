@@ -64,10 +64,10 @@ def trained_model(config, std: float, mean: float, budget):
     initialised parameters (seed 0) and the given standardiser."""
     import jax
 
-    from mspec import graph, inference
-    from mspec.training import targets, train
+    from mspec import graph, inference, models
+    from mspec.training import targets
 
-    params = jax.device_get(jax.jit(train.make_model(config).init)(
+    params = jax.device_get(jax.jit(models.get_model(config.model).init)(
         jax.random.key(0), graph.pack([], budget))["params"])
     return inference.TrainedModel(workdir="(benchmark)", config=config, checkpoint="(random init)",
                                   step=0, params=params,

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from mspec import graph
+    from mspec import graph, models
     from mspec.data import datasets, pipeline
     from mspec.training import train
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
               f"(min {min(rates):.1f}, max {max(rates):.1f})", file=sys.stderr)
 
     mesh = train.make_mesh()
-    trainer = train.Trainer(config, train.make_model(config), mesh)
+    trainer = train.Trainer(config, models.get_model(config.model), mesh)
     it = pipeline.PackedBatchIterator(ds, budget, n_dev)
     local = [next(it) for _ in range(min(8, args.steps))]
     it.close()

@@ -174,14 +174,15 @@ def make_trainer(config, lengths):
     import jax
     import numpy as np
 
+    from mspec import models
     from mspec.training import molspectra, train
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     if config.task == "molspectra":
-        trainer = molspectra.MolSpectraTrainer(config, train.make_model(config), mesh,
+        trainer = molspectra.MolSpectraTrainer(config, models.get_model(config.model), mesh,
                                                spectrum_lengths=dict(lengths))
     else:
-        trainer = train.Trainer(config, train.make_model(config), mesh)
+        trainer = train.Trainer(config, models.get_model(config.model), mesh)
     trainer.check()
     return trainer
 

@@ -26,9 +26,9 @@ def main(argv):
     bad = set(FLAGS.which) - {"last", "best"} or set(FLAGS.splits) - {"validation", "test"}
     if bad:
         raise app.UsageError(f"unknown --which/--splits values {sorted(bad)}")
-    from mspec.training import evaluation
+    from mspec.training import finetune
 
-    evaluation.evaluate_workdir(FLAGS.workdir, which=tuple(FLAGS.which), roles=tuple(FLAGS.splits))
+    finetune.evaluate_workdir(FLAGS.workdir, which=tuple(FLAGS.which), roles=tuple(FLAGS.splits))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ def main(argv):
 
     # Before anything touches a JAX device: joins the other processes of a multi-process run.
     distributed.initialize()
-    from mspec.training import train
+    from mspec.training import loop
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
 
 
 if __name__ == "__main__":

@@ -289,7 +289,8 @@ class Predictor:
     """
 
     def __init__(self, model: TrainedModel, *, properties: bool = True, embeddings: bool = False):
-        from mspec.training import finetune, train
+        from mspec import models
+        from mspec.training import finetune
 
         if properties and not model.finetuned:
             raise ModelError(
@@ -305,7 +306,7 @@ class Predictor:
         if not properties:  # the encoder alone
             config.model.heads = ()
             config.model.prior = "none"
-        net = train.make_model(config)
+        net = models.get_model(config.model)
         device = jax.devices()[0]
         if properties:
             self.params = jax.device_put(model.params, device)

@@ -30,14 +30,14 @@ def main(argv=None):
     import numpy as np
 
     from experiments.configs import pretrain_frad
-    from mspec import graph
+    from mspec import graph, models
     from mspec.data import datasets, pipeline, sharding
     from mspec.training import train
 
     c = pretrain_frad.get_config("tiny")
     c.data.data_dir = args.data_dir
     c.model.hidden, c.model.num_layers, c.batch_size = 32, 1, 8
-    trainer = train.Trainer(c, train.make_model(c), train.make_mesh())
+    trainer = train.Trainer(c, models.get_model(c.model), train.make_mesh())
     builder = datasets.get_builder(c.data.dataset, c.data.data_dir, build=False)
     source = datasets.open_split(builder, "train")
     featurizer = pipeline.Featurizer(radius=c.model.cutoff + c.data.skin, max_z=c.model.max_z)

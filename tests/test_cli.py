@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from experiments.configs import pretrain_frad
-from mspec.training import evaluation, run_config
+from mspec.training import finetune, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +44,6 @@ def test_evaluate_on_a_pretraining_workdir_says_what_it_evaluates(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(json.loads(pretrain_frad.get_config("tiny").to_json_best_effort()), f)
     with pytest.raises(run_config.ConfigError, match="is a pre-training workdir .* evaluates fine-tuning workdirs"):
-        evaluation.evaluate_workdir(str(tmp_path))
+        finetune.evaluate_workdir(str(tmp_path))
     proc = _run("experiments.evaluate", "--workdir", str(tmp_path))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

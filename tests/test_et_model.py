@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mspec import models
 from mspec.models import EquivariantTransformer, Model, count_params
 from mspec.models import et as et_lib
 from mspec.models.heads import GatedEquivariantBlock, safe_norm
@@ -178,12 +179,11 @@ def test_parameter_counts(kwargs, expected):
 def test_pretraining_configs_build_their_papers_architecture(module, norm, expected):
     import importlib
 
-    from mspec.training.train import make_model
 
     config = importlib.import_module(f"experiments.configs.{module}").get_config()
     assert config.model.interlayer_norm == norm
     batch = build_batch([random_molecule(0, 3)], n_node=4, n_edge=10)
-    params = jax.eval_shape(make_model(config).init, jax.random.key(0), batch)
+    params = jax.eval_shape(models.get_model(config.model).init, jax.random.key(0), batch)
     assert count_params(params) == expected
 
 

@@ -20,7 +20,8 @@ import jax
 import pytest
 
 from experiments.configs import finetune_qm9, pretrain_coord, pretrain_frad
-from mspec.training import checkpoint, finetune, metrics, run_config, stopping, train
+from mspec import models
+from mspec.training import checkpoint, finetune, loop, metrics, run_config, stopping, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +78,7 @@ def tensorboard_steps(workdir, tag) -> list[int]:
 def pretrain_reference(qm9_sample_dir, tmp_path_factory):
     """The uninterrupted run the interrupted ones must reproduce: 9 steps, validation at 9."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     return workdir
 
 
@@ -126,7 +127,7 @@ def test_sigterm_then_kills_mid_step_and_inside_a_save_resume_bitwise(
     with monkeypatch.context() as m:
         _signal_during(m, 2, signal.SIGTERM)
         with pytest.raises(stopping.Stopped) as e:
-            train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+            loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     assert e.value.exit_code == 128 + signal.SIGTERM and e.value.step == 2
     assert "no checkpoint yet" in capsys.readouterr().err
     assert _complete_steps(workdir) == [2]
@@ -147,7 +148,7 @@ def test_sigterm_then_kills_mid_step_and_inside_a_save_resume_bitwise(
     assert "6.orbax-checkpoint-tmp" in os.listdir(os.path.join(workdir, "checkpoints"))
     latest = _complete_steps(workdir)[-1]
     # 4. The last resume finishes; every step's record equals the uninterrupted run's.
-    summary = train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    summary = loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     assert summary["start_step"] == latest < 6
     for key in ("train/loss", "train/grad_norm", "train/param_norm"):
         ref, got = by_step(pretrain_reference, key), by_step(workdir, key)
@@ -202,7 +203,7 @@ def test_a_diverged_state_is_never_saved_and_the_message_names_the_real_checkpoi
     _nan_after(monkeypatch, 5)
     c = tiny_pretrain(qm9_sample_dir, log_every=4, checkpoint_every=3, keep_checkpoints=1, stop_after_step=12)
     with pytest.raises(FloatingPointError) as e:
-        train.train_and_evaluate(c, str(tmp_path))
+        loop.train_and_evaluate(c, str(tmp_path))
     msg = str(e.value)
     assert "non-finite values in the train state at step 6" in msg and "not saved" in msg, msg
     assert f"the latest complete checkpoint is step 3 ({tmp_path}/checkpoints/3)" in msg, msg
@@ -222,7 +223,7 @@ def test_a_failing_background_save_stops_the_run_at_once_with_one_line(
     monkeypatch.setattr(async_path, "rename", read_only)
     c = tiny_pretrain(qm9_sample_dir, checkpoint_every=3, stop_after_step=12)
     with pytest.raises(checkpoint.CheckpointError) as e:
-        train.train_and_evaluate(c, str(tmp_path / "run"))
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
     msg = str(e.value)
     assert "\n" not in msg and "checkpoint step 3 could not be written" in msg, msg
     assert "Read-only file system" in msg and "no checkpoint has been written" in msg, msg
@@ -241,7 +242,7 @@ def test_a_torn_metrics_line_and_repeated_steps_are_repaired_on_resume(
     qm9_sample_dir, pretrain_reference, tmp_path
 ):
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=6), workdir)
+    loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=6), workdir)
     # As if the step-6 save had not completed and the run had gone on to step 7 and died writing
     # step 8's line on a full disk: records 4-7 (in metrics.jsonl and TensorBoard) that the
     # resumed run repeats, then a torn line.
@@ -251,7 +252,7 @@ def test_a_torn_metrics_line_and_repeated_steps_are_repaired_on_resume(
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps({"step": 7, "train/loss": 123.0}) + "\n" + '{"step": 8, "train/lo')
-    summary = train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    summary = loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     assert summary["start_step"] == 3
     assert by_step(workdir, "train/loss") == by_step(pretrain_reference, "train/loss")
     assert tensorboard_steps(workdir, "train/loss") == list(range(1, 10))
@@ -276,13 +277,13 @@ def test_damaged_latest_checkpoints_fall_back_to_the_newest_intact_one(
     qm9_sample_dir, pretrain_reference, tmp_path, capsys
 ):
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     ck = os.path.join(workdir, "checkpoints")
     with open(os.path.join(ck, "9", "config", "metadata"), "w") as f:
         f.write('{"seed": 1, "mod')  # garbled metadata
     _damage_data_files(os.path.join(ck, "6"))  # bit flips in the array data
     capsys.readouterr()
-    summary = train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
+    summary = loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=9), workdir)
     err = capsys.readouterr().err
     assert summary["start_step"] == 3
     assert f"checkpoint step 9 is damaged ({ck}/9/config/metadata: JSONDecodeError" in err, err
@@ -294,7 +295,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_newest_intact_one(
 def test_checksums_detect_changed_array_values(qm9_sample_dir, tmp_path):
     """A change the storage format cannot see (here: the stored checksum of one array no longer
     matches its data) is detected at restore and named."""
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=3), str(tmp_path))
+    loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=3), str(tmp_path))
     path = tmp_path / "checkpoints" / "3" / "checksum" / "metadata"
     stored = json.loads(path.read_text())
     leaf = sorted(stored["leaves"])[0]
@@ -304,7 +305,7 @@ def test_checksums_detect_changed_array_values(qm9_sample_dir, tmp_path):
     mesh = train.make_mesh()
     from mspec import graph
 
-    trainer = train.Trainer(c, train.make_model(c), mesh)
+    trainer = train.Trainer(c, models.get_model(c.model), mesh)
     budget = graph.Budget(n_node=97, n_edge=1800, n_graph=7, max_torsions=8)
     ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), graph.pack([], budget)))
@@ -320,10 +321,10 @@ def test_checksums_detect_changed_array_values(qm9_sample_dir, tmp_path):
 
 def test_resuming_with_a_config_that_changes_what_is_trained_is_refused(qm9_sample_dir, tmp_path):
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=3), workdir)
+    loop.train_and_evaluate(tiny_pretrain(qm9_sample_dir, stop_after_step=3), workdir)
     coord = tiny_pretrain(qm9_sample_dir, module=pretrain_coord, stop_after_step=6)
     with pytest.raises(run_config.ConfigError) as e:
-        train.train_and_evaluate(coord, workdir)
+        loop.train_and_evaluate(coord, workdir)
     msg = str(e.value)
     assert "refusing to resume" in msg and "noise.type ('frad' -> 'coord')" in msg, msg
     assert "--allow_config_change=noise.type" in msg
@@ -331,12 +332,12 @@ def test_resuming_with_a_config_that_changes_what_is_trained_is_refused(qm9_samp
         assert json.load(f)["noise"]["type"] == "frad"  # not relabelled
     bigger = tiny_pretrain(qm9_sample_dir, **{"model.hidden": 64})
     with pytest.raises(run_config.ConfigError, match=r"different model config: model.hidden \(32 -> 64\); use a new --workdir"):
-        train.train_and_evaluate(bigger, workdir)
+        loop.train_and_evaluate(bigger, workdir)
     # Safe keys differ freely; an explicit override continues and records the change.
     longer = tiny_pretrain(qm9_sample_dir, stop_after_step=4, total_steps=200, log_every=2)
     with pytest.raises(run_config.ConfigError, match=r"total_steps \(100 -> 200\)"):
-        train.train_and_evaluate(longer, workdir)
-    assert train.train_and_evaluate(longer, workdir, allow_config_change=("total_steps",))["final_step"] == 4
+        loop.train_and_evaluate(longer, workdir)
+    assert loop.train_and_evaluate(longer, workdir, allow_config_change=("total_steps",))["final_step"] == 4
     change = json.loads((tmp_path / "config_changes.jsonl").read_text())
     assert change == {"step": 3, "changes": {"total_steps": [100, 200]}}
 
@@ -352,7 +353,7 @@ def test_resuming_with_a_config_that_changes_what_is_trained_is_refused(qm9_samp
 def test_bad_config_values_fail_before_any_work_naming_the_key(tmp_path, key, value, message):
     c = tiny_pretrain(str(tmp_path / "no_data_here"), **{key: value})
     with pytest.raises(run_config.ConfigError, match=message.replace(".", r"\.")):
-        train.train_and_evaluate(c, str(tmp_path / "run"))
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     f = _apply(finetune_qm9.get_config("tiny"), str(tmp_path), {key: value})
     with pytest.raises(run_config.ConfigError, match=message.replace(".", r"\.")):

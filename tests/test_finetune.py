@@ -10,7 +10,7 @@ import pytest
 
 from data_pipelines.fixtures import md17 as md17_fixture
 from experiments.configs import finetune_md17, finetune_qm9
-from mspec import graph
+from mspec import graph, models
 from mspec.data import pipeline
 from mspec.training import checkpoint, finetune, restore, run_config, schedules, targets, train
 
@@ -22,7 +22,7 @@ from mspec.training import checkpoint, finetune, restore, run_config, schedules,
 
 def _md17_trainer(std=2.5):
     config = finetune_md17.get_config("tiny")
-    return finetune.FinetuneTrainer(config, train.make_model(config), train.make_mesh(), std=std), config
+    return finetune.FinetuneTrainer(config, models.get_model(config.model), train.make_mesh(), std=std), config
 
 
 def _device_batch(config, positions_list):
@@ -96,7 +96,7 @@ def test_forces_rotate_with_the_molecule(monkeypatch):
 
 
 def _fresh_params(config, seed):
-    trainer = finetune.FinetuneTrainer(config, train.make_model(config), train.make_mesh())
+    trainer = finetune.FinetuneTrainer(config, models.get_model(config.model), train.make_mesh())
     batch = _device_batch(config, md17_fixture.trajectory(1)[0])
     return trainer.model.init(jax.random.key(seed), batch)["params"]
 
@@ -306,7 +306,7 @@ def test_md17_resume_is_exact(md17_fixture_dir, tmp_path):
 
     def final_state(workdir):
         setup = finetune.build(_md17_tiny(md17_fixture_dir, data_dir))
-        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), finetune._dummy(setup)))
+        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), setup.dummy_batch()))
         ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
         step, state, _, data = ck.restore(abstract)
         ck.close()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mspec import graph
+from mspec import graph, models
 from mspec.data import datasets, pipeline
 from mspec.kernels import build
 from mspec.models import fused_message as fm
@@ -143,7 +143,7 @@ def test_model_with_fused_kernel_matches_xla_under_data_parallelism(qm9_sample_d
     results = []
     for mode in ("xla", "fused"):
         c = tiny_config(qm9_sample_dir, **{"model.message_passing": mode})
-        trainer = train.Trainer(c, train.make_model(c), mesh)
+        trainer = train.Trainer(c, models.get_model(c.model), mesh)
         params = trainer.init_state(jax.random.key(0), graph.pack([], budget))["params"]
         batch = trainer.global_batch(
             graph.stack([graph.pack(mols[:4], budget), graph.pack(mols[4:], budget)])

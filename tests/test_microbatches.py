@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from mspec import graph
+from mspec import graph, models
 from mspec.data import datasets, pipeline
-from mspec.training import metrics, train
+from mspec.training import loop, metrics, train
 from tests.test_train import tiny_config
 
 
@@ -47,7 +47,7 @@ def test_microbatched_gradients_equal_one_batch(qm9_sample_dir):
         c.noise.type = "coord"
         c.noise.tau = 0.0
         c.loss.target_normalization = "none"
-        trainer = train.Trainer(c, train.make_model(c), mesh)
+        trainer = train.Trainer(c, models.get_model(c.model), mesh)
         params = trainer.init_state(jax.random.key(0), graph.pack([], budget))["params"]
         fn = jax.jit(trainer.loss_and_grads)
         (loss, (mse, _)), grads = fn(params, jax.random.key(3), trainer.global_batch(local, microbatched=k > 1), stats)
@@ -70,14 +70,14 @@ def _losses(workdir):
 
 def test_microbatched_training_compiles_once_and_resumes_exactly(qm9_sample_dir, tmp_path):
     common = dict(microbatches=2, log_every=1, checkpoint_every=2, eval_every=1000)
-    straight = train.train_and_evaluate(
+    straight = loop.train_and_evaluate(
         tiny_config(qm9_sample_dir, stop_after_step=4, **common), str(tmp_path / "straight")
     )
     assert straight["compilations"] == 1 and straight["final_step"] == 4
     assert all(math.isfinite(v) for v in _losses(tmp_path / "straight").values())
 
-    train.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=2, **common), str(tmp_path / "split"))
-    resumed = train.train_and_evaluate(
+    loop.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=2, **common), str(tmp_path / "split"))
+    resumed = loop.train_and_evaluate(
         tiny_config(qm9_sample_dir, stop_after_step=4, **common), str(tmp_path / "split")
     )
     assert resumed["start_step"] == 2
@@ -147,7 +147,7 @@ def test_automatic_microbatches_in_a_training_run(qm9_sample_dir, tmp_path):
     batch_size = 36 * jax.device_count()
     c = tiny_config(qm9_sample_dir, microbatches=0, batch_size=batch_size, stop_after_step=1,
                     log_every=1, eval_every=1000, checkpoint_every=1000)
-    summary = train.train_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
     assert summary["final_step"] == 1 and summary["compilations"] == 1
     assert summary["microbatches"] == 2
     assert all(math.isfinite(v) for v in _losses(tmp_path).values())

@@ -82,7 +82,7 @@ def _with_stats(tmp_path, atomref=None) -> str:
 
 def test_fine_tuning_workdir_evaluates_with_the_checkpoints_own_statistics(qm9_sample_dir, tmp_path):
     from experiments.configs import finetune_qm9
-    from mspec.training import evaluation
+    from mspec.training import finetune
 
     converted = torch_et.convert(_with_stats(tmp_path), "frad",
                                  {"num_heads": 8, "output_model": "Scalar"})
@@ -93,7 +93,7 @@ def test_fine_tuning_workdir_evaluates_with_the_checkpoints_own_statistics(qm9_s
     assert saved["model"]["interlayer_norm"] == "shared_noaffine"
     assert saved["target"]["fixed_standardizer"] == {"mean": -0.25, "std": 0.5}
 
-    results = evaluation.evaluate_workdir(out, which=("best",), roles=("test",))
+    results = finetune.evaluate_workdir(out, which=("best",), roles=("test",))
     assert results["standardizer"] == {"mean": -0.25, "std": 0.5}
     assert results["best"]["step"] == 0 and np.isfinite(results["best"]["test"]["mae"])
 

@@ -24,7 +24,7 @@ import pytest
 from jax.extend import core
 
 from experiments.configs import pretrain_frad
-from mspec import graph
+from mspec import graph, models
 from mspec.data import datasets, pipeline
 from mspec.kernels import build
 from mspec.models import Model, fused_message
@@ -53,7 +53,7 @@ def tiny_config(**model):
 def tiny_model(**model) -> Model:
     """The tiny config's model (F = 64, 2 layers, LayerNorm and whitened vector norm after
     each layer, scalar and noise heads); XLA message passing unless ``model`` says otherwise."""
-    return train.make_model(tiny_config(**{"message_passing": "xla", **model}))
+    return models.get_model((tiny_config(**{"message_passing": "xla", **model})).model)
 
 
 def _mesh():
@@ -245,7 +245,7 @@ def test_short_bfloat16_pretraining_run_tracks_float32(qm9_sample_dir, initial_s
     curves = {}
     for dtype in ("float32", "bfloat16"):
         c = tiny_config(dtype=dtype)  # message_passing "auto": fused kernels for float32 only
-        trainer = train.Trainer(c, train.make_model(c), _mesh())
+        trainer = train.Trainer(c, models.get_model(c.model), _mesh())
         update = jax.jit(trainer._update, donate_argnums=(0,), compiler_options=FAST_COMPILE)
         state = jax.device_put(initial_state, trainer.replicated)
         curves[dtype] = []

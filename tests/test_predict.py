@@ -16,8 +16,8 @@ import pytest
 from data_pipelines.spectra import inputs
 from experiments import predict
 from experiments.configs import finetune_qm9, pretrain_frad
-from mspec import graph, inference
-from mspec.training import checkpoint, finetune, run_config, train
+from mspec import graph, inference, models
+from mspec.training import checkpoint, finetune, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TEST = 40  # test-split molecules compared with the evaluation
@@ -79,7 +79,7 @@ def test_predictions_and_embeddings_equal_the_evaluation_and_the_model(evaluated
     np.testing.assert_array_equal(p.arrays["atomic_numbers"],
                                   np.concatenate([ex["atomic_numbers"] for ex in examples]))
     # The encoder's output for single molecules, through the model itself (one budget, one jit).
-    apply = jax.jit(train.make_model(model.config).apply)
+    apply = jax.jit(models.get_model(model.config.model).apply)
     most = int(n.max())
     budget = graph.Budget(n_node=most + 1, n_edge=most + 1 + most * (most - 1), n_graph=2, max_torsions=1)
     for k in (0, 17, N_TEST - 1):

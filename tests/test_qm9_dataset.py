@@ -89,6 +89,32 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         datasets.get_builder("qm9/tiny", str(tmp_path))
 
 
+def test_builders_are_found_through_their_entry_points(monkeypatch, tmp_path):
+    """setup.py announces every builder in data_pipelines/; the library imports none by name."""
+    import ast
+    import pathlib
+
+    setup_py = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+    call = next(n for n in ast.walk(ast.parse(setup_py.read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    announced = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "entry_points"))
+    names = {line.split("=")[0].strip() for line in announced[datasets.ENTRY_POINT_GROUP]}
+    assert names == {"qm9", "qm9s", "pcqm4mv2", "md17", "qm9_synthetic_spectra"}
+    assert names <= set(datasets.known_datasets()), "reinstall: pip install -e ."
+    from data_pipelines.qm9 import QM9
+
+    assert datasets._builder_class("qm9") is QM9
+    # A builder registered at run time wins over the installed one of that name.
+    monkeypatch.setattr(datasets, "_registered", {})
+    datasets.register_builder("qm9", QM9)
+    assert datasets._builder_class("qm9") is QM9 and "qm9" in datasets.known_datasets()
+    # With nothing installed, the error says how to install.
+    monkeypatch.setattr(datasets, "_registered", {})
+    monkeypatch.setattr(datasets, "_entry_points", dict)
+    with pytest.raises(datasets.DatasetError, match="no dataset builders are installed.*pip install -e"):
+        datasets.get_builder("qm9/sample", str(tmp_path))
+
+
 def test_corrupt_dataset_directory_is_a_clear_error(qm9_sample_dir, tmp_path):
     import shutil
 

@@ -108,3 +108,11 @@ def test_fixture_cli_writes_every_format(tmp_path, capsys):
     for line in printed.splitlines():
         if line.startswith("  "):
             assert os.path.isfile(line.strip()), line
+
+
+def test_builders_write_the_label_order_the_library_reads():
+    """Fine-tuning finds a QM9 target by its column in ``targets``; the builders write it."""
+    from mspec.training import targets
+
+    assert qm9pack_source.TARGET_NAMES == targets.QM9_LABEL_COLUMNS
+    assert set(targets.QM9_TARGETS) <= set(targets.QM9_LABEL_COLUMNS)

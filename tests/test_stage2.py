@@ -10,9 +10,9 @@ import pytest
 
 from data_pipelines import synthetic_spectra
 from experiments.configs import pretrain_coord, pretrain_molspectra
-from mspec import graph
+from mspec import graph, models
 from mspec.data import datasets, pipeline
-from mspec.training import checkpoint, metrics, molspectra, restore, train
+from mspec.training import checkpoint, loop, metrics, molspectra, restore, train
 
 LENGTHS = dict(uv=701, ir=3501, raman=3501)
 SMALL_BUDGET = graph.Budget(
@@ -41,7 +41,7 @@ def write_stage1_checkpoint(directory, seed=123, real_init=False, **model_overri
     c = pretrain_coord.get_config("tiny")
     for k, v in model_overrides.items():
         c.model[k] = v
-    trainer = train.Trainer(c, train.make_model(c), train.make_mesh())
+    trainer = train.Trainer(c, models.get_model(c.model), train.make_mesh())
     dummy = graph.pack([], SMALL_BUDGET)
     if real_init:
         params = trainer.init_state(jax.random.key(seed), dummy)["params"]
@@ -69,7 +69,7 @@ def stage2_trainer(**init_from):
     for k, v in init_from.items():
         c.init_from[k] = v
     return molspectra.MolSpectraTrainer(
-        c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+        c, models.get_model(c.model), train.make_mesh(), spectrum_lengths=LENGTHS
     )
 
 
@@ -174,14 +174,14 @@ def test_configs_build_and_modalities_come_from_the_config():
     for variant in (None, "tiny"):
         c = pretrain_molspectra.get_config(variant)
         t = molspectra.MolSpectraTrainer(
-            c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+            c, models.get_model(c.model), train.make_mesh(), spectrum_lengths=LENGTHS
         )
         assert [s.name for s in t.spectrum_specs] == ["uv", "ir", "raman"]
     assert [s.num_patches for s in t.spectrum_specs] == [27, 27, 27]  # tiny's coarse patches
     c = pretrain_molspectra.get_config()
     c.spectra.types = ("ir", "raman")  # the paper's "without UV-Vis" ablation
     t = molspectra.MolSpectraTrainer(
-        c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+        c, models.get_model(c.model), train.make_mesh(), spectrum_lengths=LENGTHS
     )
     assert [(s.name, s.num_patches, s.num_masked) for s in t.spectrum_specs] == [
         ("ir", 139, 14),
@@ -193,7 +193,7 @@ def test_configs_build_and_modalities_come_from_the_config():
     c.specformer.embed_dim = 32
     with pytest.raises(ValueError, match="must equal the ET width"):
         molspectra.MolSpectraTrainer(
-            c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+            c, models.get_model(c.model), train.make_mesh(), spectrum_lengths=LENGTHS
         ).check()
 
 
@@ -215,7 +215,7 @@ def test_objective_is_the_same_on_one_and_four_devices(spectra_data_dir):
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         c = _tiny_synthetic()
         trainer = molspectra.MolSpectraTrainer(
-            c, train.make_model(c), mesh, spectrum_lengths=LENGTHS
+            c, models.get_model(c.model), mesh, spectrum_lengths=LENGTHS
         )
         if state is None:
             state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
@@ -270,7 +270,7 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
     c.eval_every = 30
     c.checkpoint_every = 30
     full = str(tmp_path / "full")
-    summary = train.train_and_evaluate(c, full)
+    summary = loop.train_and_evaluate(c, full)
     assert summary["compilations"] == 1 and summary["final_step"] == 60
 
     # Retrieval: far above chance after 60 steps.
@@ -307,7 +307,7 @@ def test_stage2_tiny_end_to_end_retrieval_beats_chance_and_resumes_exactly(
     shutil.copytree(
         os.path.join(full, "checkpoints", "30"), os.path.join(resumed, "checkpoints", "30")
     )
-    summary2 = train.train_and_evaluate(c, resumed)
+    summary2 = loop.train_and_evaluate(c, resumed)
     assert summary2["start_step"] == 30
     a, b = _train_rows(full), _train_rows(resumed)
     for step in range(31, 61):
@@ -321,7 +321,7 @@ def test_learnable_temperature_is_a_parameter():
     c.loss.contrastive.learnable_temperature = True
     c.loss.contrastive.temperature = 0.2
     trainer = molspectra.MolSpectraTrainer(
-        c, train.make_model(c), train.make_mesh(), spectrum_lengths=LENGTHS
+        c, models.get_model(c.model), train.make_mesh(), spectrum_lengths=LENGTHS
     )
     shapes = jax.eval_shape(trainer.init_state, jax.random.key(0), graph.pack([], SMALL_BUDGET))
     assert shapes["params"]["contrastive"]["log_temperature"].shape == ()

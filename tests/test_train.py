@@ -16,9 +16,9 @@ import optax
 import pytest
 
 from experiments.configs import pretrain_coord, pretrain_frad
-from mspec import graph
+from mspec import graph, models
 from mspec.data import datasets, pipeline
-from mspec.training import metrics, optimizers, train
+from mspec.training import loop, metrics, optimizers, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def tiny_config(data_dir, **overrides):
 
 def test_tiny_pretraining_end_to_end(qm9_sample_dir, tmp_path):
     c = tiny_config(qm9_sample_dir, stop_after_step=6, log_every=3, eval_every=6, checkpoint_every=3)
-    summary = train.train_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
     assert summary["compilations"] == 1
     assert summary["final_step"] == 6
     assert math.isfinite(summary["eval/denoising_mse"])
@@ -61,7 +61,7 @@ def _losses_by_step(workdir):
 def test_exact_resume_after_kill(qm9_sample_dir, tmp_path):
     common = dict(log_every=1, checkpoint_every=4, eval_every=1000)
     ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
-    train.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=8, **common), ref_dir)
+    loop.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=8, **common), ref_dir)
 
     # Run the same job in a subprocess and SIGKILL it right after its step-4 checkpoint.
     args = [
@@ -83,7 +83,7 @@ def test_exact_resume_after_kill(qm9_sample_dir, tmp_path):
     finally:
         proc.wait(timeout=60)
 
-    summary = train.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=8, **common), killed_dir)
+    summary = loop.train_and_evaluate(tiny_config(qm9_sample_dir, stop_after_step=8, **common), killed_dir)
     assert summary["start_step"] == 4
     ref, resumed = _losses_by_step(ref_dir), _losses_by_step(killed_dir)
     for step in range(5, 9):
@@ -104,7 +104,7 @@ def _device_batches(qm9_sample_dir, n_dev, budget):
 def test_data_parallel_equals_single_device(qm9_sample_dir):
     assert jax.device_count() == 4
     c = tiny_config(qm9_sample_dir)
-    model = train.make_model(c)
+    model = models.get_model(c.model)
     budget = graph.Budget(n_node=97, n_edge=1800, n_graph=7, max_torsions=8)
     batch = _device_batches(qm9_sample_dir, 4, budget)
     results = []
@@ -128,7 +128,7 @@ def test_loss_decreases_when_overfitting_one_batch(qm9_sample_dir):
     c = tiny_config(qm9_sample_dir)
     c.noise.type = "coord"
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    trainer = train.Trainer(c, train.make_model(c), mesh)
+    trainer = train.Trainer(c, models.get_model(c.model), mesh)
     budget = graph.Budget(n_node=97, n_edge=1800, n_graph=7, max_torsions=8)
     batch = trainer.global_batch(_device_batches(qm9_sample_dir, 1, budget))
     params = trainer.init_state(jax.random.key(0), graph.pack([], budget))["params"]

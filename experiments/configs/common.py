@@ -46,6 +46,10 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown model size {size!r}; known: {sorted(sizes)}")
     return ml_collections.ConfigDict(
         dict(
+            # The backbone (mspec.models.ENCODERS): "et" (the Equivariant Transformer) or
+            # "painn" (PaiNN; reads hidden, num_layers, num_rbf, cutoff, max_z and ignores the
+            # ET-only keys num_heads, interlayer_norm, vector_norm, message_passing).
+            name="et",
             num_heads=8,
             cutoff=5.0,
             max_z=100,

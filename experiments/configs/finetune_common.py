@@ -17,6 +17,7 @@ def base_config(task: str, dataset: str, size: str) -> ml_collections.ConfigDict
     c.data.validation_split = "validation"
     c.data.test_split = "test"
     c.data.eval_max_molecules = 0  # 0 = the whole validation split (model selection)
+    del c.data["eval_split"]  # pre-training's; fine-tuning validates on validation_split
     c.model = common.model_config(size)
     c.target = ml_collections.ConfigDict(dict(name="", standardize=True, atomref=False))
     # Noise for Noisy Nodes: "coord" (QM9) or "frad" (MD17 sep-noisy-node).

@@ -26,27 +26,52 @@ def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("MSPEC_DATA_DIR", "~/tensorflow_datasets"))
 
 
-# name -> (module, class). Imported lazily so that importing mspec does not import RDKit.
-BUILDERS = {
-    "qm9": ("data_pipelines.qm9", "QM9"),
-    "qm9s": ("data_pipelines.qm9s", "QM9S"),
-    "pcqm4mv2": ("data_pipelines.pcqm4mv2", "PCQM4Mv2"),
-    "md17": ("data_pipelines.md17", "MD17"),
-    # Synthetic spectra on qm9/sample molecules, for tests and quick CPU runs.
-    "qm9_synthetic_spectra": ("data_pipelines.synthetic_spectra", "QM9SyntheticSpectra"),
-}
+# Builders are plug-ins: the package that defines one announces it under this entry-point group
+# (this repository's in setup.py: ``qm9 = data_pipelines.qm9:QM9``, ...), so the library names
+# no builder module and imports one only when its dataset is opened (RDKit stays unimported
+# until then). :func:`register_builder` adds one at run time.
+ENTRY_POINT_GROUP = "mspec.datasets"
+_registered: dict[str, Any] = {}
+
+
+def register_builder(name: str, builder_class) -> None:
+    """Makes ``builder_class`` (a TFDS ``GeneratorBasedBuilder``) the builder of datasets
+    ``"<name>/<config>"``, ahead of any installed entry point of that name."""
+    _registered[name] = builder_class
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)  # the first installation on the path wins, like imports
+    return found
+
+
+def known_datasets() -> list[str]:
+    """Names of every registered or installed dataset builder."""
+    return sorted({*_registered, *_entry_points()})
 
 
 def _builder_class(name: str):
-    if name not in BUILDERS:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {sorted(BUILDERS)}")
-    import importlib
-
-    module, cls = BUILDERS[name]
+    if name in _registered:
+        return _registered[name]
+    installed = _entry_points()
+    if name not in installed:
+        if not installed:
+            raise DatasetError(
+                f"unknown dataset {name!r}: no dataset builders are installed (entry-point group "
+                f"{ENTRY_POINT_GROUP!r}); install this repository with `pip install -e .`, or "
+                "call mspec.data.datasets.register_builder"
+            )
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {known_datasets()}")
     try:
-        return getattr(importlib.import_module(module), cls)
+        return installed[name].load()
     except (ImportError, AttributeError) as e:
-        raise DatasetError(f"dataset {name!r}: cannot import its builder {module}.{cls} ({e})") from e
+        raise DatasetError(
+            f"dataset {name!r}: cannot import its builder {installed[name].value} ({e})"
+        ) from e
 
 
 def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,

@@ -176,7 +176,7 @@ def write_finetune_workdir(converted: Converted, out: str, config) -> str:
         config.loss.denoising_weight = 0.0
     config.converted_from = resolved_config(converted)["converted_from"]
     finetune.check_config(config)
-    trainer = finetune.FinetuneTrainer(config, train.make_model(config), train.make_mesh())
+    trainer = finetune.FinetuneTrainer(config, models.get_model(config.model), train.make_mesh())
     state = jax.device_get(trainer.state_from_params(converted.params))
     config_json = json.loads(config.to_json_best_effort())
     with _fresh_dir(out) as staging:

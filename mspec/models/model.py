@@ -1,4 +1,9 @@
-"""The full per-device model: ET encoder plus output heads on one padded device batch.
+"""The full per-device model: an encoder (backbone) plus output heads on one padded device batch.
+
+Backbones are registered in :data:`ENCODERS` (name -> builder); :func:`get_model` builds the
+model a config's ``model`` block describes. A backbone returns per-atom scalar features
+``[N, F]`` and vector features ``[N, 3, F]``, which every head reads; its parameters live under
+``representation`` whatever the backbone, so the heads' parameter paths never change.
 
 Batch layout: :mod:`mspec.types`. Molecule-level readouts (sum over atoms, std / mean, priors,
 forces) are left to the losses; this module returns per-atom quantities only.
@@ -6,7 +11,9 @@ forces) are left to the losses; this module returns per-atom quantities only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +21,7 @@ import jax
 
 from mspec import graph
 from mspec.models.et import EquivariantTransformer
+from mspec.models.painn import PaiNN
 from mspec.models.heads import (
     AtomrefPrior,
     ElectronicSpatialExtent,
@@ -33,12 +41,55 @@ HEADS = (*PROPERTY_HEADS, "noise")
 PRIORS = ("none", "atomref")
 
 
+def _et(model: "Model", dtype) -> nn.Module:
+    return EquivariantTransformer(
+        hidden=model.hidden,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        num_rbf=model.num_rbf,
+        cutoff=model.cutoff,
+        max_z=model.max_z,
+        interlayer_norm=model.interlayer_norm,
+        vector_norm=model.vector_norm,
+        separate_noise_vectors=model.separate_noise_vectors,
+        message_passing=model.message_passing,
+        dtype=dtype,
+        name="representation",
+    )
+
+
+def _painn(model: "Model", dtype) -> nn.Module:
+    if model.separate_noise_vectors:
+        raise ValueError("separate_noise_vectors is an ET option (its final vector norm); PaiNN has none")
+    return PaiNN(
+        hidden=model.hidden,
+        num_layers=model.num_layers,
+        num_rbf=model.num_rbf,
+        cutoff=model.cutoff,
+        max_z=model.max_z,
+        dtype=dtype,
+        name="representation",
+    )
+
+
+# Backbone name (``config.model.name``) -> builder of the encoder module from the Model's
+# settings. Adding a backbone: a module in mspec/models/ and one entry here.
+ENCODERS: dict[str, Callable[["Model", Any], nn.Module]] = {"et": _et, "painn": _painn}
+# The settings only the ET reads (PaiNN ignores them, so a config may keep them).
+ET_ONLY = ("num_heads", "interlayer_norm", "vector_norm", "message_passing", "separate_noise_vectors")
+
+
 class Model(nn.Module):
-    """ET encoder + optional property, noise and prior heads.
+    """Encoder + optional property, noise and prior heads.
 
     Attributes:
-        hidden, num_layers, num_heads, num_rbf, cutoff, max_z, interlayer_norm, vector_norm,
-        message_passing: encoder settings, see :class:`mspec.models.et.EquivariantTransformer`.
+        backbone: the encoder, a key of :data:`ENCODERS`: ``"et"`` (TorchMD-Net's Equivariant
+            Transformer, :class:`mspec.models.et.EquivariantTransformer`) or ``"painn"``
+            (:class:`mspec.models.painn.PaiNN`, which ignores the :data:`ET_ONLY` settings).
+        hidden, num_layers, num_rbf, cutoff, max_z: encoder width, depth, radial basis size,
+            cutoff (Å) and embedding table size (every backbone).
+        num_heads, interlayer_norm, vector_norm, message_passing: ET settings, see
+            :class:`mspec.models.et.EquivariantTransformer`.
         heads: which heads to build (parameter subtree in brackets):
 
             * ``"scalar"`` (``scalar_head``, :class:`EquivariantScalar`): per-atom property
@@ -60,6 +111,7 @@ class Model(nn.Module):
             :class:`mspec.models.et.EquivariantTransformer`).
     """
 
+    backbone: str = "et"
     hidden: int = 256
     num_layers: int = 8
     num_heads: int = 8
@@ -98,20 +150,9 @@ class Model(nn.Module):
         if self.prior not in PRIORS:
             raise ValueError(f"Unknown prior {self.prior!r}; expected one of {PRIORS}.")
         dtype = compute_dtype(self.dtype)
-        encoded = EquivariantTransformer(
-            hidden=self.hidden,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            num_rbf=self.num_rbf,
-            cutoff=self.cutoff,
-            max_z=self.max_z,
-            interlayer_norm=self.interlayer_norm,
-            vector_norm=self.vector_norm,
-            separate_noise_vectors=self.separate_noise_vectors,
-            message_passing=self.message_passing,
-            dtype=dtype,
-            name="representation",
-        )(
+        if self.backbone not in ENCODERS:
+            raise ValueError(f"Unknown backbone {self.backbone!r}; expected one of {sorted(ENCODERS)}.")
+        encoded = ENCODERS[self.backbone](self, dtype)(
             batch["atomic_numbers"],
             batch["positions"],
             batch["senders"],
@@ -152,6 +193,33 @@ class Model(nn.Module):
             prior = AtomrefPrior(self.max_z, name="prior")(batch["atomic_numbers"])
             out["prior"] = prior.astype(x.dtype) * node_mask
         return out
+
+
+def get_model(config: Mapping[str, Any]) -> Model:
+    """The :class:`Model` a config's ``model`` block describes.
+
+    ``config["name"]`` picks the backbone (default ``"et"``); every other key is a
+    :class:`Model` attribute of that name (``heads`` may be a list). Absent keys take the
+    attribute's default (configs written before a key existed).
+
+    Raises:
+        ValueError: an unknown backbone, or a key that is not a Model attribute (a typo).
+    """
+    settings = {k: config[k] for k in config if k != "name"}
+    name = config.get("name", "et")
+    if name not in ENCODERS:
+        raise ValueError(f"unknown model.name {name!r}; known backbones: {sorted(ENCODERS)}")
+    known = {f.name for f in dataclasses.fields(Model)} - {"parent", "name", "backbone"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known | {'name'})}")
+    if "heads" in settings:
+        settings["heads"] = tuple(settings["heads"])
+    model = Model(backbone=name, **settings)
+    if name != "et" and model.separate_noise_vectors:
+        raise ValueError("model.separate_noise_vectors is an ET option; the "
+                         f"{name!r} backbone has no final vector norm to separate")
+    return model
 
 
 def count_params(params: Any) -> int:

@@ -1,6 +1,6 @@
 """Evaluation of fine-tuning checkpoints: MAE in the papers' units, results.json, parity plots.
 
-``evaluate_workdir(workdir)`` evaluates the last checkpoint (``workdir/checkpoints``) and the
+``evaluate(setup, workdir)`` evaluates the last checkpoint (``workdir/checkpoints``) and the
 best-validation one (``workdir/best``) on the validation and test splits, and writes
 
 * ``workdir/results.json``: per checkpoint and split, MAEs in training and report units (exact
@@ -8,7 +8,10 @@ best-validation one (``workdir/best``) on the validation and test splits, and wr
 * ``workdir/parity_<which>.png``: predicted vs true on the test split (MD17: energy and force
   components), with the MAE in each panel; ``results.json`` names it relative to the workdir;
 
-and prints a table of the test MAEs beside the published numbers.
+and prints a table of the test MAEs beside the published numbers. ``setup`` is the run's
+:class:`mspec.training.finetune.Setup`; :func:`mspec.training.finetune.evaluate_workdir` builds
+it from a workdir's ``config.json``. This module sits below the trainer: it reads a setup through
+its methods and never imports the fine-tuning module.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import sys
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from mspec.training import checkpoint, run_config, targets
+from mspec.training import checkpoint, targets
 
 MAX_PARITY_POINTS = 20_000
 
@@ -119,9 +121,7 @@ def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
     try:
         if ckpt.latest_step() is None:
             return None
-        from mspec.training.finetune import _dummy
-
-        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), _dummy(setup)))
+        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), setup.dummy_batch()))
         step, state, _, _ = ckpt.restore(abstract)
         return step, state["params"]
     finally:
@@ -159,30 +159,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
-                     roles=("validation", "test"), validation_max_molecules: int = 0) -> dict:
-    """Evaluates a fine-tuning workdir's last and best checkpoints; writes results.json + PNGs.
+def evaluate(setup, workdir: str, which=("last", "best"), roles=("validation", "test"),
+             validation_max_molecules: int = 0) -> dict:
+    """Evaluates a fine-tuning run's last and best checkpoints; writes results.json + PNGs.
 
-    ``validation_max_molecules`` > 0 evaluates only the first that many validation molecules
-    (the subset used for model selection); the test split is always evaluated whole.
+    Args:
+        setup: the run's :class:`mspec.training.finetune.Setup`.
+        workdir: the run's workdir (``checkpoints/``, ``best/``; results are written there).
+        which: checkpoints to evaluate, of ``"last"`` and ``"best"``.
+        roles: splits to evaluate, of ``"validation"`` and ``"test"``.
+        validation_max_molecules: > 0 evaluates only the first that many validation molecules
+            (the subset used for model selection); the test split is always evaluated whole.
     """
-    from mspec.training import finetune
-
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    if setup is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {workdir} a fine-tuning workdir?")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        task = config.get("task", "denoise")
-        if task not in finetune.TASKS:
-            raise run_config.ConfigError(
-                f"{workdir} is a pre-training workdir (config.task {task!r}); experiments.evaluate "
-                f"evaluates fine-tuning workdirs (config.task in {finetune.TASKS}). A pre-training "
-                "run's validation loss is in its metrics.jsonl (eval/... records) and TensorBoard"
-            )
-        setup = finetune.build(config)
     cfg = setup.config
     name = cfg.target.name
     train_frames = len(setup.sources["train"]) if cfg.task == "md17" else None
@@ -217,7 +206,7 @@ def evaluate_workdir(workdir: str, setup=None, which=("last", "best"),
         entry: dict[str, Any] = {"step": int(step)}
         for role in roles:
             limit = validation_max_molecules if role == "validation" and validation_max_molecules > 0 else None
-            pred = finetune.predict(setup, params, role, limit)
+            pred = setup.predict(params, role, limit)
             entry[role] = split_metrics(setup, pred)
             if role == "test":
                 png = os.path.join(workdir, f"parity_{w}.png")

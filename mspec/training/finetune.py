@@ -42,7 +42,8 @@ from mspec import graph, host_malloc, losses, models
 from mspec.data import datasets, pipeline
 from mspec.models import count_params
 from mspec.training import (
-    checkpoint, metrics, progress, restore, run_config, safeguards, schedules, stopping, targets, train,
+    checkpoint, evaluation, metrics, progress, restore, run_config, safeguards, schedules, stopping,
+    targets, train,
 )
 
 TASKS = ("qm9", "md17")
@@ -77,9 +78,8 @@ class LabeledFeaturizer:
     def raw_label(self, example) -> tuple[float, float]:
         """``(y, atom-reference sum)`` of one example, in training units (float64)."""
         if self.task == "qm9":
-            from data_pipelines.qm9pack_source import TARGET_NAMES
-
-            y = float(np.asarray(example["targets"], np.float64)[TARGET_NAMES.index(self.target)])
+            column = targets.QM9_LABEL_COLUMNS.index(self.target)
+            y = float(np.asarray(example["targets"], np.float64)[column])
             ref = targets.atomref_sum(self.target, example["atomic_numbers"]) if self.atomref else 0.0
             return y, ref
         return float(example["energy"]), 0.0
@@ -368,6 +368,14 @@ class Setup:
     budget: graph.Budget
     trainer: FinetuneTrainer
 
+    def dummy_batch(self) -> dict:
+        """An empty device batch with the run's static shapes (for initialisation)."""
+        return split_host(pack_labeled([], self.budget, self.config.task == "md17"))[0]
+
+    def predict(self, params, role: str, limit: int | None = None) -> dict[str, np.ndarray]:
+        """:func:`predict` on this set-up."""
+        return predict(self, params, role, limit)
+
 
 def target_name(config) -> str:
     return config.target.name
@@ -405,7 +413,7 @@ def build(config, mesh=None) -> Setup:
         standardizer = targets.Standardizer(**config.target.fixed_standardizer)
     featurizer = dataclasses.replace(unshifted, mean=standardizer.mean)
     budget = train.choose_budget(config, builder, featurizer, sources["train"])
-    model = train.make_model(config).clone(message_passing=message_passing_of(config))
+    model = models.get_model(config.model).clone(message_passing=message_passing_of(config))
     trainer = FinetuneTrainer(config, model, mesh, std=standardizer.std)
     return Setup(config, builder, sources, featurizer, standardizer, fitted, budget, trainer)
 
@@ -418,17 +426,12 @@ def message_passing_of(config) -> str:
     the forces, a second-order gradient, which only the XLA ops have.
     """
     chosen = config.model.get("message_passing", "xla")
-    if chosen == "auto" and config.task == "md17":
+    if chosen == "auto" and config.task == "md17" and config.model.get("name", "et") == "et":
         train.note("message passing: XLA ops (model.message_passing='auto'; MD17 trains on "
                    "forces, a second-order gradient, and the fused CPU kernels are first-order only)")
         return "xla"
     train.note_message_passing(config)
     return chosen
-
-
-def _dummy(setup: Setup) -> dict:
-    """An empty device batch with the run's static shapes (for initialisation)."""
-    return split_host(pack_labeled([], setup.budget, setup.config.task == "md17"))[0]
 
 
 def zero_scalar_readout(params: dict) -> dict:
@@ -473,7 +476,7 @@ def zero_scalar_readout(params: dict) -> dict:
 def init_params(setup: Setup) -> dict:
     """Fresh parameters, then the configured subtrees from a pre-training checkpoint."""
     cfg = setup.config
-    params = jax.jit(setup.trainer.model.init)(jax.random.key(cfg.seed), _dummy(setup))["params"]
+    params = jax.jit(setup.trainer.model.init)(jax.random.key(cfg.seed), setup.dummy_batch())["params"]
     if cfg.init.get("zero_scalar_readout", False):
         # Before the restore, so a checkpoint that holds a trained scalar head still replaces it.
         params = zero_scalar_readout(params)
@@ -572,6 +575,30 @@ def _replicate_scalars(trainer, state, **values):
     return new
 
 
+def evaluate_workdir(workdir: str, which=("last", "best"), roles=("validation", "test")) -> dict:
+    """Evaluates a fine-tuning workdir's last and best checkpoints (:func:`evaluation.evaluate`),
+    rebuilding the run's set-up from its ``config.json``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``workdir``.
+        run_config.ConfigError: ``workdir`` is a pre-training run.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a fine-tuning workdir?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    task = config.get("task", "denoise")
+    if task not in TASKS:
+        raise run_config.ConfigError(
+            f"{workdir} is a pre-training workdir (config.task {task!r}); experiments.evaluate "
+            f"evaluates fine-tuning workdirs (config.task in {TASKS}). A pre-training "
+            "run's validation loss is in its metrics.jsonl (eval/... records) and TensorBoard"
+        )
+    return evaluation.evaluate(build(config), workdir, which=which, roles=roles)
+
+
 def finetune_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -582,14 +609,13 @@ def finetune_and_evaluate(
     """Runs (or resumes) fine-tuning, then evaluates the last and best checkpoints.
 
     ``allow_config_change`` and ``checkpoint_every_minutes`` as in
-    :func:`mspec.training.train.train_and_evaluate`.
+    :func:`mspec.training.loop.train_and_evaluate`.
 
     Returns the run summary (also the content of ``results.json`` when training finished).
 
     Raises:
       stopping.Stopped: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
     """
-    from mspec.training import evaluation  # matplotlib only when needed
 
     check_config(config)  # before touching any data
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -613,7 +639,7 @@ def finetune_and_evaluate(
     best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
     data_position, start_step, saved_config = 0, 0, None
     if ckpt.latest_step() is not None:
-        abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), _dummy(setup)))
+        abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), setup.dummy_batch()))
         start_step, state, saved_config, data = ckpt.restore(abstract, check_config=check, fallback=True)
         data_position = int(data["next_index"])
         train.note(f"resumed from step {start_step} (data position {data_position})")
@@ -697,8 +723,8 @@ def finetune_and_evaluate(
         train.note(f"stopped at step {step} of {total} (stop_after_step); rerun to continue")
         return summary
     ev = config.get("evaluate") or {}
-    results = evaluation.evaluate_workdir(
-        workdir, setup=setup, which=tuple(ev.get("checkpoints", ("last", "best"))),
+    results = evaluation.evaluate(
+        setup, workdir, which=tuple(ev.get("checkpoints", ("last", "best"))),
         validation_max_molecules=int(ev.get("validation_max_molecules", 0)),
     )
     summary["results"] = results

@@ -1,7 +1,7 @@
 """MolSpectra stage-2 pre-training: denoising + masked-patch reconstruction + 3D->spectrum InfoNCE.
 
 Written from ``docs/spec/molspectra.md`` §4–§6. :class:`MolSpectraTrainer` plugs into the
-shared loop of :mod:`mspec.training.train` (``config.task = "molspectra"``) and changes:
+shared loop of :mod:`mspec.training.loop` (``config.task = "molspectra"``) and changes:
 
 * **parameters**: the ET model's subtrees (``representation``, ``noise_head``, ...) plus
   ``specformer`` and, with a learnable temperature, ``contrastive/log_temperature``. The ET

@@ -34,12 +34,16 @@ OPERATIONAL_KEYS = (
 # Keys added after runs were written, with the value that those runs used: a stored config
 # without one compares as if it had it (so older workdirs still resume).
 DEFAULTS_OF_NEWER_KEYS = {
+    "model.name": "et",
     "model.dtype": "float32",
     "model.vector_norm": "whitened",
     "model.prior": "none",
     "model.separate_noise_vectors": False,
     "init.zero_scalar_readout": False,
 }
+# Keys that configs no longer carry where nothing read them, with the reason: a stored config
+# that still has one resumes as if it had not (fine-tuning evaluates data.validation_split).
+RETIRED_KEYS = {"data.eval_split": "read by pre-training only"}
 # Pre-training only: its validation does not feed back into training (fine-tuning's does, through
 # the best checkpoint and the plateau schedule).
 PRETRAIN_EVAL_KEYS = ("eval_every", "data.eval_max_molecules", "data.eval_split")
@@ -141,6 +145,9 @@ def check_resume(
       ConfigError: one line listing the differing keys with both values.
     """
     old, new = ({**DEFAULTS_OF_NEWER_KEYS, **flatten(c)} for c in (stored, current))
+    for key in RETIRED_KEYS:
+        if key not in new:
+            old.pop(key, None)
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     differing = [k for k in differing if not _under(k, operational)]
     model = [k for k in differing if k.startswith("model.")]

@@ -29,6 +29,12 @@ EV_TO_MEV = 1000.0
 HARTREE_TO_KCAL_PER_MOL = 627.509474063
 BOHR_TO_ANGSTROM = 0.529177210903
 
+# The order of the 15 labels in a qm9 record's ``targets`` vector: PyG's first 12 columns of
+# ``y`` (energies in eV), then the rotational constants A, B, C (GHz). The builders write this
+# order (``data_pipelines/qm9pack_source.py``; a test checks that the two agree).
+QM9_LABEL_COLUMNS = (
+    "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "cv", "A", "B", "C",
+)
 QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "cv")
 _EV_TARGETS = ("homo", "lumo", "gap", "zpve", "U0", "U", "H", "G")
 # target -> (training unit, report unit, factor training -> report)
