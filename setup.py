@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     # Parity plots of fine-tuning results (mspec.training.evaluation).
     "matplotlib==3.11.2",
+    # The PaiNN backbone's radial basis (mspec.models.painn); also the equivariance tests' tools.
+    "e3nn-jax==0.21.0",
 ]
 
 # Quantum chemistry, only to (re)compute data: the spectra pipeline (data_pipelines/spectra:
@@ -38,9 +40,8 @@ ASE = ["ase==3.29.0"]
 EXTRAS_REQUIRE = {
     "spectra": COMPUTE,
     "ase": ASE,
-    # e3nn: equivariance-test utilities; the compute stack: the spectra / MD pipeline tests;
-    # ase: the calculator's tests.
-    "test": ["pytest>=8", "tensorboard==2.21.0", "e3nn-jax==0.21.0", *COMPUTE, *ASE],
+    # The compute stack: the spectra / MD pipeline tests; ase: the calculator's tests.
+    "test": ["pytest>=8", "tensorboard==2.21.0", *COMPUTE, *ASE],
 }
 
 setup(

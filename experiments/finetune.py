@@ -28,9 +28,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from mspec.training import finetune  # Imported after flag parsing: JAX starts here.
+    from mspec.training import loop  # Imported after flag parsing: JAX starts here.
 
-    finetune.finetune_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from data_pipelines.spectra import inputs
 from mspec import ase as mspec_ase
 from mspec import inference
 from mspec.data import datasets
-from mspec.training import finetune
+from mspec.training import loop
 
 SHIPPED_ETHANOL = os.path.join(os.path.dirname(md17.__file__), "md17_gfn2_data", "md17_ethanol.npz")
 KCAL_PER_MOL = units.kcal / units.mol  # eV
@@ -37,7 +37,7 @@ def ethanol(tmp_path_factory):
     c.evaluate.checkpoints = ("last",)
     c.evaluate.validation_max_molecules = 8
     workdir = str(d / "run")
-    finetune.finetune_and_evaluate(c, workdir)
+    loop.train_and_evaluate(c, workdir)
     return workdir, c
 
 

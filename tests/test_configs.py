@@ -197,11 +197,11 @@ def test_every_key_of_the_tiny_configs_is_read(qm9_sample_dir, monkeypatch, tmp_
         qm9.data.eval_max_molecules = 16
         qm9.evaluate.validation_max_molecules = 16
         qm9.init.checkpoint = str(tmp_path / "frad")
-        finetune.finetune_and_evaluate(qm9, str(tmp_path / "qm9"))
+        loop.train_and_evaluate(qm9, str(tmp_path / "qm9"))
 
         md17 = _short(finetune_md17.get_config("tiny,noisy"), qm9_sample_dir)
         md17.init.checkpoint = str(tmp_path / "frad")
-        finetune.finetune_and_evaluate(md17, str(tmp_path / "md17"))
+        loop.train_and_evaluate(md17, str(tmp_path / "md17"))
 
     unread = {name: [k for k in recorder.unread(c) if k not in READ_CONDITIONALLY]
               for name, c in (("frad", frad), ("molspectra", stage2), ("qm9", qm9), ("md17", md17))}

@@ -167,13 +167,13 @@ def test_finetuning_kill_between_the_best_and_the_periodic_checkpoint(qm9_sample
     }
     ref, workdir = str(tmp_path / "ref"), str(tmp_path / "run")
     config = lambda: _apply(finetune_qm9.get_config("tiny"), qm9_sample_dir, flags)  # noqa: E731
-    finetune.finetune_and_evaluate(config(), ref)
+    loop.train_and_evaluate(config(), ref)
     p = run_with_fault("kill_before_save@4", "experiments.finetune",
                        "experiments/configs/finetune_qm9.py:tiny", workdir, qm9_sample_dir, flags)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert os.listdir(os.path.join(workdir, "best")) == ["4"]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
-    summary = finetune.finetune_and_evaluate(config(), workdir)
+    summary = loop.train_and_evaluate(config(), workdir)
     assert summary["start_step"] == 2 and summary["final_step"] == 6
     for key in ("train/loss", "eval/metric"):
         assert by_step(workdir, key) == by_step(ref, key), key

@@ -12,7 +12,7 @@ from data_pipelines.fixtures import md17 as md17_fixture
 from experiments.configs import finetune_md17, finetune_qm9
 from mspec import graph, models
 from mspec.data import pipeline
-from mspec.training import checkpoint, finetune, restore, run_config, schedules, targets, train
+from mspec.training import checkpoint, finetune, loop, restore, run_config, schedules, targets, train
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_message_passing_auto_is_fused_for_qm9_and_xla_for_md17_forces(capsys):
 def test_tiny_qm9_run_beats_the_train_mean(qm9_sample_dir, tmp_path):
     c = finetune_qm9.get_config("tiny")
     c.data.data_dir = qm9_sample_dir
-    summary = finetune.finetune_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
     assert summary["compilations"] == 1
     res = summary["results"]
     for which in ("last", "best"):
@@ -299,9 +299,9 @@ def _md17_tiny(md17_fixture_dir, data_dir, **overrides):
 def test_md17_resume_is_exact(md17_fixture_dir, tmp_path):
     data_dir = str(tmp_path / "tfds")
     ref, resumed = str(tmp_path / "ref"), str(tmp_path / "resumed")
-    finetune.finetune_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6), ref)
-    finetune.finetune_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=3), resumed)
-    summary = finetune.finetune_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6), resumed)
+    loop.train_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6), ref)
+    loop.train_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=3), resumed)
+    summary = loop.train_and_evaluate(_md17_tiny(md17_fixture_dir, data_dir, stop_after_step=6), resumed)
     assert summary["start_step"] == 3 and summary["final_step"] == 6
 
     def final_state(workdir):
@@ -332,7 +332,7 @@ def test_evaluate_options_select_checkpoints_and_the_validation_subset(qm9_sampl
     c.data.train_split = "train[:100]"
     c.evaluate.checkpoints = ("best",)
     c.evaluate.validation_max_molecules = 30
-    res = finetune.finetune_and_evaluate(c, str(tmp_path))["results"]
+    res = loop.train_and_evaluate(c, str(tmp_path))["results"]
     assert "last" not in res and res["best"]["validation"]["n"] == 30
     assert res["best"]["test"]["n"] == 200 and res["split_sizes"]["train"] == 100
     c.evaluate.checkpoints = ("final",)

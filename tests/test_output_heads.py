@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 from mspec import elements, graph, models
 from mspec.data import pipeline
 from mspec.models import heads
-from mspec.training import finetune, run_config
+from mspec.training import finetune, loop, run_config
 
 SMALL = dict(hidden=32, num_layers=2, num_heads=4, num_rbf=8, cutoff=5.0, max_z=10,
              interlayer_norm="affine")
@@ -226,7 +226,7 @@ def test_tiny_qm9_runs_with_frads_heads_beat_the_train_mean(qm9_sample_dir, tmp_
     c.data.data_dir = qm9_sample_dir
     c.evaluate.checkpoints = ("last",)
     c.total_steps = c.optim.restart_period = c.eval_every = c.checkpoint_every = 80
-    summary = finetune.finetune_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
     test = summary["results"]["last"]["test"]
     # Measured at 80 steps: mu 0.96 vs 1.26 D, r2 85 vs 220 a0^2, U0 2.0 vs 8.2 eV.
     assert np.isfinite(test["mae"]) and test["mae"] < 0.85 * test["train_mean_mae"], test

@@ -523,7 +523,7 @@ def test_every_task_runs_with_painn_and_only_the_backbone_name_changed(qm9_sampl
     for name, module, variant in (("qm9", finetune_qm9, "tiny"), ("md17", finetune_md17, "tiny,noisy")):
         c = tiny(module, variant)
         c.init.checkpoint = str(tmp_path / "frad")
-        runs[name] = finetune.finetune_and_evaluate(c, str(tmp_path / name))
+        runs[name] = loop.train_and_evaluate(c, str(tmp_path / name))
     for name in ("frad", "coord"):
         assert runs[name]["final_step"] == 2 and np.isfinite(runs[name]["eval/denoising_mse"]), runs[name]
     assert np.isfinite(runs["molspectra"]["eval/contrastive"]), runs["molspectra"]

@@ -17,7 +17,7 @@ from data_pipelines.spectra import inputs
 from experiments import predict
 from experiments.configs import finetune_qm9, pretrain_frad
 from mspec import graph, inference, models
-from mspec.training import checkpoint, finetune, run_config
+from mspec.training import checkpoint, finetune, loop, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TEST = 40  # test-split molecules compared with the evaluation
@@ -36,7 +36,7 @@ def u0(qm9_sample_dir, tmp_path_factory):
     c.evaluate.checkpoints = ("last",)
     c.evaluate.validation_max_molecules = 8
     workdir = str(tmp_path_factory.mktemp("ft_u0") / "run")
-    finetune.finetune_and_evaluate(c, workdir)
+    loop.train_and_evaluate(c, workdir)
     return workdir, c
 
 

@@ -107,7 +107,7 @@ def define_run_flags() -> None:
 
 
 def run_options() -> dict:
-    """The keyword arguments of ``train_and_evaluate`` / ``finetune_and_evaluate`` from the flags
+    """The keyword arguments of ``mspec.training.loop.train_and_evaluate`` from the flags
     of :func:`define_run_flags`."""
     return dict(
         allow_config_change=tuple(flags.FLAGS.allow_config_change),

@@ -1,8 +1,10 @@
 """Fine-tuning on QM9 properties or MD17 energies and forces, and evaluation in the papers' units.
 
-``finetune_and_evaluate(config, workdir)`` trains (or resumes), keeps the last checkpoints in
-``workdir/checkpoints`` and the best-validation one in ``workdir/best``, then evaluates both on the
-validation and test splits and writes ``workdir/results.json`` and parity plots
+The fine-tuning trainer, its set-up (:func:`build`), prediction and model-selection metric, and
+:func:`evaluate_workdir`. The loop is :func:`mspec.training.loop.train_and_evaluate` (with
+:class:`mspec.training.tasks.Finetuning`): it trains (or resumes), keeps the last checkpoints in
+``workdir/checkpoints`` and the best-validation one in ``workdir/best``, then evaluates both on
+the validation and test splits and writes ``workdir/results.json`` and parity plots
 (:mod:`mspec.training.evaluation`).
 
 The step (one jitted function over a global batch ``[D, ...]`` sharded on the ``"data"`` mesh
@@ -41,10 +43,7 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, host_malloc, losses, models
 from mspec.data import datasets, pipeline
 from mspec.models import count_params
-from mspec.training import (
-    checkpoint, evaluation, metrics, progress, restore, run_config, safeguards, schedules, stopping,
-    targets, train,
-)
+from mspec.training import evaluation, restore, run_config, schedules, targets, train
 
 TASKS = ("qm9", "md17")
 HOST_PREFIX = "_"  # packed keys that stay on the host (float64 bookkeeping for evaluation)
@@ -560,7 +559,7 @@ def describe_validation(setup: Setup, pred: dict, value: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# Running and evaluating (the loop itself is mspec.training.loop's, with tasks.Finetuning)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -568,7 +567,8 @@ def _resolved_config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _replicate_scalars(trainer, state, **values):
+def replicate_scalars(trainer, state, **values):
+    """``state`` with the named scalars replaced (host values, replicated like the state)."""
     new = dict(state)
     for k, v in values.items():
         new[k] = jax.device_put(jnp.asarray(v, state[k].dtype), trainer.replicated)
@@ -597,135 +597,3 @@ def evaluate_workdir(workdir: str, which=("last", "best"), roles=("validation", 
             "run's validation loss is in its metrics.jsonl (eval/... records) and TensorBoard"
         )
     return evaluation.evaluate(build(config), workdir, which=which, roles=roles)
-
-
-def finetune_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    allow_config_change: tuple[str, ...] = (),
-    checkpoint_every_minutes: float = 30.0,
-) -> dict[str, Any]:
-    """Runs (or resumes) fine-tuning, then evaluates the last and best checkpoints.
-
-    ``allow_config_change`` and ``checkpoint_every_minutes`` as in
-    :func:`mspec.training.loop.train_and_evaluate`.
-
-    Returns the run summary (also the content of ``results.json`` when training finished).
-
-    Raises:
-      stopping.Stopped: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
-    """
-
-    check_config(config)  # before touching any data
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    config_json, changed = _resolved_config_json(config), []
-    check = safeguards.resume_check(config_json, ckpt, allow_config_change, run_config.OPERATIONAL_KEYS, changed)
-    try:
-        safeguards.check_latest_config(ckpt, check)  # a refused resume fails before any data is read
-    except run_config.ConfigError:
-        ckpt.close(quiet=True)
-        raise
-    setup = build(config)
-    trainer = setup.trainer
-    train.note(
-        f"devices: {jax.device_count()} ({jax.devices()[0].platform}); per-device budget: "
-        f"{setup.budget}; target {target_name(config)}: mean {setup.standardizer.mean:.6g}, "
-        f"std {setup.standardizer.std:.6g} ({'standardised' if config.target.standardize else 'not standardised'}"
-        f"{', QM9 atom references subtracted' if config.target.atomref else ''})"
-    )
-    best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
-    data_position, start_step, saved_config = 0, 0, None
-    if ckpt.latest_step() is not None:
-        abstract = checkpoint.abstract_like(trainer.init_state(jax.random.key(0), setup.dummy_batch()))
-        start_step, state, saved_config, data = ckpt.restore(abstract, check_config=check, fallback=True)
-        data_position = int(data["next_index"])
-        train.note(f"resumed from step {start_step} (data position {data_position})")
-    else:
-        train.note(f"no checkpoint yet in {ckpt.directory}: starting from step 0")
-        state = trainer.state_from_params(init_params(setup))
-    safeguards.record_config(workdir, config_json, start_step, changed, saved_config)
-
-    plateau = schedules.Plateau(
-        factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
-        threshold=config.optim.plateau_threshold, lr_min=config.optim.lr_min, base_lr=config.optim.lr,
-    )
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
-    it = batches(setup, "train", shuffle=True, repeat=True, start=data_position)
-    total = config.total_steps
-    stop = min(total, config.stop_after_step) if config.stop_after_step > 0 else total
-    step, pending, molecules = start_step, [], 0.0
-    prog = progress.Progress(start_step, stop)
-    summary: dict[str, Any] = {"start_step": start_step}
-    failed = True
-    with stopping.StopSignals() as signals:
-        extra = stopping.ExtraSaves(signals, checkpoint_every_minutes, config.log_every)
-        try:
-            while step < stop:
-                local = next(it)
-                molecules += float(np.sum(local["graph_mask"]))
-                dev, _ = split_host(local)
-                state, m = trainer.update_fn(state, trainer.global_batch(dev))
-                pending.append(m)
-                step += 1
-                ckpt.poll()  # a failed background save stops the run now, not at the next save
-                if step % config.log_every == 0 or step == stop:
-                    means = safeguards.mean_measurements(pending, step, ckpt)
-                    rate, eta = prog.interval(step, molecules * jax.process_count())
-                    writer.write(step, {**{f"train/{k}": v for k, v in means.items()},
-                                        "train/molecules_per_s": rate})
-                    train.note(
-                        f"step {step}/{total} | loss {means['loss']:.5g} | lr {means['lr']:.2e} | "
-                        f"{rate:.1f} mol/s | ETA {progress.format_eta(eta)}"
-                    )
-                    summary["train_loss"] = means["loss"]
-                    pending, molecules = [], 0.0
-                save_now, stop_now = extra.check(step)
-                if step % config.eval_every == 0 or (step == stop and not stop_now):
-                    pred = predict(setup, state["params"], "validation", config.data.eval_max_molecules or None)
-                    val = validation_metric(setup, pred)
-                    scalars = {"eval/metric": val}
-                    if config.optim.schedule == "plateau":
-                        lr_scale, best, bad = plateau.update(
-                            float(state["lr_scale"]), float(state["plateau_best"]), int(state["plateau_bad"]), val
-                        )
-                        state = _replicate_scalars(trainer, state, lr_scale=lr_scale, plateau_best=best, plateau_bad=bad)
-                        scalars["eval/lr_scale"] = lr_scale
-                    writer.write(step, scalars)
-                    improved = val < float(state["best_val"])
-                    train.note(f"step {step} | {describe_validation(setup, pred, val)}"
-                               + (" (best so far)" if improved else ""))
-                    if improved:
-                        state = _replicate_scalars(trainer, state, best_val=val, best_step=step)
-                        # A run killed after this save and before the periodic checkpoint of the
-                        # same step replays to here on resume; the resumed state is bitwise the
-                        # one already saved, so the existing best/<step> stands.
-                        if best_ckpt.latest_step() != step:
-                            safeguards.save_checkpoint(best_ckpt, step, state, config_json, it.state(),
-                                                       "best validation")
-                    prog.pause()
-                if safeguards.end_of_step_save(
-                    ckpt, writer, extra, step, state, config_json, it.state,
-                    periodic=step % config.checkpoint_every == 0 or step == stop,
-                    save_now=save_now, stop_now=stop_now,
-                ):
-                    prog.pause()
-            failed = False
-        finally:
-            it.close()
-            ckpt.close(quiet=failed)
-            best_ckpt.close(quiet=failed)
-            writer.close()
-    summary.update(final_step=step, compilations=trainer.traces)
-    if step < total:
-        train.note(f"stopped at step {step} of {total} (stop_after_step); rerun to continue")
-        return summary
-    ev = config.get("evaluate") or {}
-    results = evaluation.evaluate(
-        setup, workdir, which=tuple(ev.get("checkpoints", ("last", "best"))),
-        validation_max_molecules=int(ev.get("validation_max_molecules", 0)),
-    )
-    summary["results"] = results
-    return summary
