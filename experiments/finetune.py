@@ -6,6 +6,8 @@
 
 Re-running with the same --workdir resumes from its latest checkpoint. At the end the last and
 best-validation checkpoints are evaluated (results.json, parity_*.png in the workdir).
+Multi-process runs are started with ./launch.sh, as pre-training's: the global batch, and so the
+run, does not depend on the number of processes.
 """
 
 from absl import app, flags, logging
@@ -28,7 +30,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from mspec.training import loop  # Imported after flag parsing: JAX starts here.
+    from mspec.training import distributed
+
+    # Before anything touches a JAX device: joins the other processes of a multi-process run.
+    distributed.initialize()
+    from mspec.training import loop
 
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, **cli.run_options())
 

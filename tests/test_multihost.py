@@ -5,6 +5,7 @@ for 1) with a timeout. Compilations go to a persistent JAX cache (``$MSPEC_TEST_
 default ``$TMPDIR/mspec_test_jax_cache``), so re-runs skip most compile time.
 """
 
+import json
 import os
 import re
 import shlex
@@ -108,6 +109,36 @@ def test_two_processes_give_the_losses_and_gradients_of_one(qm9_sample_dir, tmp_
     assert len(nonzero) > len(grad_keys) // 2  # the comparison below is not vacuous
     for k in grad_keys:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_fine_tuning_in_two_processes_is_the_run_of_one(qm9_sample_dir, tmp_path):
+    """The same loop and per-slot data streams as pre-training: QM9 fine-tuning with 2 processes
+    x 2 devices trains on the same global batches as 1 x 4 (same losses), selects the same best
+    checkpoint and evaluates the same test MAE (predictions gathered from both processes)."""
+    runs = {}
+    for name, launch in (("one", _one_process), ("two", _two_processes)):
+        runs[name] = str(tmp_path / name)
+        launch(
+            "experiments.finetune", "--config", "experiments/configs/finetune_qm9.py:tiny",
+            f"--config.data.data_dir={qm9_sample_dir}", "--config.model.hidden=32",
+            "--config.model.num_layers=1", "--config.batch_size=8", "--config.total_steps=4",
+            "--config.optim.warmup_steps=1", "--config.log_every=1", "--config.eval_every=2",
+            "--config.checkpoint_every=2", "--config.data.eval_max_molecules=24",
+            "--workdir", runs[name],
+        )
+    one, two = _train_losses(runs["one"]), _train_losses(runs["two"])
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    results = {}
+    for name, workdir in runs.items():
+        with open(os.path.join(workdir, "results.json")) as f:
+            results[name] = json.load(f)
+    for which in ("last", "best"):
+        assert results["two"][which]["step"] == results["one"][which]["step"]
+        for role in ("validation", "test"):
+            a, b = results["one"][which][role], results["two"][which][role]
+            assert b["n"] == a["n"] > 0 and b["mae"] == pytest.approx(a["mae"], rel=1e-5), (which, role)
 
 
 # --------------------------------------------------------------------------------------------------

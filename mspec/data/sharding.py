@@ -103,6 +103,8 @@ class SlotBatchIterator:
         :class:`pipeline.PackedBatchIterator`.
       num_threads, num_workers: grain reader threads / worker processes, per slot (see
         :class:`pipeline.PackedBatchIterator`).
+      pack_fn: ``(molecules, budget) -> device batch`` (default :func:`graph.pack`; fine-tuning
+        packs its labels too).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class SlotBatchIterator:
         prefetch: int = 4,
         num_threads: int = 0,
         num_workers: int = 0,
+        pack_fn=graph.pack,
     ):
         self.slots = list(slots)
         self.num_slots = num_slots
@@ -129,7 +132,7 @@ class SlotBatchIterator:
         if len(start) != len(self.slots):
             raise ValueError(f"{len(start)} start positions for {len(self.slots)} slots")
         self._pad_forever = pad_forever
-        self._padding = graph.stack([graph.pack([], budget)])
+        self._padding = graph.stack([pack_fn([], budget)])
         self._iters = [
             pipeline.PackedBatchIterator(
                 slot_stream(
@@ -148,6 +151,7 @@ class SlotBatchIterator:
                 prefetch=prefetch,
                 num_threads=num_threads,
                 num_workers=num_workers,
+                pack_fn=pack_fn,
             )
             for s, k in zip(self.slots, start)
         ]

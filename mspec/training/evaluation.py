@@ -172,6 +172,8 @@ def evaluate(setup, workdir: str, which=("last", "best"), roles=("validation", "
             (the subset used for model selection); the test split is always evaluated whole.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    # Every process predicts (the predictions are gathered collectively); process 0 writes.
+    writer = jax.process_index() == 0
     cfg = setup.config
     name = cfg.target.name
     train_frames = len(setup.sources["train"]) if cfg.task == "md17" else None
@@ -210,11 +212,13 @@ def evaluate(setup, workdir: str, which=("last", "best"), roles=("validation", "
             entry[role] = split_metrics(setup, pred)
             if role == "test":
                 png = os.path.join(workdir, f"parity_{w}.png")
-                parity_plot(
-                    cfg.task, name, pred, png, f"{cfg.data.dataset} {name}: {w} checkpoint (step {step}), test"
-                )
+                if writer:
+                    parity_plot(cfg.task, name, pred, png,
+                                f"{cfg.data.dataset} {name}: {w} checkpoint (step {step}), test")
                 entry["parity_plot"] = os.path.relpath(png, workdir)  # the workdir can move
         results[w] = entry
+    if not writer:
+        return results
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)

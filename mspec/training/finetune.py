@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mspec import graph, host_malloc, losses, models
-from mspec.data import datasets, pipeline
+from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
 from mspec.training import evaluation, restore, run_config, schedules, targets, train
 
@@ -334,7 +334,6 @@ class FinetuneTrainer:
             "params": params,
             "opt": self.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
-            "energy_ema": jnp.full((), jnp.nan, jnp.float32),
             # ReduceLROnPlateau and best-validation bookkeeping (host-updated, checkpointed).
             "lr_scale": jnp.ones((), jnp.float32),
             "plateau_best": jnp.full((), jnp.inf, jnp.float32),
@@ -342,7 +341,12 @@ class FinetuneTrainer:
             "best_val": jnp.full((), jnp.inf, jnp.float32),
             "best_step": jnp.full((), -1, jnp.int32),
         }
-        return jax.device_put(state, self.replicated)
+        state = jax.device_put(state, self.replicated)
+        # The energy EMA starts as NaN ("no previous step"). A multi-process device_put checks
+        # that every process passes equal values, and NaN never equals NaN: made on the mesh.
+        state["energy_ema"] = jax.jit(lambda: jnp.full((), jnp.nan, jnp.float32),
+                                      out_shardings=self.replicated)()
+        return state
 
     def global_batch(self, local_batch: dict) -> dict:
         return {
@@ -393,8 +397,10 @@ def build(config, mesh=None) -> Setup:
     """Dataset, standardiser, featuriser, budgets, model and trainer for a fine-tuning config."""
     check_config(config)
     mesh = mesh or train.make_mesh()
+    # Several processes must not build the same dataset concurrently: prepare it beforehand.
     builder = datasets.get_builder(
-        config.data.dataset, config.data.data_dir or None, manual_dir=config.data.manual_dir or None
+        config.data.dataset, config.data.data_dir or None, build=jax.process_count() == 1,
+        manual_dir=config.data.manual_dir or None,
     )
     sources = {
         role: datasets.open_split(builder, config.data[f"{role}_split"])
@@ -491,44 +497,84 @@ def init_params(setup: Setup) -> dict:
     return params
 
 
-def batches(setup: Setup, role: str, *, shuffle: bool, repeat: bool, start: int = 0,
-            limit: int | None = None) -> pipeline.PackedBatchIterator:
-    ds = pipeline.make_grain_dataset(
-        setup.sources[role], setup.featurizer, seed=setup.config.seed, shuffle=shuffle,
-        repeat=repeat, process_index=jax.process_index(), process_count=jax.process_count(),
-        limit=limit,
-    )
-    return pipeline.PackedBatchIterator(
-        ds, setup.budget, jax.local_device_count(), start=start,
-        prefetch=setup.config.data.prefetch,
+def batches(setup: Setup, role: str, *, shuffle: bool, repeat: bool, start=None,
+            limit: int | None = None, pad_forever: bool = False) -> sharding.SlotBatchIterator:
+    """Process-local rows ``[L, ...]`` of the global batches of a split: one packed stream per
+    device slot (:mod:`mspec.data.sharding`), so the global batch does not depend on the number
+    of processes, and on one device it is the split's single stream.
+
+    ``start``: per-slot positions (:func:`sharding.start_positions`); default the start.
+    """
+    num_slots = jax.device_count()
+    data = setup.config.data
+    return sharding.SlotBatchIterator(
+        setup.sources[role], setup.featurizer, setup.budget,
+        slots=sharding.local_slots(setup.trainer.data_sharding, num_slots), num_slots=num_slots,
+        seed=setup.config.seed, shuffle=shuffle, repeat=repeat, limit=limit, start=start,
+        pad_forever=pad_forever, prefetch=data.prefetch,
+        num_threads=data.get("num_threads", 0), num_workers=data.get("num_workers", 0),
         pack_fn=functools.partial(pack_labeled, with_forces=setup.config.task == "md17"),
     )
 
 
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a ``[D, ...]`` global array, in local-row (slot) order."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
 def predict(setup: Setup, params, role: str, limit: int | None = None) -> dict[str, np.ndarray]:
-    """Clean predictions over a split (this process's share), in training units, float64.
+    """Clean predictions over a split (its first ``limit`` molecules), in training units, float64,
+    in the split's order; gathered from every process, so each returns the same arrays (a
+    collective when there are several: every process must call it).
 
     Returns ``y_true [M]``, ``y_pred [M]``, ``ref [M]`` (atom references), and for MD17
     ``f_true [A, 3]``, ``f_pred [A, 3]`` over all real atoms.
     """
-    it = batches(setup, role, shuffle=False, repeat=False, limit=limit)
-    out = {k: [] for k in ("y_true", "y_pred", "ref", "f_true", "f_pred")}
-    offset_mean = setup.standardizer.mean
+    num_slots = jax.device_count()
+    it = batches(setup, role, shuffle=False, repeat=False, limit=limit, pad_forever=True)
+    slots = np.asarray(it.slots, np.int32)  # local row j holds device slot slots[j]
+    delivered = np.zeros(num_slots, np.int64)  # molecules of each slot's stream so far
+    found: list[tuple[int, tuple]] = []  # (split position, per-molecule values)
+    md17 = setup.config.task == "md17"
     try:
         for local in it:
             dev, host = split_host(local)
-            res = jax.device_get(setup.trainer.predict_fn(params, setup.trainer.global_batch(dev)))
-            gm = local["graph_mask"]
-            out["y_true"].append(host["_y"][gm])
-            out["ref"].append(host["_ref"][gm])
-            out["y_pred"].append(np.asarray(res["pred"], np.float64)[gm] + offset_mean + host["_ref"][gm])
-            if "forces" in res:
-                nm = local["node_mask"]
-                out["f_true"].append(np.asarray(local["forces"], np.float64)[nm])
-                out["f_pred"].append(np.asarray(res["forces"], np.float64)[nm])
+            res = setup.trainer.predict_fn(params, setup.trainer.global_batch(dev))
+            rows = {"slot": slots, "gm": local["graph_mask"], "y": host["_y"], "ref": host["_ref"],
+                    "pred": _local_rows(res["pred"])}
+            if md17:
+                rows.update(nm=local["node_mask"], ng=local["node_graph"], f_true=local["forces"],
+                            f_pred=_local_rows(res["forces"]))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                gathered = multihost_utils.process_allgather(rows)  # [P, L, ...] each
+                rows = {k: np.asarray(v).reshape(-1, *np.shape(v)[2:]) for k, v in gathered.items()}
+            if not np.asarray(rows["gm"], bool).any():  # every slot exhausted (on every process)
+                break
+            for r, slot in enumerate(rows["slot"]):
+                # Slot s delivers stream positions s, s + D, s + 2D, ... (unshuffled: the split's).
+                for g in np.flatnonzero(rows["gm"][r]):
+                    position = int(slot + num_slots * delivered[slot])
+                    delivered[slot] += 1
+                    values = (rows["y"][r, g], rows["ref"][r, g], rows["pred"][r, g])
+                    if md17:
+                        atoms = np.asarray(rows["nm"][r], bool) & (rows["ng"][r] == g)
+                        values += (rows["f_true"][r][atoms], rows["f_pred"][r][atoms])
+                    found.append((position, values))
     finally:
         it.close()
-    return {k: np.concatenate(v) for k, v in out.items() if v}
+    if not found:
+        return {}
+    found.sort(key=lambda item: item[0])
+    columns = list(zip(*(values for _, values in found)))
+    y, ref, pred = (np.asarray(c, np.float64) for c in columns[:3])
+    out = {"y_true": y, "ref": ref, "y_pred": pred + setup.standardizer.mean + ref}
+    if md17:
+        out["f_true"] = np.concatenate(columns[3]).astype(np.float64)
+        out["f_pred"] = np.concatenate(columns[4]).astype(np.float64)
+    return out
 
 
 def validation_metric(setup: Setup, pred: dict) -> float:

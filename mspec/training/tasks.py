@@ -193,8 +193,13 @@ class Finetuning:
         return self.trainer.state_from_params(finetune.init_params(self.setup))
 
     def open_batches(self, data: dict | None) -> None:
-        start = int(data["next_index"]) if data is not None else 0
+        """Starts the training stream (one per device slot, as pre-training's) at a checkpoint's
+        data position; a checkpoint of the older single stream (``{"next_index": k}``) resumes
+        exactly on one device, translated on several (:func:`sharding.start_positions`)."""
+        slots = sharding.local_slots(self.trainer.data_sharding, jax.device_count())
+        start = None
         if data is not None:
+            start = sharding.start_positions(data, slots, jax.device_count())
             note(f"data position {start}")
         self._iter = finetune.batches(self.setup, "train", shuffle=True, repeat=True, start=start)
 
@@ -204,7 +209,7 @@ class Finetuning:
         return self.trainer.global_batch(dev), {"molecules": float(np.sum(local["graph_mask"]))}
 
     def data_state(self) -> dict:
-        return self._iter.state()
+        return sharding.global_state(self._iter.state())
 
     def validate(self, state, step, writer, workdir) -> tuple[dict, dict, str]:
         """Validation metric, the plateau schedule, and a ``best/`` checkpoint when it improves."""
@@ -229,7 +234,7 @@ class Finetuning:
             # the existing best/<step> stands.
             if self.best.latest_step() != step:
                 safeguards.save_checkpoint(self.best, step, state, self.config_json,
-                                           self._iter.state(), "best validation")
+                                           self.data_state(), "best validation")
         text = finetune.describe_validation(setup, pred, val) + (" (best so far)" if improved else "")
         return state, scalars, text
 
