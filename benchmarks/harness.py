@@ -26,7 +26,7 @@ BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
 
 def worker_env(malloc: str, base: Optional[dict] = None) -> dict:
     """Environment of an mspec worker process: the named allocator setting, the CPU backend, no
-    inherited ``XLA_FLAGS``, and mspec's own malloc re-execution (mspec/host_malloc.py) off, since
+    inherited ``XLA_FLAGS``, and mspec's own malloc re-execution (mspec/kernels/host_malloc.py) off, since
     the worker is started with the setting under test."""
     from benchmarks.reference_runner import malloc_environment
 

@@ -7,7 +7,7 @@ included) packed by ``graph.pack`` into the pair layout, masked by the cutoff an
 as in the model; random projections and filters of the qm9 config's sizes, one filter row per atom
 pair. Both start from the filter rows [pk | pv] before their bias and SiLU (the kernel applies both).
 Times ``jax.value_and_grad`` of a linear function of both outputs with respect to all eight float
-inputs (:mod:`mspec.models.fused_message`), median of ``--repeats`` interleaved timings.
+inputs (:mod:`mspec.kernels.message`), median of ``--repeats`` interleaved timings.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
 
     from benchmarks.qm9_molecules import load_qm9_sample
     from mspec import graph
-    from mspec.models import fused_message as fm
+    from mspec.kernels import message as fm
+    from mspec.models import et as et_lib
 
     mols = load_qm9_sample(args.batch_size, seed=0)
     # The edges as training sees them: graph.pack's pair layout (one filter row per atom pair
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
 
     def xla_ops(q, k, u, vec, filters, bias, unit, cut, mask, s, r):  # both from pre-bias rows
         dk, dv = (graph.expand_pair_rows(jax.nn.silu(x), e) for x in jnp.split(filters + bias, [f], 1))
-        return fm.message_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, args.heads)
+        return et_lib.message_passing_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, args.heads)
 
     impls = {
         "xla": lambda: timed(xla_ops),

@@ -31,7 +31,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 # The setting mspec's entry points give themselves (a module without JAX or torch imports).
-from mspec.host_malloc import HUGEPAGE_TUNABLE
+from mspec.kernels.host_malloc import HUGEPAGE_TUNABLE
 
 __all__ = [
     "DEFAULT_VENV_PYTHON",
@@ -50,7 +50,7 @@ DEFAULT_VENV_PYTHON = os.path.expanduser("~/torchref-venv/bin/python")
 TUNED_GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 #: Named allocator settings (``GLIBC_TUNABLES`` values; None = glibc defaults). ``hugetlb`` is
-#: what mspec's entry points set for themselves (mspec/host_malloc.py).
+#: what mspec's entry points set for themselves (mspec/kernels/host_malloc.py).
 MALLOC_SETTINGS: Dict[str, Optional[str]] = {
     "default": None,
     "tuned": TUNED_GLIBC_TUNABLES,

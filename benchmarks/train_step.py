@@ -9,7 +9,7 @@ batches of 128; both implementations train on the same batches; the Coord denois
 (σ = 0.04 Å noise, MSE on the predicted per-atom noise, AdamW); compilation / warm-up excluded and
 reported separately; the median over the timed steps; peak RSS of each run's own process. Every
 run is a separate subprocess, so memory and allocator settings do not leak between runs. The
-allocator matters on CPU (docs/spec/benchmark-protocol.md §3; mspec/host_malloc.py): every
+allocator matters on CPU (docs/spec/benchmark-protocol.md §3; mspec/kernels/host_malloc.py): every
 implementation runs under each ``--malloc`` setting, and the summary compares them per setting
 and each at its best.
 The reference is skipped with a message when its interpreter (``~/torchref-venv`` or

@@ -40,7 +40,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from mspec import host_malloc
+    from mspec.kernels import host_malloc
 
     host_malloc.reexec_with_hugepages()  # first: glibc reads its tunables at start-up only
     cli.run(main)

@@ -8,7 +8,8 @@ import pytest
 from mspec import graph, models
 from mspec.data import datasets, pipeline
 from mspec.kernels import build
-from mspec.models import fused_message as fm
+from mspec.kernels import message as fm
+from mspec.models import et as et_lib
 from mspec.models.et import EquivariantTransformer
 from mspec.training import train
 from tests.test_train import tiny_config
@@ -73,7 +74,7 @@ def _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule):
         dk, dv = jax.nn.silu(filters[:, :f] + bias[:f]), jax.nn.silu(filters[:, f:] + bias[f:])
         if pairs is not None:
             dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
-        return fm.message_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, heads)
+        return et_lib.message_passing_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, heads)
 
     v1, g1 = loss(xla)(*floats)
     v2, g2 = loss(lambda *a: fm.message_fused(*a, mask, s, r, heads, pairs=pairs, schedule=schedule))(*floats)
@@ -179,6 +180,17 @@ def test_message_passing_setting_errors_and_fallback(monkeypatch, caplog):
         fm.use_fused("fused", jnp.float32)
 
 
+def test_auto_on_an_accelerator_is_xla_without_a_warning(monkeypatch, caplog):
+    """"auto" means XLA ops on GPUs and TPUs: that is the setting working, not a fallback."""
+    monkeypatch.setattr(fm.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fm, "_fallback_noted", False)
+    with caplog.at_level("WARNING", logger="mspec"):
+        assert fm.use_fused("auto", jnp.float32) is False
+    assert caplog.records == []
+    with pytest.raises(build.KernelUnavailable, match="runs on CPU only, this is gpu"):
+        fm.use_fused("fused", jnp.float32)
+
+
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("MSPEC_KERNEL_CACHE", str(tmp_path))
@@ -256,7 +268,7 @@ import os, sys
 # The CPUs this process may use, set before jax starts its thread pools.
 os.sched_setaffinity(0, [int(c) for c in os.environ["MSPEC_TEST_CPUS"].split(",")])
 import jax, jax.numpy as jnp, numpy as np
-from mspec.models import fused_message as fm
+from mspec.kernels import message as fm
 from tests.test_fused_message import _pair_layout_inputs
 outs = []
 for molecules in (24, 3):  # many components (per molecule) and few (the passes schedule)

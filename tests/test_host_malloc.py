@@ -1,4 +1,4 @@
-"""The entry points' re-execution with huge pages for XLA's buffers (mspec/host_malloc.py)."""
+"""The entry points' re-execution with huge pages for XLA's buffers (mspec/kernels/host_malloc.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mspec import host_malloc
+from mspec.kernels import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = ("glibc", "2.36")
@@ -64,7 +64,7 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 # pages itself).
 _CHILD = r"""
 import ctypes, os, resource, sys
-from mspec import host_malloc
+from mspec.kernels import host_malloc
 host_malloc.reexec_with_hugepages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -127,3 +127,16 @@ def test_warn_if_untuned_logs_once_and_only_for_cpu(monkeypatch, caplog):
         host_malloc.warn_if_untuned("cpu")
         host_malloc.warn_if_untuned("cpu")
     assert [r.getMessage() for r in caplog.records] == ["set the tunable"]
+
+
+def test_no_restart_for_an_accelerator_run(tmp_path):
+    """The setting is about XLA:CPU's buffers: a GPU/TPU run is not restarted for it."""
+    cpu_only = {"PATH": "/bin"}
+    assert host_malloc.tuned_environment(cpu_only, libc=GLIBC, thp="madvise", dev=str(tmp_path))
+    (tmp_path / "nvidia0").write_text("")
+    assert host_malloc.accelerator_expected(cpu_only, dev=str(tmp_path))
+    assert host_malloc.tuned_environment(cpu_only, libc=GLIBC, thp="madvise", dev=str(tmp_path)) is None
+    # JAX_PLATFORMS decides when set: cpu first runs XLA:CPU even on a GPU machine.
+    forced_cpu = {**cpu_only, "JAX_PLATFORMS": "cpu"}
+    assert host_malloc.tuned_environment(forced_cpu, libc=GLIBC, thp="madvise", dev=str(tmp_path))
+    assert host_malloc.accelerator_expected({"JAX_PLATFORMS": "tpu,cpu"}, dev=str(tmp_path / "none"))

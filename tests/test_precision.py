@@ -27,7 +27,8 @@ from experiments.configs import pretrain_frad
 from mspec import graph, models
 from mspec.data import datasets, pipeline
 from mspec.kernels import build
-from mspec.models import Model, fused_message
+from mspec.kernels import message as fused_message
+from mspec.models import Model
 from mspec.training import run_config, train
 from test_et_model import build_batch, random_molecule
 

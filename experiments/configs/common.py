@@ -65,7 +65,7 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
             # Frad's MD17 recipe: the energy head reads the vectors before the final whitened
             # norm, the noise head the normalised ones.
             separate_noise_vectors=False,
-            # "xla" | "fused" | "auto" (mspec.models.fused_message): the fused CPU kernel gives
+            # "xla" | "fused" | "auto" (mspec.kernels.message): the fused CPU kernel gives
             # first-order gradients only, so training on forces keeps "xla".
             message_passing="xla",
             # Compute dtype (mspec.models.precision): "float32", or "bfloat16" for accelerators

@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mspec import graph
-from mspec.models import fused_eqln, fused_message, precision
+from mspec.kernels import eqln as kernel_eqln
+from mspec.kernels import message as kernel_message
+from mspec.models import precision
 from mspec.models.precision import gather_rows, in_dtype, sum_dtype
 
 Array = jax.Array
@@ -295,23 +297,24 @@ class EquivariantLayerNorm(nn.Module):
     """
 
     @nn.compact
-    def __call__(self, vec: Array, fused: bool = False) -> Array:
+    def __call__(self, vec: Array, implementation: str = "xla") -> Array:
         """Whiten vector features.
 
         Args:
             vec: ``[N, 3, F]`` vector features.
-            fused: compute the ``[N, 3, F]`` steps (covariance, whitening and weight) with the
-                fused CPU kernels of :mod:`mspec.models.fused_eqln` when the computation is in
-                float32; the same values to float rounding.
+            implementation: ``"xla"`` (the definition), or ``"fused"``: the ``[N, 3, F]`` steps
+                (covariance, whitening and weight) as the CPU kernels of
+                :mod:`mspec.kernels.eqln` when the computation is in float32; the same values to
+                float rounding.
 
         Returns:
             ``[N, 3, F]`` whitened features, in the input dtype.
         """
         features = vec.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (features,), jnp.float32)
-        use_kernels = fused and _eqln_compute_dtype() == jnp.float32 and vec.dtype == jnp.float32
+        use_kernels = implementation == "fused" and _eqln_compute_dtype() == jnp.float32 and vec.dtype == jnp.float32
         if use_kernels:
-            cov = fused_eqln.eqln_covariance(vec)
+            cov = kernel_eqln.eqln_covariance(vec)
         else:
             v = vec.astype(_eqln_compute_dtype())
             v = v - jnp.mean(v, axis=-1, keepdims=True)
@@ -319,7 +322,7 @@ class EquivariantLayerNorm(nn.Module):
         cov = cov + _EQLN_COV_EPS * jnp.diag(jnp.array([1.0, 2.0, 3.0], dtype=cov.dtype))
         whiten = _inv_sqrt_psd(cov)
         if use_kernels:
-            return fused_eqln.eqln_apply(vec, whiten, weight)
+            return kernel_eqln.eqln_apply(vec, whiten, weight)
         out = jnp.einsum("nij,njf->nif", whiten, v)
         return out.astype(vec.dtype) * weight.astype(vec.dtype)
 
@@ -327,6 +330,42 @@ class EquivariantLayerNorm(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # Embedding and attention
 # -------------------------------------------------------------------------------------------------
+
+
+def message_passing_xla(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, heads: int):
+    """One attention layer's message passing with XLA gathers and segment sums: the definition
+    (:mod:`mspec.kernels.message` computes the same on CPU as a fused kernel).
+
+    Per edge ``e = j -> i``, head ``h`` (width ``D``, channel ``c = h D + d``):
+    ``a_e,h = SiLU(sum_d q_i k_j dk_e) * cut_e * mask_e`` (no softmax, no 1/sqrt(D));
+    ``[s | g | t]_e = u_j * dv_e``; ``x_agg_i = sum_e s_e a_e``;
+    ``vec_agg_i = sum_e (vec_j g_e + t_e unit_e) mask_e``.
+
+    Args:
+        q, k: ``[N, F]``; u: ``[N, 3F]`` (per head ``[s | g | t]``); vec: ``[N, 3, F]``;
+        dk: ``[E, F]``; dv: ``[E, 3F]`` (per head ``[s | g | t]``); unit: ``[E, 3]``;
+        cut, mask: ``[E]`` float; senders, receivers: ``[E]`` int; heads: H.
+
+    Returns:
+        ``(x_agg [N, F], vec_agg [N, 3, F])``, summed in float32 (or float64) whatever the
+        inputs' dtype, as are the backward pass's sums over the gathered rows.
+    """
+    n, f = q.shape
+    e = senders.shape[0]
+    h = heads
+    d = f // h
+    q_i, k_j = gather_rows(q.reshape(n, h, d), receivers), gather_rows(k.reshape(n, h, d), senders)
+    attn = jnp.sum(q_i * k_j * dk.reshape(e, h, d), axis=-1)
+    attn = jax.nn.silu(attn) * (cut * mask)[:, None]  # [E, H]
+    s, g, t = jnp.split(gather_rows(u.reshape(n, h, 3 * d), senders) * dv.reshape(e, h, 3 * d), 3, axis=-1)
+    x_msg = s * attn[:, :, None]  # [E, H, D]
+    vec_j = gather_rows(vec, senders).reshape(e, 3, h, d)
+    vec_msg = (vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]) * mask[:, None, None, None]
+    acc = sum_dtype(x_msg.dtype)  # bfloat16 messages sum in float32
+    x_agg = jax.ops.segment_sum(x_msg.astype(acc), receivers, num_segments=n).reshape(n, f)
+    vec_agg = jax.ops.segment_sum(vec_msg.astype(acc), receivers, num_segments=n).reshape(n, 3, f)
+    return x_agg, vec_agg
+
 
 
 class NeighborEmbedding(nn.Module):
@@ -436,8 +475,9 @@ class EquivariantMultiHeadAttention(nn.Module):
         senders: Array,
         receivers: Array,
         mask: Array,
-        fused: bool = False,
         num_pairs: int | None = None,
+        *,
+        implementation: str = "xla",
     ) -> tuple[Array, Array]:
         """Compute the residual updates of one layer.
 
@@ -451,9 +491,10 @@ class EquivariantMultiHeadAttention(nn.Module):
             senders: ``[E]`` sources j.
             receivers: ``[E]`` targets i.
             mask: ``[E]`` bool, active edges (self-loops included).
-            fused: run the message passing as the fused CPU kernel
-                (:func:`mspec.models.fused_message.message_fused`); False: as XLA ops.
             num_pairs: P when the edges are in the pair layout of :func:`mspec.graph.pack`.
+            implementation: ``"xla"``: the message passing as :func:`message_passing_xla` (the
+                definition); ``"fused"``: as the CPU kernel
+                (:func:`mspec.kernels.message.message_fused`).
 
         Returns:
             ``(dx [N, F], dvec [N, 3, F])``.
@@ -487,7 +528,7 @@ class EquivariantMultiHeadAttention(nn.Module):
         # messages are multiplied by the mask, which zeroes inactive edges exactly, including the
         # SiLU(bias) contributions of dk / dv that the cutoff does not reach in the vector
         # message. The vector message is not weighted by attention or cutoff (it only fades
-        # through dv). Formulas: mspec.models.fused_message.
+        # through dv). Formulas: message_passing_xla.
         # With a compute dtype the geometry (float32) and vectors meet the messages in it.
         m, cut, unit, vec_in = in_dtype(
             self.dtype, mask.astype(x.dtype), cosine_cutoff(r, self.cutoff), unit, vec
@@ -496,7 +537,7 @@ class EquivariantMultiHeadAttention(nn.Module):
             raise ValueError("only the SiLU attention activation is implemented")
         nodes = (q.reshape(n, f), k.reshape(n, f), u.reshape(n, 3 * f), vec_in)
         edges = (unit, cut, m, senders, receivers)
-        if fused:
+        if implementation == "fused":
             if self.activation is not nn.silu:
                 raise ValueError("the fused kernel implements the SiLU filter activation only")
             # Both filters in one GEMM, [R, 4F] = [pk | pv] (a GEMM of K = 64 runs faster wide);
@@ -506,14 +547,14 @@ class EquivariantMultiHeadAttention(nn.Module):
             wk, wv = dk_proj.variables["params"], dv_proj.variables["params"]
             filters = rbf @ jnp.concatenate([wk["kernel"], wv["kernel"]], axis=1).astype(rbf.dtype)
             bias = jnp.concatenate([wk["bias"], wv["bias"]]).astype(rbf.dtype)
-            x_agg, vec_agg = fused_message.message_fused(
+            x_agg, vec_agg = kernel_message.message_fused(
                 *nodes, filters, bias, *edges, h, pairs=num_pairs
             )
         else:
             dk, dv = self.activation(dk_proj(rbf)), self.activation(dv_proj(rbf))  # [R, F], [R, 3F]
             if num_pairs is not None:
                 dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
-            x_agg, vec_agg = fused_message.message_xla(*nodes, dk, dv, *edges, h)
+            x_agg, vec_agg = message_passing_xla(*nodes, dk, dv, *edges, h)
 
         o_proj = dense(3 * f, dtype=self.dtype, name="o_proj")
         if self.zero_vec_input:  # vec1 = vec2 = vec3 = 0: only o3 reaches the outputs
@@ -557,7 +598,7 @@ class EquivariantTransformer(nn.Module):
             ``"fused"`` (C++ kernels for XLA:CPU, float32, first-order gradients only; faster on
             CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
             or ``"auto"`` (fused on CPU when the kernels build, else XLA). See
-            :mod:`mspec.models.fused_message` and :mod:`mspec.models.fused_eqln`.
+            :mod:`mspec.kernels.message` and :mod:`mspec.kernels.eqln`.
         dtype: compute dtype (Flax's ``dtype``; the parameters stay float32). None: float32 (or
             float64 under ``jax_enable_x64`` with float64 inputs and parameters, the parity
             runs). ``jnp.bfloat16``: the Linears, embeddings, filters, attention and messages
@@ -644,9 +685,9 @@ class EquivariantTransformer(nn.Module):
         # The residual stream sums the layers' updates: kept in float32 under bfloat16 compute.
         (x,) = in_dtype(None if self.dtype is None else sum_dtype(self.dtype), x)
         vec = jnp.zeros((n, 3, f), x.dtype)
-        fused = fused_message.use_fused(
+        implementation = "fused" if kernel_message.use_fused(
             self.message_passing, x.dtype if self.dtype is None else self.dtype
-        )
+        ) else "xla"
 
         if self.interlayer_norm == "shared_noaffine":
             shared_norm = layer_norm(affine=False, name="shared_layernorm")
@@ -654,7 +695,7 @@ class EquivariantTransformer(nn.Module):
             dx, dvec = EquivariantMultiHeadAttention(
                 f, self.num_heads, self.cutoff, zero_vec_input=layer == 0, dtype=self.dtype,
                 name=f"attention_layers_{layer}",
-            )(x, vec, r, rbf, unit, senders, receivers, mask, fused, num_pairs)
+            )(x, vec, r, rbf, unit, senders, receivers, mask, num_pairs, implementation=implementation)
             x = x + dx
             vec = vec + dvec
             if self.interlayer_norm == "affine":
@@ -662,12 +703,12 @@ class EquivariantTransformer(nn.Module):
             elif self.interlayer_norm == "shared_noaffine":
                 x = shared_norm(x)
             if self.interlayer_norm != "none":
-                vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec, fused)
+                vec = EquivariantLayerNorm(name=f"vec_layer_norms_{layer}")(vec, implementation)
 
         x = layer_norm(name="out_norm")(x)
         if self.separate_noise_vectors:
-            return x, vec, EquivariantLayerNorm(name="out_norm_vec")(vec, fused)
+            return x, vec, EquivariantLayerNorm(name="out_norm_vec")(vec, implementation)
         if self.vector_norm == "whitened":
-            vec = EquivariantLayerNorm(name="out_norm_vec")(vec, fused)
+            vec = EquivariantLayerNorm(name="out_norm_vec")(vec, implementation)
         assert x.shape == (n, f) and vec.shape == (n, 3, f)
         return x, vec

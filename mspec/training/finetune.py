@@ -40,7 +40,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mspec import graph, host_malloc, losses, models
+from mspec import graph, losses, models
+from mspec.kernels import host_malloc
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
 from mspec.training import evaluation, restore, run_config, schedules, targets, train
@@ -427,7 +428,7 @@ def message_passing_of(config) -> str:
     """The message-passing implementation a fine-tuning run uses, printed with the reason.
 
     ``"auto"`` is the fused CPU kernels where they run (CPU backend, float32, the kernels build;
-    see :func:`mspec.models.fused_message.use_fused`), except for MD17: its loss differentiates
+    see :func:`mspec.kernels.message.use_fused`), except for MD17: its loss differentiates
     the forces, a second-order gradient, which only the XLA ops have.
     """
     chosen = config.model.get("message_passing", "xla")

@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mspec import graph, host_malloc, losses, noise
+from mspec import graph, losses, noise
+from mspec.kernels import host_malloc
 from mspec.data import pipeline, sharding
 from mspec.models import Model
 from mspec.training import optimizers, progress, run_config
@@ -47,7 +48,8 @@ def make_mesh() -> jax.sharding.Mesh:
 def note_message_passing(config: ml_collections.ConfigDict) -> None:
     """Prints which message-passing implementation ``config.model.message_passing`` runs here
     (for a backbone other than the ET: that it runs XLA ops and ignores the ET's settings)."""
-    from mspec.models import ET_ONLY, fused_message, precision
+    from mspec.kernels import message as kernel_message
+    from mspec.models import ET_ONLY, precision
 
     backbone = config.model.get("name", "et")
     if backbone != "et":
@@ -57,8 +59,10 @@ def note_message_passing(config: ml_collections.ConfigDict) -> None:
     dtype = precision.compute_dtype(config.model.get("dtype", "float32")) or "float32"
     if chosen == "xla":
         note("message passing: XLA ops (model.message_passing='xla')")
-    elif fused_message.use_fused(chosen, dtype):
+    elif kernel_message.use_fused(chosen, dtype):
         note(f"message passing: fused CPU kernels (model.message_passing={chosen!r})")
+    elif jax.default_backend() != "cpu":
+        note(f"message passing: XLA ops (model.message_passing={chosen!r} on {jax.default_backend()})")
     else:
         note(f"message passing: XLA ops (model.message_passing={chosen!r}; the fused kernels do "
              "not run here, see the warning above)")

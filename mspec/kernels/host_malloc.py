@@ -23,7 +23,9 @@ It does nothing when:
   (this process is the re-executed one; no loops);
 * ``GLIBC_TUNABLES`` already mentions ``glibc.malloc.hugetlb`` (your choice wins);
 * the C library is not glibc >= 2.35 (the tunable's first release), or the kernel's transparent
-  huge pages are ``never`` or unavailable (then the tunable has no effect).
+  huge pages are ``never`` or unavailable (then the tunable has no effect);
+* the run is for an accelerator (:func:`accelerator_expected`): the setting is about XLA:CPU's
+  buffers, and a GPU or TPU run would only pay for a restart.
 """
 
 from __future__ import annotations
@@ -67,11 +69,26 @@ def thp_mode(path: str = THP_SETTING) -> str | None:
     return None
 
 
+# NVIDIA GPU, TPU v2-v4, AMD ROCm. (Newer TPU VMs expose /dev/vfio, which CPU servers may have
+# too: those runs restart once, harmlessly, unless JAX_PLATFORMS says tpu.)
+ACCELERATOR_DEVICE_FILES = ("nvidia0", "accel0", "kfd")
+
+
+def accelerator_expected(environ: Mapping[str, str], dev: str = "/dev") -> bool:
+    """Whether JAX will run on an accelerator, judged before JAX is imported: ``JAX_PLATFORMS``
+    when set (its first platform is not ``cpu``), else a GPU or TPU device file in ``dev``."""
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] != "cpu"
+    return any(os.path.exists(os.path.join(dev, name)) for name in ACCELERATOR_DEVICE_FILES)
+
+
 def tuned_environment(
     environ: Mapping[str, str],
     *,
     libc: tuple[str, str] | None = None,
     thp: str | None = "auto",
+    dev: str = "/dev",
 ) -> dict[str, str] | None:
     """The environment to re-execute with, or None when nothing should change.
 
@@ -79,6 +96,7 @@ def tuned_environment(
       environ: the current environment.
       libc: ``(name, version)`` of the C library; default: this process's.
       thp: the transparent-huge-page mode; ``"auto"`` reads it from the kernel.
+      dev: where to look for accelerator device files (:func:`accelerator_expected`).
 
     Returns:
       A copy of ``environ`` with :data:`HUGEPAGE_TUNABLE` appended to ``GLIBC_TUNABLES`` and the
@@ -87,6 +105,8 @@ def tuned_environment(
     if environ.get(OPT_OUT_VAR, "").strip().lower() in ("0", "off", "false", "no"):
         return None
     if REEXEC_MARKER in environ:
+        return None
+    if accelerator_expected(environ, dev):
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current:
@@ -115,7 +135,7 @@ def reexec_with_hugepages() -> None:
         return
     print(
         f"mspec: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA's "
-        f"buffers, see mspec/host_malloc.py; {OPT_OUT_VAR}=0 turns this off)",
+        f"buffers, see mspec/kernels/host_malloc.py; {OPT_OUT_VAR}=0 turns this off)",
         file=sys.stderr,
         flush=True,
     )
@@ -135,7 +155,7 @@ def untuned_hint(environ: Mapping[str, str], **kwargs) -> str | None:
         return None
     return (
         "XLA:CPU ran the QM9-size train step 1.5-1.8x slower under glibc's default allocator in "
-        "our measurements (page faults on every large buffer; mspec/host_malloc.py, "
+        "our measurements (page faults on every large buffer; mspec/kernels/host_malloc.py, "
         "BENCHMARKS.md). Start Python with "
         f"GLIBC_TUNABLES={HUGEPAGE_TUNABLE} (the experiments.* entry points do this themselves); "
         f"{OPT_OUT_VAR}=0 silences this message."

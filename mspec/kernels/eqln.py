@@ -15,7 +15,7 @@ The cotangents (the centring's derivative included):
   ``d w = sum over atoms and components of g * (M vc)``.
 
 float32 on CPU, first-order gradients only (``jax.custom_vjp``); the model uses them on the same
-condition as the fused message passing (:func:`mspec.models.fused_message.use_fused`). Tests
+condition as the fused message passing (:func:`mspec.kernels.message.use_fused`). Tests
 compare values and gradients with the XLA formulation.
 """
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mspec.kernels import build
-from mspec.models.fused_message import f32_shape, match_vma
+from mspec.kernels.message import f32_shape, match_vma
 
 Array = jax.Array
 

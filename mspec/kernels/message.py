@@ -1,4 +1,7 @@
-"""The message passing of one ET attention layer, as XLA ops or as a fused C++ kernel.
+"""The message passing of one ET attention layer as a fused C++ kernel for XLA:CPU.
+
+The ET's definition is :func:`mspec.models.et.message_passing_xla` (XLA ops, any backend); this
+module is its CPU implementation, selected by ``EquivariantTransformer(message_passing=...)``.
 
 Given per-atom projections and per-edge filters, both compute (edge e = j -> i, heads h, head
 width D, channel c = h D + d):
@@ -8,7 +11,8 @@ width D, channel c = h D + d):
 * ``x_agg_i = sum_e s_e a_e``  ``[N, F]``;
 * ``vec_agg_i = sum_e (vec_j g_e + t_e unit_e) mask_e``  ``[N, 3, F]``.
 
-:func:`message_xla` writes this with gathers and segment sums; XLA:CPU materialises several
+:func:`mspec.models.et.message_passing_xla` (the definition) writes this with gathers and
+segment sums; XLA:CPU materialises several
 ``[E, 3, F]`` tensors per layer for it, forward and backward. :func:`message_fused` takes the
 filters before their bias and SiLU, as one GEMM writes them (``[pk | pv]``, ``[R, 4F]``, with
 ``dk = SiLU(pk + bk)``, ``dv = SiLU(pv + bv)``), and runs everything as two
@@ -36,40 +40,10 @@ import numpy as np
 
 from mspec import graph
 from mspec.kernels import build
-from mspec.models.precision import gather_rows, sum_dtype
 
 Array = jax.Array
 
 MESSAGE_PASSING = ("auto", "xla", "fused")
-
-
-def message_xla(q, k, u, vec, dk, dv, unit, cut, mask, senders, receivers, heads: int):
-    """The reference formula with XLA gathers and segment sums.
-
-    Args:
-        q, k: ``[N, F]``; u: ``[N, 3F]`` (per head ``[s | g | t]``); vec: ``[N, 3, F]``;
-        dk: ``[E, F]``; dv: ``[E, 3F]`` (per head ``[s | g | t]``); unit: ``[E, 3]``;
-        cut, mask: ``[E]`` float; senders, receivers: ``[E]`` int; heads: H.
-
-    Returns:
-        ``(x_agg [N, F], vec_agg [N, 3, F])``, summed in float32 (or float64) whatever the
-        inputs' dtype, as are the backward pass's sums over the gathered rows.
-    """
-    n, f = q.shape
-    e = senders.shape[0]
-    h = heads
-    d = f // h
-    q_i, k_j = gather_rows(q.reshape(n, h, d), receivers), gather_rows(k.reshape(n, h, d), senders)
-    attn = jnp.sum(q_i * k_j * dk.reshape(e, h, d), axis=-1)
-    attn = jax.nn.silu(attn) * (cut * mask)[:, None]  # [E, H]
-    s, g, t = jnp.split(gather_rows(u.reshape(n, h, 3 * d), senders) * dv.reshape(e, h, 3 * d), 3, axis=-1)
-    x_msg = s * attn[:, :, None]  # [E, H, D]
-    vec_j = gather_rows(vec, senders).reshape(e, 3, h, d)
-    vec_msg = (vec_j * g[:, None] + t[:, None] * unit[:, :, None, None]) * mask[:, None, None, None]
-    acc = sum_dtype(x_msg.dtype)  # bfloat16 messages sum in float32
-    x_agg = jax.ops.segment_sum(x_msg.astype(acc), receivers, num_segments=n).reshape(n, f)
-    vec_agg = jax.ops.segment_sum(vec_msg.astype(acc), receivers, num_segments=n).reshape(n, 3, f)
-    return x_agg, vec_agg
 
 
 _fallback_noted = False
@@ -91,6 +65,8 @@ def use_fused(message_passing: str, dtype) -> bool:
     backend = jax.default_backend()
     reason = None
     if backend != "cpu":
+        if message_passing == "auto":
+            return False  # "auto" means XLA ops on accelerators: nothing to warn about
         reason = f"the fused kernel runs on CPU only, this is {backend}"
     elif jnp.dtype(dtype) != jnp.float32:
         reason = f"the fused kernel is float32 only, the features are {jnp.dtype(dtype).name}"
@@ -182,7 +158,7 @@ def message_fused(
     q, k, u, vec, filters, filter_bias, unit, cut, mask, senders, receivers, heads: int,
     pairs: int | None = None, schedule: str = "auto",
 ):
-    """``message_xla(q, k, u, vec, dk, dv, ...)`` as fused XLA:CPU kernels (float32, CPU only),
+    """``mspec.models.et.message_passing_xla(q, k, u, vec, dk, dv, ...)`` as fused XLA:CPU kernels (float32, CPU only),
     with ``dk = SiLU(filters[:, :F] + filter_bias[:F])`` and
     ``dv = SiLU(filters[:, F:] + filter_bias[F:])``.
 
