@@ -48,6 +48,51 @@ def denoising_mse(pred: jax.Array, target: jax.Array, node_mask: jax.Array) -> j
     return sq / jnp.maximum(count, 1.0)
 
 
+PROPERTY_LOSSES = ("mse", "smooth_l1")
+
+
+def _elementwise(kind: str, err: jax.Array) -> jax.Array:
+    """``err**2`` (``"mse"``) or smooth L1 with beta = 1 (``"smooth_l1"``: torch's
+    ``smooth_l1_loss``, the Huber loss with delta = 1), elementwise."""
+    if kind == "mse":
+        return jnp.square(err)
+    if kind == "smooth_l1":
+        abs_err = jnp.abs(err)
+        quadratic = jnp.minimum(abs_err, 1.0)
+        return 0.5 * quadratic**2 + (abs_err - quadratic)
+    raise ValueError(f"unknown loss kind {kind!r}; use one of {PROPERTY_LOSSES}")
+
+
+def property_loss(pred: jax.Array, target: jax.Array, graph_mask: jax.Array, kind: str = "mse") -> jax.Array:
+    """Molecule-level regression loss, averaged over real molecules.
+
+    Args:
+        pred, target: ``[..., G]`` per-molecule predictions and labels (e.g. ``[D, G]``).
+        graph_mask: ``[..., G]`` bool, True for real molecules.
+        kind: ``"mse"`` or ``"smooth_l1"`` (beta = 1).
+
+    Returns:
+        Scalar: sum over real molecules / their global count (0 if there are none).
+    """
+    w = graph_mask.astype(jnp.float32)
+    return jnp.sum(w * _elementwise(kind, pred - target)) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def force_loss(pred: jax.Array, target: jax.Array, node_mask: jax.Array, kind: str = "mse") -> jax.Array:
+    """Per-component force loss, averaged over the 3 components of every real atom.
+
+    Args:
+        pred, target: ``[..., N, 3]`` forces.
+        node_mask: ``[..., N]`` bool, True for real atoms.
+        kind: ``"mse"`` or ``"smooth_l1"`` (beta = 1).
+
+    Returns:
+        Scalar: sum over real atoms and components / (3 x their global count).
+    """
+    w = node_mask.astype(jnp.float32)
+    return jnp.sum(w[..., None] * _elementwise(kind, pred - target)) / jnp.maximum(3.0 * jnp.sum(w), 1.0)
+
+
 class RunningStats(NamedTuple):
     """Running per-axis statistics of the denoising target (float32 ``[3]``, ``[3]``, ``[]``)."""
 
@@ -91,12 +136,13 @@ def denoising_target(
     Args:
       noise: the regression target in Å.
       mode: ``"tau"``, ``"running"`` or ``"none"``.
-      tau: the Cartesian noise scale (mode ``"tau"``).
+      tau: the Cartesian noise scale (mode ``"tau"``): a number, or a traced scalar (e.g. a
+        scheduled scale inside ``jit``; then its sign is the caller's to guarantee).
       stats: running statistics that already include this batch (mode ``"running"``).
     """
     if mode == "tau":
-        if tau is None or tau <= 0:
-            raise ValueError("mode 'tau' needs a positive tau")
+        if tau is None or (not isinstance(tau, jax.core.Tracer) and not float(tau) > 0):
+            raise ValueError(f"mode 'tau' needs a positive tau, got {tau!r}")
         return noise / tau
     if mode == "running":
         if stats is None:

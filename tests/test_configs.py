@@ -262,3 +262,12 @@ def json_of(config) -> dict:
     import json
 
     return json.loads(config.to_json_best_effort())
+
+
+def test_pretraining_refuses_a_fine_tuning_schedule(tmp_path):
+    """"plateau" needs fine-tuning's validation-driven controller; pre-training has none."""
+    config = pretrain_frad.get_config("tiny")
+    config.optim.schedule = "plateau"
+    with pytest.raises(run_config.ConfigError, match="optim.schedule must be one of"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()

@@ -81,3 +81,38 @@ def test_losses_module_depends_only_on_jax():
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= {"jax", "__future__", "typing"}, imported
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1"])
+def test_property_and_force_losses_match_formulas_and_ignore_padding(kind):
+    rng = np.random.default_rng(3)
+    pred, target = rng.normal(size=(2, 5)) * 2, rng.normal(size=(2, 5))
+    gm = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+    fp, ft = rng.normal(size=(2, 6, 3)) * 2, rng.normal(size=(2, 6, 3))
+    nm = np.array([[1] * 4 + [0] * 2, [1] * 2 + [0] * 4], bool)
+
+    def elementwise(err):  # torch: mse_loss / smooth_l1_loss(beta=1), reduction="none"
+        a = np.abs(err)
+        return err**2 if kind == "mse" else np.where(a < 1.0, 0.5 * err**2, a - 0.5)
+
+    want_y = elementwise(pred - target)[gm].mean()
+    want_f = elementwise(fp - ft)[nm].mean()
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got_y = losses.property_loss(f32(pred), f32(target), jnp.asarray(gm), kind)
+    got_f = losses.force_loss(f32(fp), f32(ft), jnp.asarray(nm), kind)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5)
+    np.testing.assert_allclose(got_f, want_f, rtol=1e-5)
+    pred[~gm], fp[~nm] = 1e6, 1e6  # padding rows carry garbage: nothing changes
+    np.testing.assert_allclose(losses.property_loss(f32(pred), f32(target), jnp.asarray(gm), kind), want_y, rtol=1e-5)
+    np.testing.assert_allclose(losses.force_loss(f32(fp), f32(ft), jnp.asarray(nm), kind), want_f, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss kind 'l1'"):
+        losses.property_loss(f32(pred), f32(target), jnp.asarray(gm), "l1")
+
+
+def test_denoising_target_takes_a_traced_tau():
+    noise = jnp.ones((4, 3))
+    got = jax.jit(lambda n, t: losses.denoising_target(n, "tau", tau=t))(noise, jnp.float32(0.04))
+    np.testing.assert_allclose(got, noise / 0.04, rtol=1e-6)
+    for bad in (None, 0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="needs a positive tau"):
+            losses.denoising_target(noise, "tau", tau=bad)

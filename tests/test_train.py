@@ -18,7 +18,7 @@ import pytest
 from experiments.configs import pretrain_coord, pretrain_frad
 from mspec import graph, models
 from mspec.data import datasets, pipeline
-from mspec.training import loop, metrics, optimizers, train
+from mspec.training import loop, metrics, schedules, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,7 +153,7 @@ def test_loss_decreases_when_overfitting_one_batch(qm9_sample_dir):
 
 def test_frad_cosine_schedule_matches_the_official_formula():
     lr, w, t = 4e-4, 10_000, 400_000
-    sched = optimizers.frad_cosine_schedule(lr, w, t)
+    sched = schedules.frad_cosine_schedule(lr, w, t)
     denom = 1 + math.cos(math.pi * (w - 1) / t)
     expect = {
         0: lr / w,

@@ -168,8 +168,9 @@ def check_config(config) -> None:
             "config.model.separate_noise_vectors needs config.model.vector_norm='whitened'")
     if config.loss.denoising_weight > 0 and "noise" not in config.model.heads:
         raise run_config.ConfigError("config.loss.denoising_weight > 0 needs the 'noise' head")
-    if config.loss.property_loss not in ("mse", "smooth_l1"):
-        raise run_config.ConfigError(f"config.loss.property_loss must be 'mse' or 'smooth_l1', got {config.loss.property_loss!r}")
+    if config.loss.property_loss not in losses.PROPERTY_LOSSES:
+        raise run_config.ConfigError(
+            f"config.loss.property_loss must be one of {losses.PROPERTY_LOSSES}, got {config.loss.property_loss!r}")
     if not 0.0 < config.loss.energy_ema_alpha <= 1.0:
         raise run_config.ConfigError("config.loss.energy_ema_alpha must be in (0, 1]")
     if config.task == "md17" and config.loss.denoising_weight > 0 and not config.loss.sep_noisy_nodes:
@@ -186,13 +187,6 @@ def check_config(config) -> None:
 # --------------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------------
-
-
-def _elementwise_loss(kind: str, err: jax.Array) -> jax.Array:
-    if kind == "mse":
-        return jnp.square(err)
-    # torch smooth_l1_loss with beta = 1 == Huber with delta = 1.
-    return optax.losses.huber_loss(err, delta=1.0)
 
 
 @dataclasses.dataclass
@@ -276,14 +270,10 @@ class FinetuneTrainer:
     def _loss(self, params, rng, batch, energy_ema):
         cfg = self.config.loss
         out = self._forward(params, rng, batch, training=True)
-        gm = batch["graph_mask"].astype(jnp.float32)
-        nm = batch["node_mask"].astype(jnp.float32)
-        l_y = jnp.sum(gm * _elementwise_loss(cfg.property_loss, out["pred"] - batch["target"]))
-        l_y = l_y / jnp.maximum(jnp.sum(gm), 1.0)
+        l_y = losses.property_loss(out["pred"], batch["target"], batch["graph_mask"], cfg.property_loss)
         aux = {"property_loss": l_y}
         if self.config.task == "md17":
-            err = _elementwise_loss(cfg.property_loss, out["forces"] - batch["forces"])
-            l_f = jnp.sum(nm[..., None] * err) / jnp.maximum(3.0 * jnp.sum(nm), 1.0)
+            l_f = losses.force_loss(out["forces"], batch["forces"], batch["node_mask"], cfg.property_loss)
             # Frad's EMA: L^ema = a L + (1 - a) * previous (detached); the first step uses L.
             prev = jax.lax.stop_gradient(jnp.where(jnp.isnan(energy_ema), 0.0, energy_ema))
             a = cfg.energy_ema_alpha

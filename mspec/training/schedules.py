@@ -1,5 +1,7 @@
-"""Fine-tuning learning-rate schedules (``docs/spec/molspectra.md`` §6).
+"""Learning-rate schedules and the optimiser (AdamW), from ``config.optim``, for every task.
 
+* :func:`frad_cosine_schedule`: the official Frad / MolSpectra pre-training schedule;
+  ``warmup_cosine`` and ``constant`` from optax.
 * :func:`cosine_restarts`: the official QM9 fine-tuning schedule (MolSpectra's "cosine_warmup"),
   i.e. PyTorch ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` stepped per update, with
   the first ``warmup`` steps overridden by a linear warm-up.
@@ -14,7 +16,31 @@ import dataclasses
 import jax.numpy as jnp
 import optax
 
-from mspec.training import optimizers
+
+# The schedules pre-training runs; fine-tuning also has "cosine_restarts" and "plateau" (whose
+# controller, :class:`Plateau`, runs on fine-tuning's validations).
+PRETRAINING_SCHEDULES = ("frad_cosine", "warmup_cosine", "constant")
+SCHEDULES = (*PRETRAINING_SCHEDULES, "cosine_restarts", "plateau")
+
+
+def frad_cosine_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """The official Frad/MolSpectra pre-training schedule (docs/spec/frad.md §2.9, quirk 21 of §7).
+
+    ``lr (s+1)/W`` for ``s < W``; afterwards ``lr (1 + cos(pi s/T)) / (1 + cos(pi (W-1)/T))``,
+    i.e. a cosine measured from step 0 (not from the end of warm-up), rescaled to be continuous
+    at the switch, with no floor.
+    """
+    # Written out rather than with optax.linear_schedule, whose (init - end) * (1 - s/n) + end
+    # form loses the tiny early learning rates to float32 cancellation.
+    scale = 1.0 + jnp.cos(jnp.pi * (warmup_steps - 1) / total_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = lr * (step + 1.0) / warmup_steps
+        cosine = lr * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, total_steps) / total_steps)) / scale
+        return jnp.where(step < warmup_steps, warmup, cosine)
+
+    return schedule
 
 
 def cosine_restarts(
@@ -61,17 +87,26 @@ def warmup_constant(lr: float, warmup_steps: int) -> optax.Schedule:
 
 
 def make_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Fine-tuning schedules, plus the pre-training ones of :mod:`mspec.training.optimizers`."""
+    """The schedule ``optim.schedule`` names (one of :data:`SCHEDULES`)."""
+    if optim.schedule == "frad_cosine":
+        return frad_cosine_schedule(optim.lr, optim.warmup_steps, total_steps)
+    if optim.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, optim.lr, optim.warmup_steps, total_steps, end_value=0.0
+        )
+    if optim.schedule == "constant":
+        return optax.constant_schedule(optim.lr)
     if optim.schedule == "cosine_restarts":
         return cosine_restarts(optim.lr, optim.warmup_steps, optim.restart_period,
                                optim.restart_mult, optim.lr_min)
     if optim.schedule == "plateau":
         return warmup_constant(optim.lr, optim.warmup_steps)
-    return optimizers.make_schedule(optim, total_steps)
+    raise ValueError(f"unknown schedule {optim.schedule!r}; use one of {SCHEDULES}")
 
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (weight decay 0 = Adam in the official recipes) with the fine-tuning schedule."""
+    """AdamW (weight decay 0 = Adam in the official recipes; optionally with global-norm
+    clipping) and its schedule."""
     schedule = make_schedule(optim, total_steps)
     tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.grad_clip_norm > 0:

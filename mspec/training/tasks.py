@@ -42,6 +42,10 @@ class Pretraining:
     @staticmethod
     def check(config) -> None:
         run_config.check_values(config)
+        if config.optim.schedule not in schedules.PRETRAINING_SCHEDULES:
+            raise run_config.ConfigError(
+                f"config.optim.schedule must be one of {schedules.PRETRAINING_SCHEDULES} for "
+                f"pre-training, got {config.optim.schedule!r}")
         if config.get("task", "denoise") == "denoise":
             train.check_config(config)
 

@@ -30,7 +30,7 @@ from mspec import graph, losses, noise
 from mspec.kernels import host_malloc
 from mspec.data import pipeline, sharding
 from mspec.models import Model
-from mspec.training import optimizers, progress, run_config
+from mspec.training import progress, run_config, schedules
 
 BUDGET_SAMPLE = 1000  # molecules used to estimate mean atoms / edges for the static budgets
 
@@ -205,7 +205,7 @@ class Trainer:
 
     def __post_init__(self):
         host_malloc.warn_if_untuned(self.mesh.devices.flat[0].platform)
-        self.tx, self.schedule = optimizers.make_optimizer(self.config.optim, self.config.total_steps)
+        self.tx, self.schedule = schedules.make_optimizer(self.config.optim, self.config.total_steps)
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         # Micro-batched steps take [K, D, ...]: K sub-batches, each sharded like one batch.
         self.microbatch_sharding = NamedSharding(self.mesh, P(None, "data"))
