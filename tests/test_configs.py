@@ -4,8 +4,9 @@ does nothing: a typo'd override, or one dropped by a refactor).
 
 Reads are recorded by wrapping ``ConfigDict.__getitem__`` (attribute access, ``[]`` and ``.get``
 all go through it) while bulk operations (serialising, copying, printing, ``items()``) are
-ignored, then the four tasks' ``tiny`` variants run end to end for a couple of steps: Frad
-pre-training, MolSpectra stage 2 from its checkpoint, QM9 and MD17 fine-tuning from it. Keys
+ignored, then every task's ``tiny`` variant runs end to end for a couple of steps (with the PaiNN
+backbone, so the same runs prove that the second backbone runs every task): Frad and Coord
+pre-training, MolSpectra stage 2 from the Frad checkpoint, QM9 and MD17 fine-tuning from it. Keys
 are identified by their path; a sub-dict is recognised by its set of keys, so a copy of the
 config (or its JSON round trip) counts as the same config.
 """
@@ -13,8 +14,10 @@ config (or its JSON round trip) counts as the same config.
 from __future__ import annotations
 
 import contextlib
-import re
+import json
+import math
 import pathlib
+import re
 import threading
 
 import pytest
@@ -182,31 +185,46 @@ def _short(config, data_dir):
     return config
 
 
-def test_every_key_of_the_tiny_configs_is_read(qm9_sample_dir, monkeypatch, tmp_path):
+def test_every_task_runs_with_painn_and_every_config_key_is_read(qm9_sample_dir, monkeypatch, tmp_path):
+    """The ``tiny`` configs of every task, two steps each, with the second backbone and only
+    ``model.name`` changed: Frad and Coord pre-training, MolSpectra stage 2 from the Frad
+    checkpoint, QM9 and MD17 fine-tuning from it (PaiNN's parameters live under
+    ``representation``, so they restore like the ET's; the ET's own tiny runs of every task are
+    in test_train, test_stage2 and test_finetune). Meanwhile every config read is recorded: the
+    model block is read whole by ``get_model`` whatever the backbone, every other key by the code
+    that uses it."""
+    def tiny(module, variant="tiny"):
+        config = _short(module.get_config(variant), qm9_sample_dir)
+        config.model.name = "painn"
+        config.data.eval_max_molecules = 16
+        return config
+
     with ReadRecorder().installed(monkeypatch) as recorder:
-        frad = _short(pretrain_frad.get_config("tiny"), qm9_sample_dir)
-        frad.data.eval_max_molecules = 16
-        loop.train_and_evaluate(frad, str(tmp_path / "frad"))
-
-        stage2 = _short(pretrain_molspectra.get_config("tiny"), qm9_sample_dir)
-        stage2.data.eval_max_molecules = 16
+        frad, coord = tiny(pretrain_frad), tiny(pretrain_coord)
+        runs = {name: loop.train_and_evaluate(c, str(tmp_path / name))
+                for name, c in (("frad", frad), ("coord", coord))}
+        stage2 = tiny(pretrain_molspectra)
         stage2.init_from.checkpoint = str(tmp_path / "frad")
-        loop.train_and_evaluate(stage2, str(tmp_path / "molspectra"))
-
-        qm9 = _short(finetune_qm9.get_config("tiny"), qm9_sample_dir)
-        qm9.data.eval_max_molecules = 16
+        runs["molspectra"] = loop.train_and_evaluate(stage2, str(tmp_path / "molspectra"))
+        qm9, md17 = tiny(finetune_qm9), tiny(finetune_md17, "tiny,noisy")
         qm9.evaluate.validation_max_molecules = 16
-        qm9.init.checkpoint = str(tmp_path / "frad")
-        loop.train_and_evaluate(qm9, str(tmp_path / "qm9"))
+        for name, c in (("qm9", qm9), ("md17", md17)):
+            c.init.checkpoint = str(tmp_path / "frad")
+            runs[name] = loop.train_and_evaluate(c, str(tmp_path / name))
 
-        md17 = _short(finetune_md17.get_config("tiny,noisy"), qm9_sample_dir)
-        md17.init.checkpoint = str(tmp_path / "frad")
-        loop.train_and_evaluate(md17, str(tmp_path / "md17"))
+    for name in ("frad", "coord"):
+        assert runs[name]["final_step"] == 2 and math.isfinite(runs[name]["eval/denoising_mse"]), runs[name]
+    assert math.isfinite(runs["molspectra"]["eval/contrastive"]), runs["molspectra"]
+    assert math.isfinite(runs["qm9"]["results"]["last"]["test"]["mae"])
+    assert math.isfinite(runs["md17"]["results"]["last"]["test"]["forces_mae"])
+    with open(tmp_path / "qm9" / "config.json") as f:
+        assert json.load(f)["model"]["name"] == "painn"
 
+    configs = {"frad": frad, "coord": coord, "molspectra": stage2, "qm9": qm9, "md17": md17}
     unread = {name: [k for k in recorder.unread(c) if k not in READ_CONDITIONALLY]
-              for name, c in (("frad", frad), ("molspectra", stage2), ("qm9", qm9), ("md17", md17))}
+              for name, c in configs.items()}
     assert not any(unread.values()), f"config keys nobody read: {unread}"
-    every_key = set().union(*(recorder.leaves(c) for c in (frad, stage2, qm9, md17)))
+    every_key = set().union(*(recorder.leaves(c) for c in configs.values()))
     assert set(READ_CONDITIONALLY) <= every_key, "a stale READ_CONDITIONALLY entry"
 
 
@@ -259,8 +277,6 @@ def test_a_retired_key_does_not_block_resuming_an_older_run():
 
 
 def json_of(config) -> dict:
-    import json
-
     return json.loads(config.to_json_best_effort())
 
 

@@ -486,48 +486,6 @@ def test_encoder_alone_matches_and_ignores_num_pairs(params):
     assert x.dtype == jnp.float32 and vec.dtype == jnp.float32
 
 
-# -------------------------------------------------------------------------------------------------
-# Every task runs with the PaiNN backbone, the configs otherwise unchanged
-# -------------------------------------------------------------------------------------------------
-
-
-def test_every_task_runs_with_painn_and_only_the_backbone_name_changed(qm9_sample_dir, tmp_path):
-    """Frad and Coord pre-training, MolSpectra stage 2 from the Frad checkpoint, QM9 and MD17
-    fine-tuning from it: two steps each of the ``tiny`` configs with ``model.name = "painn"``.
-    The PaiNN parameters live under ``representation``, so stage 2 and fine-tuning restore them
-    from the stage-1 checkpoint like the ET's."""
-    from experiments.configs import (
-        finetune_md17, finetune_qm9, pretrain_coord, pretrain_frad, pretrain_molspectra,
-    )
-    from mspec.training import finetune, loop
-
-    def tiny(module, variant="tiny"):
-        c = module.get_config(variant)
-        c.model.name = "painn"
-        c.data.data_dir = qm9_sample_dir
-        if c.get("task") in finetune.TASKS:
-            c.total_steps, c.optim.warmup_steps = 2, 1
-            c.evaluate.validation_max_molecules = 16
-        else:
-            c.stop_after_step = 2
-        c.data.eval_max_molecules = 16
-        c.log_every = c.eval_every = c.checkpoint_every = 2
-        return c
-
-    runs = {}
-    for name, module in (("frad", pretrain_frad), ("coord", pretrain_coord)):
-        runs[name] = loop.train_and_evaluate(tiny(module), str(tmp_path / name))
-    stage2 = tiny(pretrain_molspectra)
-    stage2.init_from.checkpoint = str(tmp_path / "frad")
-    runs["molspectra"] = loop.train_and_evaluate(stage2, str(tmp_path / "molspectra"))
-    for name, module, variant in (("qm9", finetune_qm9, "tiny"), ("md17", finetune_md17, "tiny,noisy")):
-        c = tiny(module, variant)
-        c.init.checkpoint = str(tmp_path / "frad")
-        runs[name] = loop.train_and_evaluate(c, str(tmp_path / name))
-    for name in ("frad", "coord"):
-        assert runs[name]["final_step"] == 2 and np.isfinite(runs[name]["eval/denoising_mse"]), runs[name]
-    assert np.isfinite(runs["molspectra"]["eval/contrastive"]), runs["molspectra"]
-    assert np.isfinite(runs["qm9"]["results"]["last"]["test"]["mae"])
-    assert np.isfinite(runs["md17"]["results"]["last"]["test"]["forces_mae"])
-    with open(tmp_path / "qm9" / "config.json") as f:
-        assert '"name": "painn"' in f.read()
+# Every task with the PaiNN backbone (the tiny configs with only ``model.name`` changed: Frad,
+# Coord, MolSpectra stage 2, QM9 and MD17 fine-tuning) runs in
+# tests/test_configs.py::test_every_task_runs_with_painn_and_every_config_key_is_read.
