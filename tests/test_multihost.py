@@ -188,7 +188,10 @@ def test_checkpoints_move_between_process_counts_and_survive_a_killed_process(
     m = re.search(r"\[launch\] process 0 exited with code (\d+)", log)
     assert m and m.group(1) != "0", log[-4000:]
     assert "still running after" not in log, log[-4000:]  # it stopped by itself
-    assert "JAX distributed service detected fatal errors" in log, log[-4000:]
+    # How the survivor learns of it depends on timing: the distributed service's heartbeat, or,
+    # when the peer dies during a collective (the per-step stop-signal check), that collective.
+    assert ("JAX distributed service detected fatal errors" in log
+            or re.search(r"Gloo \w+ failed: .*Connection (closed|reset) by peer", log)), log[-4000:]
 
     # The completed checkpoints are intact; the first steps matched the 1-process run.
     steps = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints")) if s.isdigit())

@@ -70,9 +70,9 @@ def train_and_evaluate(
         ckpt.close(quiet=True)
         raise
 
-    task = task_class(config, train.make_mesh(), config_json)
-    failed = True
+    task, writer, failed = None, None, True
     try:
+        task = task_class(config, train.make_mesh(), config_json)
         state = task.init_state()
         start_step, data, saved_config = 0, None, None
         if ckpt.latest_step() is not None:
@@ -92,9 +92,10 @@ def train_and_evaluate(
                              checkpoint_every_minutes)
         failed = False
     finally:
-        task.close(failed)
+        if task is not None:
+            task.close(failed)
         ckpt.close(quiet=failed)
-        if "writer" in locals():
+        if writer is not None:
             writer.close()
     summary["compilations"] = task.trainer.traces
     finished = step >= config.total_steps
