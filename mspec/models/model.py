@@ -41,40 +41,27 @@ HEADS = (*PROPERTY_HEADS, "noise")
 PRIORS = ("none", "atomref")
 
 
-def _et(model: "Model", dtype) -> nn.Module:
-    return EquivariantTransformer(
-        hidden=model.hidden,
-        num_layers=model.num_layers,
-        num_heads=model.num_heads,
-        num_rbf=model.num_rbf,
-        cutoff=model.cutoff,
-        max_z=model.max_z,
-        interlayer_norm=model.interlayer_norm,
-        vector_norm=model.vector_norm,
-        separate_noise_vectors=model.separate_noise_vectors,
-        message_passing=model.message_passing,
-        dtype=dtype,
-        name="representation",
-    )
+def _encoder_builder(cls) -> Callable[["Model", Any], nn.Module]:
+    """A builder of encoder ``cls`` that passes every :class:`Model` setting the encoder declares
+    (same attribute name), so no backbone lists its settings again."""
 
+    def build(model: "Model", dtype) -> nn.Module:
+        declared = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
+        if model.separate_noise_vectors and "separate_noise_vectors" not in declared:
+            raise ValueError("separate_noise_vectors is an ET option (its final vector norm); "
+                             f"the {cls.__name__} backbone has none")
+        settings = {n: getattr(model, n) for n in declared if hasattr(model, n)}
+        return cls(**settings, dtype=dtype, name="representation")
 
-def _painn(model: "Model", dtype) -> nn.Module:
-    if model.separate_noise_vectors:
-        raise ValueError("separate_noise_vectors is an ET option (its final vector norm); PaiNN has none")
-    return PaiNN(
-        hidden=model.hidden,
-        num_layers=model.num_layers,
-        num_rbf=model.num_rbf,
-        cutoff=model.cutoff,
-        max_z=model.max_z,
-        dtype=dtype,
-        name="representation",
-    )
+    return build
 
 
 # Backbone name (``config.model.name``) -> builder of the encoder module from the Model's
 # settings. Adding a backbone: a module in mspec/models/ and one entry here.
-ENCODERS: dict[str, Callable[["Model", Any], nn.Module]] = {"et": _et, "painn": _painn}
+ENCODERS: dict[str, Callable[["Model", Any], nn.Module]] = {
+    "et": _encoder_builder(EquivariantTransformer),
+    "painn": _encoder_builder(PaiNN),
+}
 # The settings only the ET reads (PaiNN ignores them, so a config may keep them).
 ET_ONLY = ("num_heads", "interlayer_norm", "vector_norm", "message_passing", "separate_noise_vectors")
 
