@@ -1,13 +1,14 @@
 """The reproduction study: pre-training (Coord, Frad, MolSpectra) against scratch, end to end.
 
-    python -m experiments.reproduce --scale smoke --workdir runs/study_smoke   # ~2 min harness check
+    python -m experiments.reproduce --scale smoke --workdir runs/study_smoke --jobs 2  # harness check
     python -m experiments.reproduce --scale cpu --workdir runs/study           # the CPU study (hours)
     python -m experiments.reproduce --scale paper --workdir /shared/study --dry-run
 
 Runs every stage of the protocol in ``experiments/configs/reproduce.py`` (pre-training arms, then
-fine-tuning of every arm on every target with every seed), each as its own
-``experiments.pretrain`` / ``experiments.finetune`` process in ``<workdir>/<stage name>`` with its
-log in ``<stage dir>/log.txt``, and writes ``<workdir>/results.json``, ``<workdir>/report.md`` and
+fine-tuning of every arm on every target with every seed), each an ``experiments.pretrain`` /
+``experiments.finetune`` run in ``<workdir>/<stage name>`` with its log in
+``<stage dir>/log.txt`` (run by a study worker process, see :mod:`experiments.reproduce_runner`),
+and writes ``<workdir>/results.json``, ``<workdir>/report.md`` and
 PNG figures after every stage. Re-running the same command skips finished stages and resumes an
 interrupted one from its last checkpoint (exactly: the trainers resume bitwise), so a study can
 span several runs or machines. A stage that fails is reported with its log path; the stages that do
@@ -21,7 +22,8 @@ outputs (results.json, report.md, figures) to ``DIR`` (how docs/reproduction/ is
 ``--set KEY=VALUE`` changes one protocol value (recorded; a workdir refuses a changed protocol);
 ``--export-state DIR`` copies the finished stages (their records and the last pre-training
 checkpoints) as a study directory another machine or session continues from;
-``--launcher CMD`` starts the pre-training stages through ``CMD`` (e.g. ``./launch.sh tpu --name
+``--jobs N`` runs up to N independent stages at once (CPU machines); ``--isolate`` runs each
+stage as its own entry-point process; ``--launcher CMD`` starts the pre-training stages through ``CMD`` (e.g. ``./launch.sh tpu --name
 POD --zone ZONE``) for multi-host pre-training; fine-tuning stages run in this process's machine.
 """
 
@@ -36,13 +38,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
-from experiments import reproduce_report, reproduce_stages
+from experiments import reproduce_report, reproduce_runner, reproduce_stages
 from experiments.configs import reproduce as protocol_config
 from experiments.reproduce_stages import Stage
+from mspec.kernels import host_malloc
 
 PROTOCOL_FILE = "protocol.json"
 # Values that only estimate cost; changing them does not change the study.
@@ -149,78 +151,6 @@ def _on_term(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def _die_with_parent():
-    """Child side: receive SIGKILL when the study process dies (Linux), so no orphan keeps
-    writing into a stage workdir that a re-run is about to resume."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def run_stage(st: Stage, workdir: str, env: dict, launcher: str = "") -> dict:
-    """Runs (or resumes) one stage in a subprocess; returns its updated status record."""
-    stage_dir = st.workdir(workdir)
-    os.makedirs(stage_dir, exist_ok=True)
-    status = reproduce_stages.read_status(stage_dir)
-    cmd = st.command(workdir, launcher=launcher)
-    log_path = os.path.join(stage_dir, "log.txt")
-    start_steps = reproduce_stages.checkpoint_steps(os.path.join(stage_dir, "checkpoints"))
-    attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "resumed_from_step": start_steps[-1] if start_steps else 0}
-    status.update(name=st.name, command=cmd, log=log_path, status="running", steps=st.steps)
-    status.setdefault("attempts", []).append(attempt)
-    reproduce_stages.write_status(stage_dir, status)
-    t0 = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"\n=== {attempt['started']} {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent)
-        try:
-            rc = proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            attempt.update(wall_s=time.time() - t0, rc="interrupted")
-            status["status"] = "interrupted"
-            status["wall_s"] = sum(a.get("wall_s", 0.0) for a in status["attempts"])
-            reproduce_stages.write_status(stage_dir, status)
-            raise
-    attempt.update(wall_s=time.time() - t0, rc=rc)
-    status["wall_s"] = sum(a.get("wall_s", 0.0) for a in status["attempts"])
-    if rc == 0 and reproduce_stages.outputs_complete(st, stage_dir):
-        status["status"] = "done"
-    else:
-        status["status"] = "failed"
-        status["error"] = (f"exit status {rc}" if rc else "finished without its outputs") + \
-            f"; last lines of {log_path}: " + " | ".join(_tail(log_path, 3))
-    reproduce_stages.write_status(stage_dir, status)
-    return status
-
-
-def _tail(path: str, n: int) -> list[str]:
-    with open(path, errors="replace") as f:
-        lines = [ln.strip() for ln in f.readlines()[-200:] if ln.strip()]
-    return lines[-n:]
-
-
-def stage_env(workdir: str) -> dict:
-    env = dict(os.environ)
-    # One compilation per distinct step shape for the whole study (fine-tuning runs of one
-    # target differ only in seeds and initial values).
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 @contextlib.contextmanager
 def study_lock(workdir: str):
     os.makedirs(workdir, exist_ok=True)
@@ -232,37 +162,70 @@ def study_lock(workdir: str):
         yield
 
 
-def run_study(p, stages: list[Stage], workdir: str, selected: set[str], launcher: str = "") -> int:
-    env = stage_env(workdir)
+def run_study(p, stages: list[Stage], workdir: str, selected: set[str], launcher: str = "",
+              jobs: int = 1, isolate: bool = False) -> int:
+    """Runs the selected stages, up to ``jobs`` at once, each when the stages it needs are done
+    (see :mod:`experiments.reproduce_runner`); rewrites the report after each. Returns the exit
+    status: 1 if a stage failed or could not run."""
     statuses = {st.name: reproduce_stages.read_status(st.workdir(workdir)) for st in stages}
     todo = [st for st in stages if st.name in selected]
-    t_start, failed = time.time(), []
-    for i, st in enumerate(todo, 1):
-        stage_dir = st.workdir(workdir)
-        prefix = f"[{i}/{len(todo)}] {st.name}"
-        if statuses[st.name].get("status") == "done" and reproduce_stages.outputs_complete(st, stage_dir):
-            print(f"{prefix}: done ({_fmt_s(statuses[st.name].get('wall_s', 0.0))}), skipped", flush=True)
-            continue
-        blocked = [n for n in st.needs if statuses.get(n, {}).get("status") != "done"]
-        if blocked:
-            why = ", ".join(f"{n} ({statuses.get(n, {}).get('status', 'pending')})" for n in blocked)
-            print(f"{prefix}: not run, needs {why}", flush=True)
-            if any(statuses.get(n, {}).get("status") == "failed" for n in blocked):
+    number = {st.name: i for i, st in enumerate(todo, 1)}
+    prefix = {st.name: f"[{number[st.name]}/{len(todo)}] {st.name}" for st in todo}
+    pending, failed = list(todo), []
+    t_start = time.time()
+    runner = reproduce_runner.StageRunner(workdir, jobs=jobs, isolate=isolate, launcher=launcher)
+    try:
+        while pending or runner.running:
+            for st in list(pending):
+                stage_dir = st.workdir(workdir)
+                if statuses[st.name].get("status") == "done" and \
+                        reproduce_stages.outputs_complete(st, stage_dir):
+                    print(f"{prefix[st.name]}: done ({_fmt_s(statuses[st.name].get('wall_s', 0.0))}), "
+                          "skipped", flush=True)
+                    pending.remove(st)
+                    continue
+                unmet = [n for n in st.needs if statuses.get(n, {}).get("status") != "done"]
+                waiting = [n for n in unmet if n in runner.running or
+                           any(q.name == n for q in pending)]
+                if unmet and not waiting:
+                    why = ", ".join(f"{n} ({statuses.get(n, {}).get('status', 'pending')})"
+                                    for n in unmet)
+                    print(f"{prefix[st.name]}: not run, needs {why}", flush=True)
+                    if any(statuses.get(n, {}).get("status") in ("failed", "not run")
+                           for n in unmet):
+                        failed.append(st.name)
+                        statuses[st.name] = {**statuses[st.name], "status": "not run"}
+                    pending.remove(st)
+                    continue
+                if waiting or not runner.has_idle_lane and not (launcher and st.kind == "pretrain"):
+                    continue
+                left = sum(s.estimate_s for s in pending) / max(1, jobs)
+                print(f"{prefix[st.name]}: {'resuming' if statuses[st.name]['attempts'] else 'starting'} "
+                      f"({st.steps:,} steps, est. {_fmt_s(st.estimate_s)}; study est. {_fmt_s(left)} "
+                      f"left, {_fmt_s(time.time() - t_start)} so far); log "
+                      f"{os.path.join(stage_dir, 'log.txt')}", flush=True)
+                runner.start(st)
+                pending.remove(st)
+            if not runner.running:
+                continue
+            finished = runner.wait_one()
+            st, s = finished.stage, finished.status
+            statuses[st.name] = s
+            if s["status"] == "done":
+                print(f"{prefix[st.name]}: done in {_fmt_s(s['attempts'][-1]['wall_s'])}", flush=True)
+            elif s["status"] == "interrupted":
+                raise _Interrupted(f"{st.name} was stopped by a signal")
+            else:
                 failed.append(st.name)
-            continue
-        left = sum(s.estimate_s for s in todo[i - 1:])
-        print(f"{prefix}: {'resuming' if statuses[st.name]['attempts'] else 'starting'} "
-              f"({st.steps:,} steps, est. {_fmt_s(st.estimate_s)}; study est. {_fmt_s(left)} left, "
-              f"{_fmt_s(time.time() - t_start)} so far); log {os.path.join(stage_dir, 'log.txt')}",
-              flush=True)
-        statuses[st.name] = run_stage(st, workdir, env, launcher)
-        s = statuses[st.name]
-        if s["status"] == "done":
-            print(f"{prefix}: done in {_fmt_s(s['attempts'][-1]['wall_s'])}", flush=True)
-        else:
-            failed.append(st.name)
-            print(f"{prefix}: FAILED ({s['error']})", file=sys.stderr, flush=True)
-        reproduce_report.write(p, stages, workdir)
+                print(f"{prefix[st.name]}: FAILED ({s['error']})", file=sys.stderr, flush=True)
+            reproduce_report.write(p, stages, workdir)
+    except BaseException:
+        stopped = runner.interrupt()
+        if stopped:
+            print(f"stopped at a checkpoint: {', '.join(stopped)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        runner.close()
     reproduce_report.write(p, stages, workdir)
     print(f"report: {os.path.join(workdir, 'report.md')}", flush=True)
     if failed:
@@ -324,6 +287,12 @@ def main(argv=None) -> int:
     ap.add_argument("--launcher", default="",
                     help="start pre-training stages with this command, e.g. "
                          "\"./launch.sh tpu --name POD --zone ZONE\" (fine-tuning runs locally)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="stages run at once, each in its own worker process (CPU machines: a "
+                         "stage uses every device, so on GPUs/TPUs keep 1)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run every stage as its own experiments.pretrain/finetune process "
+                         "(~10 s more start-up per stage) instead of in a study worker")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change one protocol value, e.g. --set qm9.num_labels=2000")
     args = ap.parse_args(argv)
@@ -336,6 +305,11 @@ def main(argv=None) -> int:
     if patterns and not selected:
         raise SystemExit(f"--only {args.only!r} matches no stage; stages look like "
                          f"{stages[0].name}, {stages[-1].name}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    if args.jobs > 1 and host_malloc.accelerator_expected(os.environ):
+        raise SystemExit(f"--jobs {args.jobs}: every stage uses all the accelerators of this "
+                         "machine, so stages cannot share them; use --jobs 1")
     if args.dry_run:
         dry_run(p, [st for st in stages if st.name in selected], workdir, args.launcher)
         return 0
@@ -351,7 +325,7 @@ def main(argv=None) -> int:
         else:
             previous = {sig: signal.signal(sig, _on_term) for sig in (signal.SIGTERM, signal.SIGHUP)}
             try:
-                rc = run_study(p, stages, workdir, selected, args.launcher)
+                rc = run_study(p, stages, workdir, selected, args.launcher, args.jobs, args.isolate)
             except (_Interrupted, KeyboardInterrupt) as e:
                 print(f"interrupted ({e or 'SIGINT'}); re-run the same command to resume",
                       file=sys.stderr)
@@ -368,4 +342,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # As the entry points do; the stage workers inherit it (glibc reads it at start-up only).
+    host_malloc.reexec_with_hugepages()
     sys.exit(main())

@@ -63,7 +63,13 @@ class Stage:
             head = shlex.split(launcher) + [self.module]
         else:
             head = [python, "-m", self.module]
-        args = head + [f"--config={self.config}", f"--workdir={self.workdir(study_dir)}"]
+        config, *overrides = self.config_args(study_dir)
+        return head + [config, f"--workdir={self.workdir(study_dir)}"] + overrides
+
+    def config_args(self, study_dir: str) -> list[str]:
+        """``--config=...`` and one ``--config.KEY=VALUE`` per override: the stage's config as
+        the entry points (and :func:`mspec.training.cli.load_config`) parse it."""
+        args = [f"--config={self.config}"]
         for key, value in self.overrides:
             if key == "init_from.checkpoint" or key == "init.checkpoint":
                 value = os.path.join(study_dir, *str(value).split("/"))

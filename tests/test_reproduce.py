@@ -10,10 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from experiments import reproduce, reproduce_report, reproduce_stages
+from experiments import reproduce, reproduce_report, reproduce_runner, reproduce_stages
 from experiments.configs import reproduce as study_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,10 @@ def _run(args, data_dir, timeout=1800):
 
 @pytest.fixture(scope="module")
 def smoke_study(qm9_sample_dir, tmp_path_factory):
+    # Two workers: independent stages run at once, and the two stage-2 arms (then the MD17
+    # arms) build their dataset in the same data directory at the same time.
     workdir = str(tmp_path_factory.mktemp("study"))
-    proc = _run(["--scale", "smoke", "--workdir", workdir], qm9_sample_dir)
+    proc = _run(["--scale", "smoke", "--workdir", workdir, "--jobs", "2"], qm9_sample_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc
 
@@ -227,9 +230,10 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(smoke_study,
     assert len(reproduce_stages.read_status(stage)["attempts"]) == 2
 
 
-def test_failed_stage_is_reported_and_dependents_do_not_run(qm9_sample_dir, tmp_path):
+def test_failed_stage_is_reported_and_dependents_do_not_run(smoke_study, qm9_sample_dir, tmp_path):
     workdir = str(tmp_path / "study")
-    proc = _run(["--scale", "smoke", "--workdir", workdir,
+    # --isolate: every stage as its own entry-point process.
+    proc = _run(["--scale", "smoke", "--workdir", workdir, "--isolate",
                  "--only", "pretrain/coord,finetune/homo/coord/seed1,finetune/homo/scratch/seed1",
                  "--set", "pretrain.dataset=qm9/no_such_config"], qm9_sample_dir)
     assert proc.returncode == 1
@@ -242,6 +246,66 @@ def test_failed_stage_is_reported_and_dependents_do_not_run(qm9_sample_dir, tmp_
     assert results["stages"]["finetune/homo/scratch/seed1"]["status"] == "done"  # the others go on
     report = open(os.path.join(workdir, "report.md")).read()
     assert "**Failed stages**" in report and "pretrain/coord/log.txt" in report
+    # The entry-point process computes exactly what a study worker computed for the same stage.
+    scratch = os.path.join("finetune", "homo", "scratch", "seed1", "results.json")
+    with open(os.path.join(workdir, scratch)) as f, open(os.path.join(smoke_study[0], scratch)) as g:
+        assert json.load(f)["best"] == json.load(g)["best"]
+    status = reproduce_stages.read_status(os.path.join(workdir, "finetune", "homo", "scratch", "seed1"))
+    assert status["attempts"][-1]["process"] == "own process"
+
+
+def _runner_env(monkeypatch, data_dir):
+    monkeypatch.setenv("MSPEC_DATA_DIR", data_dir)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+
+def test_a_crashed_worker_fails_its_stage_only_and_is_replaced(qm9_sample_dir, tmp_path, monkeypatch):
+    _runner_env(monkeypatch, qm9_sample_dir)
+    crash = tmp_path / "crash.py"
+    crash.write_text("import os, signal\n\ndef get_config():\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise ValueError('planted config mistake')\n")
+    stages = [reproduce_stages.Stage(name=f"pretrain/{n}", module="experiments.pretrain",
+                                     config=str(path), overrides=(), needs=(), steps=1,
+                                     estimate_s=1.0, arm=n)
+              for n, path in (("crash", crash), ("broken", broken))]
+    workdir = str(tmp_path / "study")
+    runner = reproduce_runner.StageRunner(workdir, jobs=1)
+    try:
+        results = []
+        for st in stages:
+            runner.start(st)
+            results.append(runner.wait_one().status)
+    finally:
+        runner.close()
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert "exit status -9" in results[0]["error"]
+    assert "worker process running this stage died (exit code -9)" in results[0]["error"]
+    # The next stage ran in a new worker and failed on its own, with its error in one line.
+    assert "experiments.pretrain: error:" in results[1]["error"]
+    assert "planted config mistake" in results[1]["error"]
+
+
+def test_a_signal_stops_running_stages_at_a_checkpoint(qm9_sample_dir, tmp_path, monkeypatch):
+    _runner_env(monkeypatch, qm9_sample_dir)
+    p = reproduce.load_protocol("smoke", ["qm9.steps=100000", "qm9.eval_every=100000"])
+    st = next(s for s in reproduce_stages.plan(p) if s.name == "finetune/homo/scratch/seed1")
+    workdir = str(tmp_path / "study")
+    log = os.path.join(st.workdir(workdir), "log.txt")
+    runner = reproduce_runner.StageRunner(workdir, jobs=1)
+    try:
+        runner.start(st)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (os.path.isfile(log) and "step 6/" in open(log).read()):
+            time.sleep(0.2)
+        assert runner.interrupt() == [st.name]
+    finally:
+        runner.close()
+    status = reproduce_stages.read_status(st.workdir(workdir))
+    assert status["status"] == "interrupted" and status["attempts"][-1]["rc"] == "interrupted"
+    saved = reproduce_stages.checkpoint_steps(os.path.join(st.workdir(workdir), "checkpoints"))
+    assert saved and saved[-1] >= 6
+    assert f"stopped by SIGTERM at step {saved[-1]}" in open(log).read()
 
 
 def test_exported_state_continues_as_a_finished_study(smoke_study, qm9_sample_dir, tmp_path):

@@ -9,6 +9,8 @@ leaves a dataset that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -95,37 +97,66 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
         if config not in known:
             raise DatasetError(f"unknown config {config!r} for dataset {name!r}; known: {known}")
         kwargs["config"] = config
+    builder = _construct(cls, kwargs, dataset, data_dir)
+    if not build:
+        if not builder.is_prepared():
+            raise DatasetError(
+                f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
+            )
+        if _source_changed(builder):
+            raise DatasetError(
+                f"dataset {dataset!r} in {builder.data_dir} was built from other source files than "
+                "the current ones; rebuild it (delete that directory, or allow building)"
+            )
+    elif not builder.is_prepared() or _source_changed(builder):
+        # Two runs on one data directory (the reproduction study's parallel stages) must not
+        # build the same dataset at once: the second waits, then finds it built.
+        with _build_lock(data_dir, dataset):
+            builder = _construct(cls, kwargs, dataset, data_dir)
+            if builder.is_prepared() and _source_changed(builder):
+                print(f"Dataset {dataset!r}: its source files changed since {builder.data_dir} was "
+                      "built; rebuilding", file=sys.stderr)
+                shutil.rmtree(builder.data_dir)
+                builder = _construct(cls, kwargs, dataset, data_dir)
+            if not builder.is_prepared():
+                # The builder (data_pipelines.local_builder) says what it builds and from what.
+                if manual_dir:
+                    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                        manual_dir=os.path.expanduser(manual_dir)))
+                else:
+                    builder.download_and_prepare()
+    _check_files(builder, dataset)
+    return builder
+
+
+def _construct(cls, kwargs: dict, dataset: str, data_dir: str):
     try:
-        builder = cls(**kwargs)
+        return cls(**kwargs)
     except Exception as e:  # noqa: BLE001  (TFDS raises many types on a corrupt info file)
         raise DatasetError(
             f"dataset {dataset!r} in {data_dir} is corrupt: cannot read its metadata ({e}). "
             "Delete that directory to rebuild it."
         ) from e
-    if builder.is_prepared() and getattr(builder, "source_changed", lambda: False)():
-        if not build:
-            raise DatasetError(
-                f"dataset {dataset!r} in {builder.data_dir} was built from other source files than "
-                "the current ones; rebuild it (delete that directory, or allow building)"
-            )
-        print(f"Dataset {dataset!r}: its source files changed since {builder.data_dir} was built; "
-              "rebuilding", file=sys.stderr)
-        shutil.rmtree(builder.data_dir)
-        builder = cls(**kwargs)
-    if not builder.is_prepared():
-        if not build:
-            raise DatasetError(
-                f"dataset {dataset!r} is not prepared in {data_dir} (expected {builder.data_dir})"
-            )
-        # The builder (data_pipelines.local_builder) says what it builds and from what.
-        if manual_dir:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
-            )
-        else:
-            builder.download_and_prepare()
-    _check_files(builder, dataset)
-    return builder
+
+
+def _source_changed(builder) -> bool:
+    return builder.is_prepared() and getattr(builder, "source_changed", lambda: False)()
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, dataset: str):
+    """An exclusive lock on building ``dataset`` in ``data_dir`` (released when the process
+    ends, however it ends)."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, "." + dataset.replace("/", "-") + ".build.lock")
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Dataset {dataset!r}: another process is building it in {data_dir}; waiting",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _check_files(builder, dataset: str) -> None:

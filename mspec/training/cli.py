@@ -61,19 +61,55 @@ def _config_flag_message(e: BaseException, argv: list[str]) -> str:
     return " ".join(text.split())
 
 
+def _flags_error_message(e: Exception) -> str:
+    # Config-file errors carry a traceback: keep the first line and the exception's line.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if len(lines) > 1 and "Traceback" in str(e) else ""
+    return f"{lines[0].rstrip(':')}: {last}" if last else lines[0] if lines else str(e)
+
+
+def _raise_config_load_errors(flag_values: flags.FlagValues) -> None:
+    for name in flag_values:
+        value = flag_values[name].value
+        if type(value).__name__ == "_ErrorConfig":  # a config file that failed to load
+            raise OSError(str(object.__getattribute__(value, "_error")))
+
+
+def load_config(config_args: list[str]):
+    """The config an entry point would run with ``config_args`` (``--config=PATH[:variant]``
+    and ``--config.KEY=VALUE`` overrides), parsed by the same ml_collections flag parser into a
+    private flag registry, so a caller can run several configs in one process (the reproduction
+    study's stages).
+
+    Raises:
+      ValueError: a missing or failing config file, an unknown key or a bad value (one line).
+    """
+    from ml_collections import config_flags
+
+    registry = flags.FlagValues()
+    argv = ["mspec", *config_args]
+    # sys_argv: the override flags (--config.KEY) are declared from the command line it names.
+    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=registry,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        registry(argv)
+        _raise_config_load_errors(registry)
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        if isinstance(e, flags.Error):
+            message = _flags_error_message(e)
+        else:
+            message = _config_flag_message(e, argv)
+        raise ValueError(" ".join(message.split())) from e
+    return registry.config
+
+
 def _parse(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
-        for name in flags.FLAGS:
-            value = flags.FLAGS[name].value
-            if type(value).__name__ == "_ErrorConfig":  # a config file that failed to load
-                raise OSError(str(object.__getattribute__(value, "_error")))
+        _raise_config_load_errors(flags.FLAGS)
         return rest
     except flags.Error as e:
-        # Config-file errors carry a traceback: keep the first line and the exception's line.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        last = lines[-1] if len(lines) > 1 and "Traceback" in str(e) else ""
-        _say(f"{lines[0].rstrip(':')}: {last}" if last else lines[0] if lines else str(e))
+        _say(_flags_error_message(e))
     except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
         if os.environ.get("MSPEC_TRACEBACK"):
             raise
@@ -81,9 +117,16 @@ def _parse(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def is_clear_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure the user can act on from its message alone (a config value,
+    a refused resume, a checkpoint or dataset fault, divergence): shown as one line, without
+    traceback, unless ``MSPEC_TRACEBACK`` is set."""
+    return isinstance(exc, _clear_errors()) and not os.environ.get("MSPEC_TRACEBACK")
+
+
 def _excepthook(previous):
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, _clear_errors()) and not os.environ.get("MSPEC_TRACEBACK"):
+        if is_clear_error(exc):
             _say(f"{exc}")
         else:
             previous(exc_type, exc, tb)
