@@ -40,6 +40,35 @@ def test_config_mistakes_are_one_line(tmp_path, args, status, line):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+def test_load_config_parses_overrides_as_the_entry_points_do():
+    from mspec.training import cli
+
+    config = cli.load_config(["--config=experiments/configs/finetune_qm9.py:homo", "--config.seed=5",
+                              "--config.evaluate.checkpoints=('best',)", "--config.optim.lr=1e-3"])
+    assert config.seed == 5 and config.evaluate.checkpoints == ("best",) and config.optim.lr == 1e-3
+    assert config.target.name == "homo"
+    # Another config in the same process: each call has its own flag registry.
+    assert cli.load_config(["--config=experiments/configs/pretrain_frad.py:tiny"]).task == "denoise"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=experiments/configs/pretrain_frad.py:tiny", "--config.optim.lrr=1"],
+     """--config.optim.lrr: the config has no key 'lrr'. Did you mean "lr" instead of "lrr"?"""),
+    (["--config=experiments/configs/nope.py"],
+     "--config: config file 'experiments/configs/nope.py' not found"),
+    (["--config=experiments/configs/pretrain_frad.py:huge"],
+     "Error whilst parsing config file: ValueError: unknown variant 'huge'"),
+    (["--config=experiments/configs/pretrain_frad.py:tiny", "--config.seed=abc"],
+     "flag --config.seed=abc: invalid literal for int()"),
+])
+def test_load_config_mistakes_are_one_line_value_errors(args, message):
+    from mspec.training import cli
+
+    with pytest.raises(ValueError) as e:
+        cli.load_config(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_evaluate_on_a_pretraining_workdir_says_what_it_evaluates(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(json.loads(pretrain_frad.get_config("tiny").to_json_best_effort()), f)

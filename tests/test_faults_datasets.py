@@ -222,3 +222,23 @@ def test_pcqm4mv2_rebuild_after_fixing_the_source_restages_changed_chunks(fixtur
     np.testing.assert_allclose(rows[0]["positions"],
                                pcqm_fixture.molecule(0).GetConformer().GetPositions(), atol=5.1e-5)
     assert sorted(rows) == [i for i in range(10) if i != pcqm_fixture.BROKEN]
+
+
+def test_a_second_build_of_one_dataset_waits_for_the_first(tmp_path, capsys):
+    import threading
+    import time
+
+    order = []
+
+    def second():
+        with datasets._build_lock(str(tmp_path), "qm9/sample"):
+            order.append("second builds")
+
+    with datasets._build_lock(str(tmp_path), "qm9/sample"):
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(0.5)
+        order.append("first done")
+    other.join(10)
+    assert order == ["first done", "second builds"]
+    assert "'qm9/sample': another process is building it" in capsys.readouterr().err

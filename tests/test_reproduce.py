@@ -38,6 +38,18 @@ def smoke_study(qm9_sample_dir, tmp_path_factory):
     return workdir, proc
 
 
+@pytest.mark.parametrize("platforms,jobs,message", [
+    ("cuda", "2", "stages cannot share them; use --jobs 1"),
+    ("cpu", "0", "--jobs 0: must be at least 1"),
+])
+def test_jobs_is_refused_where_stages_would_share_devices(platforms, jobs, message, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    with pytest.raises(SystemExit, match=message):
+        reproduce.main(["--scale", "smoke", "--workdir", str(tmp_path / "w"), "--jobs", jobs])
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_plan_covers_every_arm_target_and_seed():
     p = reproduce.load_protocol("cpu", [])
     stages = reproduce_stages.plan(p)
