@@ -48,7 +48,7 @@ def test_load_config_parses_overrides_as_the_entry_points_do():
     assert config.seed == 5 and config.evaluate.checkpoints == ("best",) and config.optim.lr == 1e-3
     assert config.target.name == "homo"
     # Another config in the same process: each call has its own flag registry.
-    assert cli.load_config(["--config=experiments/configs/pretrain_frad.py:tiny"]).task == "denoise"
+    assert cli.load_config(["--config=experiments/configs/pretrain_frad.py:tiny"]).total_steps > 0
 
 
 @pytest.mark.parametrize("args,message", [
