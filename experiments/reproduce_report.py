@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from mspec.training import targets
+from mspec.training import downstream
 
 # The published row each arm is compared with (the tables in mspec/training/targets.py): QM9 from the
 # MolSpectra table (its TorchMD-Net and Coord rows) plus Frad's own table; MD17 aspirin, 950
@@ -54,19 +54,20 @@ def read_metrics(path: str) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-def _task(p, target: str) -> str:
-    return "qm9" if target in p.qm9.targets else "md17"
+def _kind(p, target: str) -> downstream.Downstream:
+    """The downstream kind of a target: one of the protocol's QM9 targets, or its MD17 molecule."""
+    return downstream.of("qm9" if target in p.qm9.targets else "md17")
 
 
 def unit(p, target: str) -> str:
-    return targets.report_unit("qm9", target) if _task(p, target) == "qm9" else "kcal/mol/Å"
+    return _kind(p, target).headline_unit(target)
 
 
 def published(p, target: str) -> dict[str, float]:
     """``{arm: published MAE}`` for the arms that have a published row."""
-    task = _task(p, target)
-    numbers = targets.published_numbers(task, target, 950 if task == "md17" else None)
-    return {arm: numbers[row] for arm, row in PUBLISHED_ROW[task].items() if row in numbers}
+    kind = _kind(p, target)
+    numbers = kind.published(target, 950 if kind.forces else None)
+    return {arm: numbers[row] for arm, row in PUBLISHED_ROW[kind.task].items() if row in numbers}
 
 
 def collect(p, stages, workdir: str) -> dict:
@@ -96,8 +97,10 @@ def collect(p, stages, workdir: str) -> dict:
             continue
         res = _read_json(os.path.join(d, "results.json")) or {}
         best, last = res.get("best", {}), res.get("last", {})
-        key = "mae" if _task(p, st.target) == "qm9" else "forces_mae"
-        factor = targets.report_factor("qm9", st.target) if _task(p, st.target) == "qm9" else 1.0
+        kind = _kind(p, st.target)
+        key = kind.headline
+        # The validation metric: QM9's MAE (training units), MD17's composite (kcal/mol(/Å)).
+        factor = 1.0 if kind.forces else kind.report_factor(st.target)
         curve = [(s, r["eval/metric"] * factor) for s, r in metrics.items() if "eval/metric" in r]
         runs.append({
             "arm": st.arm, "target": st.target, "seed": st.seed,
@@ -264,11 +267,11 @@ def plot_curves(p, results: dict, target: str, path: str) -> str | None:
         mean = [np.mean([dict(r["validation_curve"])[s] for r in arm_runs
                          if s in dict(r["validation_curve"])]) for s in steps]
         ax.plot(steps, mean, color=color, lw=2, label=f"{ARM_LABELS[arm]} (n={len(arm_runs)})")
-    task = _task(p, target)
+    forces = _kind(p, target).forces
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning step")
-    metric = "MAE" if task == "qm9" else "0.2 MAE_E + 0.8 MAE_F"
-    ax.set_ylabel(f"validation {metric} ({unit(p, target) if task == 'qm9' else 'kcal/mol(/Å)'})")
+    metric = "0.2 MAE_E + 0.8 MAE_F" if forces else "MAE"
+    ax.set_ylabel(f"validation {metric} ({'kcal/mol(/Å)' if forces else unit(p, target)})")
     ax.set_title(f"{target}: validation during fine-tuning (thin: seeds, thick: mean)")
     return _finish(plt, fig, ax, path)
 
@@ -393,7 +396,7 @@ def render(p, results: dict, figures: dict[str, str]) -> str:
                 f"{_num(r.get('published'), u) if 'published' in r else '–'} | "
                 f"{_pct(r.get('published_change_vs_scratch')) if arm != 'scratch' and 'published' in r else ''} |")
         if baseline is not None:
-            what = "predicting the training mean" if _task(p, target) == "qm9" else "predicting zero forces"
+            what = "predicting zero forces" if _kind(p, target).forces else "predicting the training mean"
             lines += ["", f"Reference: {what} gives a test MAE of {_num(baseline, u)} {u}."]
         lines += [""] + paired_table(t)
         lines += ["| goal | met |", "|---|---|"]

@@ -33,6 +33,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from mspec import graph, inference
+from mspec.training import downstream
 
 KCAL_PER_MOL = units.kcal / units.mol  # in eV (ASE's CODATA constants)
 
@@ -40,12 +41,13 @@ KCAL_PER_MOL = units.kcal / units.mol  # in eV (ASE's CODATA constants)
 def refusal(config) -> str | None:
     """Why a model with this config cannot be an energy + force calculator (None if it can)."""
     task = inference.task_of(config)
-    if task == "md17":
+    kind = downstream.get(task)
+    if kind is None:
+        return f"it has no energy head (config.task {task!r}: a pre-training run or converted encoder)"
+    if kind.forces:
         return None
-    if task == "qm9":
-        return (f"its scalar head predicts the QM9 property {config.target.name!r} of equilibrium "
-                "geometries, not a potential energy surface")
-    return f"it has no energy head (config.task {task!r}: a pre-training run or converted encoder)"
+    return (f"its scalar head predicts the QM9 property {config.target.name!r} of equilibrium "
+            "geometries, not a potential energy surface")
 
 
 class Calculator(_AseCalculator):

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mspec import graph
-from mspec.training import restore, run_config, targets
+from mspec.training import downstream, restore, run_config, targets
 
 # Elements in each training set. A model has never seen the others (their embedding rows are
 # untrained), so a molecule holding one is refused instead of given a meaningless number.
@@ -79,23 +79,32 @@ class TrainedModel:
         return task_of(self.config)
 
     @property
+    def kind(self) -> downstream.Downstream | None:
+        """What a fine-tuned model predicts (QM9 property / MD17 energy + forces); None for an
+        encoder."""
+        return downstream.get(self.task)
+
+    @property
     def finetuned(self) -> bool:
         return is_finetuned(self.config)
 
     @property
     def properties(self) -> tuple[str, ...]:
         """What it predicts per molecule: ``("homo",)``, ``("energy", "forces")`` or ``()``."""
-        if not self.finetuned:
-            return ()
-        return (self.config.target.name,) if self.task == "qm9" else ("energy", "forces")
+        return self.kind.properties(self.config.target.name) if self.kind else ()
 
     def unit(self, name: str) -> str:
         """The papers' unit of a property (``meV``, ``kcal/mol``, ...)."""
-        return targets.report_unit(self.task, name)
+        return self._fine_tuned_kind().report_unit(name)
 
     def report_factor(self, name: str) -> float:
         """Training unit -> :meth:`unit` multiplier (1000 for eV -> meV)."""
-        return targets.report_factor(self.task, name)
+        return self._fine_tuned_kind().report_factor(name)
+
+    def _fine_tuned_kind(self) -> downstream.Downstream:
+        if self.kind is None:
+            raise ValueError(f"{self.describe()} predicts no properties (an encoder)")
+        return self.kind
 
     @property
     def elements(self) -> tuple[int, ...] | None:
@@ -120,9 +129,7 @@ def task_of(config) -> str:
 
 def is_finetuned(config) -> bool:
     """Whether the config is a fine-tuning run's (a model with a property or energy head)."""
-    from mspec.training import finetune
-
-    return task_of(config) in finetune.TASKS
+    return downstream.get(task_of(config)) is not None
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -263,7 +270,7 @@ def featurize(model: TrainedModel, numbers: np.ndarray, positions: np.ndarray,
 
 def atom_references(model: TrainedModel, numbers: np.ndarray) -> float:
     """The QM9 atom-reference sum the model's target adds (0 when it has none), training units."""
-    if model.task == "qm9" and model.config.target.atomref:
+    if model.kind is not None and not model.kind.forces and model.config.target.atomref:
         return targets.atomref_sum(model.config.target.name, numbers)
     return 0.0
 
@@ -323,7 +330,7 @@ class Predictor:
                 edge_mask = graph.active_edges(b["positions"], b["senders"], b["receivers"],
                                                b["edge_mask"], cutoff, max_neighbors)
                 out = net.apply({"params": params}, {**b, "edge_mask": edge_mask})
-            elif model.task == "md17":  # the training step's E and F = -∂E/∂x
+            elif model.kind.forces:  # the training step's E and F = -∂E/∂x
                 res["pred"], res["forces"], out = trainer.energy_and_forces(params, b, b["positions"])
             else:  # the evaluation's clean-input prediction
                 res["pred"], out = trainer.molecule_outputs(params, b, b["positions"])

@@ -12,7 +12,9 @@ from data_pipelines.fixtures import md17 as md17_fixture
 from experiments.configs import finetune_md17, finetune_qm9
 from mspec import graph, models
 from mspec.data import pipeline
-from mspec.training import checkpoint, finetune, loop, restore, run_config, schedules, targets, train
+from mspec.training import (
+    checkpoint, downstream, finetune, loop, restore, run_config, schedules, targets, train,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +168,12 @@ def test_unit_conversions_against_hand_computed_values():
     # 1 Hartree = 27.211386246 eV = 27211.386246 meV (CODATA 2018).
     homo_hartree = -0.25
     ev = homo_hartree * targets.HARTREE_TO_EV
-    assert ev * targets.report_factor("qm9", "homo") == pytest.approx(-6802.8465615)
+    assert ev * downstream.QM9.report_factor("homo") == pytest.approx(-6802.8465615)
     for name in ("homo", "lumo", "gap", "zpve", "U0", "U", "H", "G"):
-        assert targets.report_unit("qm9", name) == "meV" and targets.report_factor("qm9", name) == 1000
+        assert downstream.QM9.report_unit(name) == "meV" and downstream.QM9.report_factor(name) == 1000
     for name, unit in (("mu", "D"), ("alpha", "a0^3"), ("r2", "a0^2"), ("cv", "cal/mol/K")):
-        assert targets.report_unit("qm9", name) == unit and targets.report_factor("qm9", name) == 1
-    assert targets.report_unit("md17", "forces") == "kcal/mol/Å"
+        assert downstream.QM9.report_unit(name) == unit and downstream.QM9.report_factor(name) == 1
+    assert downstream.MD17.report_unit("forces") == "kcal/mol/Å"
     # Methane U0 atom references: C + 4 H, in eV.
     assert targets.atomref_sum("U0", [6, 1, 1, 1, 1]) == pytest.approx(-1029.86312267 + 4 * -13.61312172)
     # The QM9 atomref table in Hartree (H: -0.500273) converts to PyG's eV value.
@@ -181,8 +183,23 @@ def test_unit_conversions_against_hand_computed_values():
 
     assert md17_gfn2.HARTREE_IN_KCAL_PER_MOL == pytest.approx(627.5095, abs=1e-4)
     assert md17_gfn2.HARTREE_IN_KCAL_PER_MOL / md17_gfn2.BOHR_IN_ANGSTROM == pytest.approx(1185.8212, abs=1e-3)
-    assert targets.published_numbers("md17", "aspirin", 950)["Frad"] == 0.2087
-    assert targets.published_numbers("qm9", "homo")["MolSpectra"] == 15.5
+    assert downstream.MD17.published("aspirin", 950)["Frad"] == 0.2087
+    assert downstream.QM9.published("homo")["MolSpectra"] == 15.5
+
+
+def test_every_finetuning_task_has_one_downstream_kind():
+    from mspec.training import finetune, tasks
+
+    assert set(downstream.KINDS) == set(finetune.TASKS) == {
+        name for name, cls in tasks.TASKS.items() if cls is tasks.Finetuning}
+    assert downstream.of("md17").forces and not downstream.of("qm9").forces
+    assert downstream.MD17.properties("aspirin") == ("energy", "forces")
+    assert downstream.QM9.properties("gap") == ("gap",)
+    assert downstream.MD17.headline_unit("aspirin") == "kcal/mol/Å"
+    assert downstream.QM9.headline_unit("gap") == "meV" and downstream.QM9.headline_factor("gap") == 1000
+    assert downstream.get("denoise") is None
+    with pytest.raises(ValueError, match="'denoise' is not a fine-tuning task"):
+        downstream.of("denoise")
 
 
 def test_cosine_restarts_matches_the_official_closed_form():

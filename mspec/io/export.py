@@ -119,11 +119,12 @@ def _atomref_setting(converted: Converted, config) -> bool:
     are), while Frad's pre-trained path subtracts QM9's references from the labels and learns a
     small correction (well under 5 eV per element). Anything else is refused as ambiguous.
     """
-    from mspec.training import targets
+    from mspec.training import downstream, targets
 
     atomref = converted.standardization["atomref"]
     name = config.target.name
-    if atomref is None or config.task != "qm9" or name not in targets.QM9_ATOMREF_EV:
+    kind = downstream.get(config.task)
+    if atomref is None or kind is None or kind.forces or name not in targets.QM9_ATOMREF_EV:
         return False
     table = np.asarray(atomref, np.float64)[list(targets._ATOMREF_Z)]
     refs = np.asarray(targets.QM9_ATOMREF_EV[name])

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mspec.training import checkpoint, targets
+from mspec.training import checkpoint, downstream
 
 MAX_PARITY_POINTS = 20_000
 
@@ -39,8 +39,9 @@ def split_metrics(setup, pred: dict) -> dict[str, Any]:
     name = cfg.target.name
     # The train-mean predictor: fitted mean (+ atom references), the same for every molecule.
     baseline = setup.fitted.mean + pred["ref"]
-    if cfg.task == "qm9":
-        f = targets.report_factor("qm9", name)
+    kind = downstream.of(cfg.task)
+    if not kind.forces:
+        f = kind.report_factor(name)
         mae = _mae(pred["y_pred"], pred["y_true"])
         base = _mae(baseline, pred["y_true"])
         return {
@@ -48,8 +49,8 @@ def split_metrics(setup, pred: dict) -> dict[str, Any]:
             "mae": mae * f,
             "mae_training_units": mae,
             "train_mean_mae": base * f,
-            "unit": targets.report_unit("qm9", name),
-            "training_unit": targets.QM9_UNITS[name][0],
+            "unit": kind.report_unit(name),
+            "training_unit": kind.training_unit(name),
         }
     mae_e = _mae(pred["y_pred"], pred["y_true"])
     mae_f = _mae(pred["f_pred"], pred["f_true"])
@@ -88,11 +89,12 @@ def parity_figure(task: str, name: str, pred: dict, title: str):
         ax.set_ylabel(f"predicted {label} ({unit})")
         ax.set_aspect("equal", adjustable="datalim")
 
-    if task == "qm9":
-        f = targets.report_factor("qm9", name)
+    kind = downstream.of(task)
+    if not kind.forces:
+        f = kind.report_factor(name)
         fig = Figure(figsize=(5, 5))
         axes = [fig.add_subplot(1, 1, 1)]
-        panel(axes[0], pred["y_true"] * f, pred["y_pred"] * f, name, targets.report_unit("qm9", name))
+        panel(axes[0], pred["y_true"] * f, pred["y_pred"] * f, name, kind.report_unit(name))
     else:
         fig = Figure(figsize=(10, 5))
         axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
@@ -130,29 +132,27 @@ def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
 
 def format_table(results: dict) -> str:
     """Test MAEs beside the published numbers, as a markdown table."""
-    task, name = results["task"], results["target"]
-    if task == "qm9":
-        unit = results["unit"]
-        rows = [("method", f"test MAE {name} ({unit})")]
-        key = "mae"
+    kind, name = downstream.of(results["task"]), results["target"]
+    key = kind.headline
+    if not kind.forces:
+        rows = [("method", f"test MAE {name} ({results['unit']})")]
     else:
-        rows = [("method", f"test force MAE {name} (kcal/mol/Å)", "test energy MAE (kcal/mol)")]
-        key = "forces_mae"
+        rows = [("method", f"test force MAE {name} ({kind.headline_unit(name)})",
+                 f"test energy MAE ({kind.report_unit('energy')})")]
+    extra = ("",) if kind.forces else ()
     for which in ("last", "best"):
         r = results.get(which)
         if r and "test" in r:
             label = f"mspec ({'last' if which == 'last' else 'best validation'}, step {r['step']})"
             row = (label, f"{r['test'][key]:.4g}")
-            if task == "md17":
+            if kind.forces:
                 row += (f"{r['test']['energy_mae']:.4g}",)
             rows.append(row)
     test = (results.get("last") or results.get("best") or {}).get("test")
     if test:
-        base = test["train_mean_mae"] if task == "qm9" else test["zero_forces_mae"]
-        rows.append(("train-mean predictor" if task == "qm9" else "zero-force predictor", f"{base:.4g}")
-                    + (("",) if task == "md17" else ()))
+        rows.append((kind.baseline_name, f"{test[kind.baseline]:.4g}") + extra)
     for method, value in results["published"].items():
-        rows.append((f"{method} [published]", f"{value:.4g}") + (("",) if task == "md17" else ()))
+        rows.append((f"{method} [published]", f"{value:.4g}") + extra)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -176,7 +176,8 @@ def evaluate(setup, workdir: str, which=("last", "best"), roles=("validation", "
     writer = jax.process_index() == 0
     cfg = setup.config
     name = cfg.target.name
-    train_frames = len(setup.sources["train"]) if cfg.task == "md17" else None
+    kind = downstream.of(cfg.task)
+    train_frames = len(setup.sources["train"]) if kind.forces else None
     results: dict[str, Any] = {
         "task": cfg.task,
         "target": name,
@@ -184,10 +185,10 @@ def evaluate(setup, workdir: str, which=("last", "best"), roles=("validation", "
         "splits": {r: cfg.data[f"{r}_split"] for r in ("train", "validation", "test")},
         "split_sizes": {r: len(s) for r, s in setup.sources.items()},
         "standardizer": {"mean": setup.standardizer.mean, "std": setup.standardizer.std},
-        "published": targets.published_numbers(cfg.task, name, train_frames),
+        "published": kind.published(name, train_frames),
     }
-    if cfg.task == "qm9":
-        results["unit"] = targets.report_unit("qm9", name)
+    if not kind.forces:
+        results["unit"] = kind.report_unit(name)
     else:
         results["unit"] = "kcal/mol/Å (forces), kcal/mol (energy)"
         if cfg.data.dataset.startswith("md17/gfn2_"):

@@ -44,9 +44,9 @@ from mspec import graph, losses, models
 from mspec.kernels import host_malloc
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
-from mspec.training import evaluation, restore, run_config, schedules, targets, train
+from mspec.training import downstream, evaluation, restore, run_config, schedules, targets, train
 
-TASKS = ("qm9", "md17")
+TASKS = tuple(downstream.KINDS)
 HOST_PREFIX = "_"  # packed keys that stay on the host (float64 bookkeeping for evaluation)
 
 
@@ -77,7 +77,7 @@ class LabeledFeaturizer:
 
     def raw_label(self, example) -> tuple[float, float]:
         """``(y, atom-reference sum)`` of one example, in training units (float64)."""
-        if self.task == "qm9":
+        if not downstream.of(self.task).forces:  # a QM9 label column
             column = targets.QM9_LABEL_COLUMNS.index(self.target)
             y = float(np.asarray(example["targets"], np.float64)[column])
             ref = targets.atomref_sum(self.target, example["atomic_numbers"]) if self.atomref else 0.0
@@ -90,7 +90,7 @@ class LabeledFeaturizer:
         mol["target"] = np.float32(y - ref - self.mean)
         mol["_y"] = np.float64(y)
         mol["_ref"] = np.float64(ref)
-        if self.task == "md17":
+        if downstream.of(self.task).forces:
             forces = np.asarray(example["forces"], np.float32)
             if forces.shape != mol["positions"].shape:
                 raise pipeline.BadRecordError(
@@ -140,9 +140,10 @@ def check_config(config) -> None:
     run_config.check_values(config)
     if config.task not in TASKS:
         raise run_config.ConfigError(f"config.task must be one of {TASKS}, got {config.task!r}")
-    if config.task == "qm9" and config.target.name not in targets.QM9_TARGETS:
+    kind = downstream.of(config.task)
+    if not kind.forces and config.target.name not in targets.QM9_TARGETS:
         raise run_config.ConfigError(f"unknown QM9 target {config.target.name!r}; known: {targets.QM9_TARGETS}")
-    if config.target.atomref and (config.task != "qm9" or config.target.name not in targets.QM9_ATOMREF_EV):
+    if config.target.atomref and (kind.forces or config.target.name not in targets.QM9_ATOMREF_EV):
         raise run_config.ConfigError(f"config.target.atomref is only for QM9 {sorted(targets.QM9_ATOMREF_EV)}")
     try:
         head = models.property_head(config.model.heads)
@@ -155,9 +156,9 @@ def check_config(config) -> None:
         raise run_config.ConfigError(
             f"config.model.prior={prior!r} needs the 'scalar' head (torchmd-net allows no prior "
             f"with the {head!r} head)")
-    if config.task == "md17" and head != "scalar":
+    if kind.forces and head != "scalar":
         raise run_config.ConfigError(f"MD17 needs the 'scalar' (energy) head, not {head!r}")
-    if config.task == "md17" and config.model.get("message_passing", "xla") == "fused":
+    if kind.forces and config.model.get("message_passing", "xla") == "fused":
         raise run_config.ConfigError(
             "config.model.message_passing='fused' cannot train on MD17: the loss differentiates "
             "the forces (a second-order gradient) and the fused CPU kernels are first-order only; "
@@ -173,7 +174,7 @@ def check_config(config) -> None:
             f"config.loss.property_loss must be one of {losses.PROPERTY_LOSSES}, got {config.loss.property_loss!r}")
     if not 0.0 < config.loss.energy_ema_alpha <= 1.0:
         raise run_config.ConfigError("config.loss.energy_ema_alpha must be in (0, 1]")
-    if config.task == "md17" and config.loss.denoising_weight > 0 and not config.loss.sep_noisy_nodes:
+    if kind.forces and config.loss.denoising_weight > 0 and not config.loss.sep_noisy_nodes:
         raise run_config.ConfigError(
             "MD17 denoising needs config.loss.sep_noisy_nodes = True (energies and forces on clean "
             "frames, a separate noisy pass for the noise head; docs/spec/frad.md §3.2)"
@@ -209,6 +210,7 @@ class FinetuneTrainer:
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
         self.denoise = self.config.loss.denoising_weight > 0
+        self.kind = downstream.of(self.config.task)
         self.update_fn = jax.jit(self._update, donate_argnums=(0,))
         self.predict_fn = jax.jit(self._predict)
 
@@ -238,7 +240,7 @@ class FinetuneTrainer:
 
     def _one(self, params, key, b, training: bool) -> dict:
         res = {}
-        if self.config.task == "qm9":
+        if not self.kind.forces:
             pos = b["positions"]
             if training and self.denoise:
                 pos, res["noise_target"] = train.perturb(self.config, key, b)
@@ -272,7 +274,7 @@ class FinetuneTrainer:
         out = self._forward(params, rng, batch, training=True)
         l_y = losses.property_loss(out["pred"], batch["target"], batch["graph_mask"], cfg.property_loss)
         aux = {"property_loss": l_y}
-        if self.config.task == "md17":
+        if self.kind.forces:
             l_f = losses.force_loss(out["forces"], batch["forces"], batch["node_mask"], cfg.property_loss)
             # Frad's EMA: L^ema = a L + (1 - a) * previous (detached); the first step uses L.
             prev = jax.lax.stop_gradient(jnp.where(jnp.isnan(energy_ema), 0.0, energy_ema))
@@ -362,9 +364,14 @@ class Setup:
     budget: graph.Budget
     trainer: FinetuneTrainer
 
+    @property
+    def kind(self) -> downstream.Downstream:
+        """What the run predicts and how it is scored (QM9 property / MD17 energy + forces)."""
+        return downstream.of(self.config.task)
+
     def dummy_batch(self) -> dict:
         """An empty device batch with the run's static shapes (for initialisation)."""
-        return split_host(pack_labeled([], self.budget, self.config.task == "md17"))[0]
+        return split_host(pack_labeled([], self.budget, self.kind.forces))[0]
 
     def predict(self, params, role: str, limit: int | None = None) -> dict[str, np.ndarray]:
         """:func:`predict` on this set-up."""
@@ -422,7 +429,7 @@ def message_passing_of(config) -> str:
     the forces, a second-order gradient, which only the XLA ops have.
     """
     chosen = config.model.get("message_passing", "xla")
-    if chosen == "auto" and config.task == "md17" and config.model.get("name", "et") == "et":
+    if chosen == "auto" and downstream.of(config.task).forces and config.model.get("name", "et") == "et":
         train.note("message passing: XLA ops (model.message_passing='auto'; MD17 trains on "
                    "forces, a second-order gradient, and the fused CPU kernels are first-order only)")
         return "xla"
@@ -504,7 +511,7 @@ def batches(setup: Setup, role: str, *, shuffle: bool, repeat: bool, start=None,
         seed=setup.config.seed, shuffle=shuffle, repeat=repeat, limit=limit, start=start,
         pad_forever=pad_forever, prefetch=data.prefetch,
         num_threads=data.get("num_threads", 0), num_workers=data.get("num_workers", 0),
-        pack_fn=functools.partial(pack_labeled, with_forces=setup.config.task == "md17"),
+        pack_fn=functools.partial(pack_labeled, with_forces=setup.kind.forces),
     )
 
 
@@ -527,7 +534,7 @@ def predict(setup: Setup, params, role: str, limit: int | None = None) -> dict[s
     slots = np.asarray(it.slots, np.int32)  # local row j holds device slot slots[j]
     delivered = np.zeros(num_slots, np.int64)  # molecules of each slot's stream so far
     found: list[tuple[int, tuple]] = []  # (split position, per-molecule values)
-    md17 = setup.config.task == "md17"
+    md17 = setup.kind.forces
     try:
         for local in it:
             dev, host = split_host(local)
@@ -575,7 +582,7 @@ def validation_metric(setup: Setup, pred: dict) -> float:
     noised denoising term (which make its model selection noisy; docs/spec/frad.md §7 item 4).
     """
     mae_y = float(np.mean(np.abs(pred["y_pred"] - pred["y_true"])))
-    if setup.config.task == "qm9":
+    if not setup.kind.forces:
         return mae_y
     mae_f = float(np.mean(np.abs(pred["f_pred"] - pred["f_true"])))
     return setup.config.loss.energy_weight * mae_y + setup.config.loss.force_weight * mae_f
@@ -585,8 +592,8 @@ def describe_validation(setup: Setup, pred: dict, value: float) -> str:
     """The validation line's text, with units: ``"validation MAE 0.334 eV"`` (QM9), or the MD17
     composite with its energy and force MAEs."""
     cfg = setup.config
-    if cfg.task == "qm9":
-        return f"validation MAE {value:.6g} {targets.QM9_UNITS[cfg.target.name][0]}"
+    if not setup.kind.forces:
+        return f"validation MAE {value:.6g} {setup.kind.training_unit(cfg.target.name)}"
     mae_e = float(np.mean(np.abs(pred["y_pred"] - pred["y_true"])))
     mae_f = float(np.mean(np.abs(pred["f_pred"] - pred["f_true"])))
     return (

@@ -58,15 +58,6 @@ QM9_ATOMREF_EV = {
 _ATOMREF_Z = (1, 6, 7, 8, 9)
 
 
-def report_factor(task: str, name: str) -> float:
-    """Multiplier from the training unit to the papers' unit."""
-    return (QM9_UNITS if task == "qm9" else MD17_UNITS)[name][2]
-
-
-def report_unit(task: str, name: str) -> str:
-    return (QM9_UNITS if task == "qm9" else MD17_UNITS)[name][1]
-
-
 def atomref_sum(target: str, atomic_numbers: np.ndarray) -> float:
     """Sum of the QM9 atom reference energies (eV) of a molecule's atoms.
 
@@ -111,7 +102,8 @@ class Standardizer:
         return z * self.std + self.mean
 
 
-# Published test MAEs in the papers' units (docs/spec/published-results.md §1, §3).
+# Published test MAEs in the papers' units (docs/spec/published-results.md §1, §3); read through
+# mspec.training.downstream (Downstream.published).
 PUBLISHED_QM9 = {
     "Frad": dict(mu=0.010, alpha=0.0374, homo=15.3, lumo=13.7, gap=27.8, r2=0.3419, zpve=1.418,
                  U0=5.33, U=5.62, H=5.55, G=6.19, cv=0.020),
@@ -139,10 +131,3 @@ PUBLISHED_MD17_FORCES = {
                             naphthalene=0.0593, salicylic=0.1284, toluene=0.0644, uracil=0.0887),
     },
 }
-
-
-def published_numbers(task: str, name: str, train_frames: int | None = None) -> dict[str, float]:
-    """``{method: MAE}`` in report units for a QM9 target or an MD17 molecule's forces."""
-    if task == "qm9":
-        return {m: v[name] for m, v in PUBLISHED_QM9.items() if name in v}
-    return {m: v[name] for m, v in PUBLISHED_MD17_FORCES.get(train_frames, {}).items() if name in v}

@@ -29,7 +29,8 @@ from mspec import graph, models
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
 from mspec.training import (
-    checkpoint, evaluation, finetune, molspectra, run_config, safeguards, schedules, train,
+    checkpoint, downstream, evaluation, finetune, molspectra, run_config, safeguards, schedules,
+    train,
 )
 from mspec.training.progress import note
 
@@ -265,8 +266,7 @@ class Finetuning:
 TASKS: dict[str, Any] = {
     "denoise": Pretraining,
     "molspectra": Pretraining,
-    "qm9": Finetuning,
-    "md17": Finetuning,
+    **{name: Finetuning for name in downstream.KINDS},  # qm9, md17
 }
 
 
