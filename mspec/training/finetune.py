@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +44,7 @@ from mspec.kernels import host_malloc
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
 from mspec.training import downstream, evaluation, restore, run_config, schedules, targets, train
+from mspec.training import step as shared_step
 
 TASKS = tuple(downstream.KINDS)
 HOST_PREFIX = "_"  # packed keys that stay on the host (float64 bookkeeping for evaluation)
@@ -294,21 +294,15 @@ class FinetuneTrainer:
 
     def _update(self, state, batch):
         self.traces += 1  # Runs at trace time only: counts compilations of the step.
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+        rng = shared_step.step_key(self.config.seed, state["step"])
         (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
             state["params"], rng, batch, state["energy_ema"]
         )
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        # ReduceLROnPlateau: Adam's update is linear in the learning rate.
-        updates = jax.tree.map(lambda u: u * state["lr_scale"], updates)
-        params = optax.apply_updates(state["params"], updates)
+        # ReduceLROnPlateau scales the update (Adam's update is linear in the learning rate).
+        params, opt, norms = shared_step.apply_gradients(self.tx, self.schedule, state, grads,
+                                                  lr_scale=state["lr_scale"])
         ema = aux.pop("energy_ema")
-        measurements = {
-            "loss": loss,
-            **aux,
-            "lr": self.schedule(state["step"]) * state["lr_scale"],
-            "grad_norm": optax.tree.norm(grads),
-        }
+        measurements = {"loss": loss, **aux, **norms}
         new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1, "energy_ema": ema}
         return new_state, measurements
 

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, losses
 from mspec.models.specformer import SpecFormer, make_specs
 from mspec.training import plots, restore, run_config, train
+from mspec.training import step as shared_step
 
 # Top-level parameter keys that belong to stage 2 only (everything else is the ET model's).
 STAGE2_KEYS = ("specformer", "contrastive")
@@ -301,7 +302,7 @@ class MolSpectraTrainer(train.Trainer):
 
     def _update(self, state, batch):
         self.traces += 1  # trace-time only: counts compilations of the step
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+        rng = shared_step.step_key(self.config.seed, state["step"])
         (loss, (meas, stats, batch_stats, _)), grads = jax.value_and_grad(
             self._objective, has_aux=True
         )(

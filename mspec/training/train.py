@@ -31,6 +31,7 @@ from mspec.kernels import host_malloc
 from mspec.data import pipeline, sharding
 from mspec.models import Model
 from mspec.training import progress, run_config, schedules
+from mspec.training import step as shared_step
 
 BUDGET_SAMPLE = 1000  # molecules used to estimate mean atoms / edges for the static budgets
 
@@ -281,29 +282,18 @@ class Trainer:
         # Checked in check_config: the target normaliser does not depend on the batch here.
         counts = jnp.sum(batch["node_mask"], axis=tuple(range(1, batch["node_mask"].ndim)))
         shares = counts / jnp.maximum(jnp.sum(counts), 1)  # [K]
-        keys = jax.random.split(rng, counts.shape[0])
 
-        def weighted_loss(p, key, sub, share):
+        def sub_batch_loss(p, key, sub):
             loss, (mse, _) = self._loss(p, key, sub, stats)
-            return share * loss, share * mse
+            return loss, mse
 
-        def accumulate(carry, xs):
-            key, sub, share = xs
-            (loss, mse), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
-                params, key, sub, share
-            )
-            total_loss, total_mse, total_grads = carry
-            return (total_loss + loss, total_mse + mse, jax.tree.map(jnp.add, total_grads, grads)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, mse, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (keys, batch, shares)
-        )
+        (loss, mse), grads = shared_step.accumulated_value_and_grad(
+            sub_batch_loss, params, rng, batch, shares)
         return (loss, (mse, stats)), grads
 
     def _update(self, state, batch):
         self.traces += 1  # Runs at trace time only: counts compilations of the step.
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+        rng = shared_step.step_key(self.config.seed, state["step"])
         (loss, (mse, stats)), grads = self.loss_and_grads(
             state["params"], rng, batch, losses.RunningStats(*state["normalizer"])
         )
@@ -348,15 +338,7 @@ class Trainer:
 
     def apply_gradients(self, state: dict, grads) -> tuple[Any, Any, dict]:
         """One optimiser step: ``(params, opt_state, norms)`` with the grad/param/update norms."""
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        norms = {
-            "lr": self.schedule(state["step"]),
-            "grad_norm": _global_norm(grads),
-            "param_norm": _global_norm(params),
-            "update_norm": _global_norm(updates),
-        }
-        return params, opt, norms
+        return shared_step.apply_gradients(self.tx, self.schedule, state, grads)
 
     def init_state(self, rng, device_batch: dict) -> dict:
         params = jax.jit(self.model.init)(rng, device_batch)["params"]
@@ -384,10 +366,6 @@ class Trainer:
 def stack_microbatches(sub_batches: list[dict]) -> dict:
     """K process-local batches ``[D_local, ...]`` -> ``[K, D_local, ...]`` for one step."""
     return {k: np.stack([b[k] for b in sub_batches]) for k in sub_batches[0]}
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 # --------------------------------------------------------------------------------------------------
