@@ -90,7 +90,7 @@ def test_every_variant_builds_validates_and_describes_a_model(item):
     # The second backbone takes the same config with only the name changed.
     config.model.name = "painn"
     if config.model.separate_noise_vectors:
-        with pytest.raises(ValueError, match="separate_noise_vectors is an ET option"):
+        with pytest.raises(ValueError, match="separate_noise_vectors is an option of the 'et' backbone only"):
             models.get_model(config.model)
     else:
         assert models.get_model(config.model).backbone == "painn"

@@ -187,6 +187,26 @@ def test_parameter_counts_of_the_published_configuration():
         assert ("filter_net" in rep["message_0"]) != shared
 
 
+def test_shared_filters_is_a_config_key_of_painn_and_an_error_for_the_et():
+    from experiments.configs import common
+    from mspec.models import get_model
+
+    config = common.model_config("tiny")
+    config.update(name="painn", heads=("noise",), hidden=32, num_layers=2, num_rbf=8)
+    z, pos = molecule(0, 3)
+    batch = padded_batch(z, pos, 1, 1)
+    counts = {}
+    for shared in (False, True):
+        config.shared_filters = shared
+        model = get_model(config)
+        counts[shared] = count_params(jax.eval_shape(model.init, jax.random.key(0), batch))
+    # One filter network (8 RBF -> 3 x 32) instead of two.
+    assert counts[False] - counts[True] == 8 * 96 + 96
+    config.name = "et"
+    with pytest.raises(ValueError, match="model.shared_filters is an option of the 'painn' backbone only"):
+        get_model(config)
+
+
 def test_sine_basis_and_its_limit_at_zero():
     r = np.array([0.0, 0.3, 1.7, 4.99, 5.0])
     n = np.arange(1, 9)

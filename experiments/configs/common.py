@@ -47,8 +47,9 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             # The backbone (mspec.models.ENCODERS): "et" (the Equivariant Transformer) or
-            # "painn" (PaiNN; reads hidden, num_layers, num_rbf, cutoff, max_z and ignores the
-            # ET-only keys num_heads, interlayer_norm, vector_norm, message_passing).
+            # "painn" (PaiNN; reads hidden, num_layers, num_rbf, cutoff, max_z, shared_filters
+            # and ignores the ET-only keys num_heads, interlayer_norm, vector_norm,
+            # message_passing).
             name="et",
             num_heads=8,
             cutoff=5.0,
@@ -65,6 +66,9 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
             # Frad's MD17 recipe: the energy head reads the vectors before the final whitened
             # norm, the noise head the normalised ones.
             separate_noise_vectors=False,
+            # PaiNN only: one filter network for all message blocks (the paper) instead of one
+            # per block (schnetpack's default); an error with the ET.
+            shared_filters=False,
             # "xla" | "fused" | "auto" (mspec.kernels.message): the fused CPU kernel gives
             # first-order gradients only, so training on forces keeps "xla".
             message_passing="xla",

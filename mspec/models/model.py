@@ -47,9 +47,10 @@ def _encoder_builder(cls) -> Callable[["Model", Any], nn.Module]:
 
     def build(model: "Model", dtype) -> nn.Module:
         declared = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-        if model.separate_noise_vectors and "separate_noise_vectors" not in declared:
-            raise ValueError("separate_noise_vectors is an ET option (its final vector norm); "
-                             f"the {cls.__name__} backbone has none")
+        for option, owner in BACKBONE_SWITCHES.items():
+            if getattr(model, option) and option not in declared:
+                raise ValueError(f"{option} is an option of the {owner!r} backbone only; the "
+                                 f"{cls.__name__} backbone has none")
         settings = {n: getattr(model, n) for n in declared if hasattr(model, n)}
         return cls(**settings, dtype=dtype, name="representation")
 
@@ -64,6 +65,11 @@ ENCODERS: dict[str, Callable[["Model", Any], nn.Module]] = {
 }
 # The settings only the ET reads (PaiNN ignores them, so a config may keep them).
 ET_ONLY = ("num_heads", "interlayer_norm", "vector_norm", "message_passing", "separate_noise_vectors")
+PAINN_ONLY = ("shared_filters",)
+# Backbone-specific switches: turning one on for a backbone without it is an error (a setting
+# the user asked for would silently do nothing); the other backbone-specific settings (sizes,
+# norms) carry the shared configs' values and are ignored by a backbone that lacks them.
+BACKBONE_SWITCHES = {"separate_noise_vectors": "et", "shared_filters": "painn"}  # -> backbone
 
 
 class Model(nn.Module):
@@ -77,6 +83,9 @@ class Model(nn.Module):
             cutoff (Å) and embedding table size (every backbone).
         num_heads, interlayer_norm, vector_norm, message_passing: ET settings, see
             :class:`mspec.models.et.EquivariantTransformer`.
+        shared_filters: PaiNN setting (:data:`PAINN_ONLY`): one filter network for all
+            message blocks (the paper's choice, 564,608 parameters at F = 128) instead of one
+            per block (schnetpack's default, 580,736); see :class:`mspec.models.painn.PaiNN`.
         heads: which heads to build (parameter subtree in brackets):
 
             * ``"scalar"`` (``scalar_head``, :class:`EquivariantScalar`): per-atom property
@@ -111,6 +120,7 @@ class Model(nn.Module):
     heads: tuple[str, ...] = ("scalar", "noise")
     prior: str = "none"
     separate_noise_vectors: bool = False
+    shared_filters: bool = False
     dtype: Any = "float32"
 
     @nn.compact
@@ -203,9 +213,10 @@ def get_model(config: Mapping[str, Any]) -> Model:
     if "heads" in settings:
         settings["heads"] = tuple(settings["heads"])
     model = Model(backbone=name, **settings)
-    if name != "et" and model.separate_noise_vectors:
-        raise ValueError("model.separate_noise_vectors is an ET option; the "
-                         f"{name!r} backbone has no final vector norm to separate")
+    for option, owner in BACKBONE_SWITCHES.items():
+        if getattr(model, option) and owner != name:
+            raise ValueError(f"model.{option} is an option of the {owner!r} backbone only; the "
+                             f"{name!r} backbone has none")
     return model
 
 

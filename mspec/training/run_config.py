@@ -39,6 +39,7 @@ DEFAULTS_OF_NEWER_KEYS = {
     "model.vector_norm": "whitened",
     "model.prior": "none",
     "model.separate_noise_vectors": False,
+    "model.shared_filters": False,
     "init.zero_scalar_readout": False,
 }
 # Keys that configs no longer carry where nothing read them, with the reason: a stored config
