@@ -104,6 +104,10 @@ def run_in_this_process(st: Stage, workdir: str, log_path: str) -> int | str:
     with output_to(log_path):
         try:
             config = cli.load_config(st.config_args(workdir))
+        except ValueError as e:  # a config mistake: one line, as the entry point prints it
+            print(f"{st.module}: error: {e}", flush=True)
+            return 1
+        try:
             loop.train_and_evaluate(config, st.workdir(workdir))
             return 0
         except stopping.Stopped as e:
@@ -113,10 +117,10 @@ def run_in_this_process(st: Stage, workdir: str, log_path: str) -> int | str:
             print("interrupted", flush=True)
             return INTERRUPTED
         except Exception as e:  # noqa: BLE001 - a stage's failure must not end the study
-            if isinstance(e, ValueError) or cli.is_clear_error(e):
+            if cli.is_clear_error(e):
                 print(f"{st.module}: error: {' '.join(str(e).split())}", flush=True)
             else:
-                traceback.print_exc()
+                traceback.print_exc()  # a bug: the whole traceback
             return 1
         finally:
             # Compiled steps and host buffers of this stage are not reused by the next one.
@@ -348,13 +352,10 @@ class StageRunner:
         """Stops every running stage at a checkpoint (SIGTERM: the loop saves the current step;
         killed after ``grace_s``), marks them interrupted; returns their names."""
         names = list(self.running)
-        lanes = [lane for lane, _ in self.running.values()]
-        for lane in lanes:
+        for lane, _ in self.running.values():
             lane.stop(signal.SIGTERM)
-        for lane in lanes:
+        for lane, thread in self.running.values():
             lane.wait(grace_s)
-        for name in names:
-            lane, thread = self.running[name]
             thread.join(5)
         while self.running:
             try:

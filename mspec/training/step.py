@@ -21,11 +21,6 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def global_norm(tree) -> jax.Array:
-    """``sqrt(Σ x²)`` over every leaf (float32)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def accumulated_value_and_grad(
     loss_fn: Callable[[Any, jax.Array, dict], tuple[jax.Array, Any]],
     params,
@@ -86,7 +81,7 @@ def apply_gradients(
     params = optax.apply_updates(state["params"], updates)
     return params, opt, {
         "lr": lr,
-        "grad_norm": global_norm(grads),
-        "param_norm": global_norm(params),
-        "update_norm": global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
     }
