@@ -53,6 +53,9 @@ def stage_env(workdir: str) -> dict:
     # One compilation per distinct step shape for the whole study (fine-tuning runs of one
     # target differ only in seeds and initial values).
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
+    # Also the programs that compile in under a second (JAX caches only slower ones by default):
+    # a study has dozens of them (initialisation, evaluation, the small scales' steps).
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -139,6 +142,8 @@ def _worker_main(conn, env: dict) -> None:
     from absl import logging
 
     jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     # What the entry points do: orbax and TFDS log every file operation at INFO.
     logging.set_verbosity(logging.WARNING)
     while True:

@@ -313,6 +313,19 @@ def _md17_tiny(md17_fixture_dir, data_dir, **overrides):
     return c
 
 
+def test_abstract_state_is_the_layout_of_a_real_state(md17_fixture_dir, tmp_path):
+    """A resume restores into ``checkpoint.abstract_state`` (no initialisation is run): it must be
+    exactly the shapes, dtypes and shardings of a state the trainer makes."""
+    setup = finetune.build(_md17_tiny(md17_fixture_dir, str(tmp_path / "tfds")))
+    args = (jax.random.key(0), setup.dummy_batch())
+    real = checkpoint.abstract_like(setup.trainer.init_state(*args))
+    abstract = checkpoint.abstract_state(setup.trainer.init_state, setup.trainer.replicated, *args)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+        assert (a.shape, a.dtype) == (r.shape, r.dtype)
+        assert a.sharding.is_equivalent_to(r.sharding, len(a.shape))
+
+
 def test_md17_resume_is_exact(md17_fixture_dir, tmp_path):
     data_dir = str(tmp_path / "tfds")
     ref, resumed = str(tmp_path / "ref"), str(tmp_path / "resumed")

@@ -22,7 +22,7 @@ selection on (a fixed subset of) the validation split, test MAE on the whole QM9
 50 validation, 200 test). ``seeds`` fine-tuning seeds per arm and target (initialisation of the
 fresh heads and the data order; the pre-trained encoder is the same).
 
-Scales (the ``:arg`` of this file): ``smoke`` (harness check, about 2.5 minutes on 2 cores with
+Scales (the ``:arg`` of this file): ``smoke`` (harness check, under 2 minutes on 2 cores with
 ``--jobs 2``, numbers mean nothing), ``cpu`` (the study run on 2 CPU cores, ≤ 3 hours; sized from measured step times,
 docs/reproduction.md) and ``paper`` (the papers' recipes; for accelerators through launch.sh).
 Every value here was fixed before any result of that scale was seen; change it and you run a

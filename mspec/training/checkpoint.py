@@ -306,3 +306,14 @@ class _Corrupt(Exception):
 def abstract_like(tree: Any) -> Any:
     """Shape/dtype/sharding skeleton of ``tree`` for restoring into the same layout."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def abstract_state(init_state: Callable[..., Any], sharding, *args) -> Any:
+    """The skeleton :func:`abstract_like` would give for ``init_state(*args)``, without running
+    (or compiling) it: every leaf is placed as ``sharding`` (trainer states are replicated).
+
+    A run that resumes, or a fine-tuning run that re-initialises its parameters anyway, needs
+    only the layout; computing a throw-away state would compile the model's initialisation.
+    """
+    shapes = jax.eval_shape(init_state, *args)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

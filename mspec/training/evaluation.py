@@ -123,7 +123,8 @@ def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
     try:
         if ckpt.latest_step() is None:
             return None
-        abstract = checkpoint.abstract_like(setup.trainer.init_state(jax.random.key(0), setup.dummy_batch()))
+        abstract = checkpoint.abstract_state(setup.trainer.init_state, setup.trainer.replicated,
+                                             jax.random.key(0), setup.dummy_batch())
         step, state, _, _ = ckpt.restore(abstract)
         return step, state["params"]
     finally:

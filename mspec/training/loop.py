@@ -73,16 +73,15 @@ def train_and_evaluate(
     task, writer, failed = None, None, True
     try:
         task = task_class(config, train.make_mesh(), config_json)
-        state = task.init_state()
         start_step, data, saved_config = 0, None, None
         if ckpt.latest_step() is not None:
             start_step, state, saved_config, data = ckpt.restore(
-                checkpoint.abstract_like(state), check_config=check, fallback=True
+                task.abstract_state(), check_config=check, fallback=True
             )
             note(f"resumed from step {start_step}")
         else:
             note(f"no checkpoint yet in {ckpt.directory}: starting from step 0")
-            state = task.start(state)
+            state = task.start()
         safeguards.record_config(workdir, config_json, start_step, changed, saved_config)
         task.open_batches(data)
         writer = metrics.MetricWriter(workdir, resume_step=start_step)

@@ -93,15 +93,22 @@ class Pretraining:
         self.slots = sharding.local_slots(self.trainer.data_sharding, self.num_slots)
         self._iter = None
 
-    def init_state(self) -> dict:
-        """A fresh state with the run's shapes (the template a checkpoint restores into)."""
-        state = self.trainer.init_state(jax.random.key(self.config.seed), graph.pack([], self.budget))
+    def abstract_state(self) -> dict:
+        """The run's state layout (shapes, dtypes, shardings): what a checkpoint restores into."""
+        state = checkpoint.abstract_state(self.trainer.init_state, self.trainer.replicated,
+                                          *self._init_args())
         note(f"model parameters: {count_params(state['params']):,}")
         return state
 
-    def start(self, state: dict) -> dict:
-        """A run with no checkpoint yet: stage 2 copies stage 1's subtrees (``init_from``)."""
+    def start(self) -> dict:
+        """A run with no checkpoint yet: a fresh state (``config.seed``); stage 2 then copies
+        stage 1's subtrees (``init_from``)."""
+        state = self.trainer.init_state(*self._init_args())
+        note(f"model parameters: {count_params(state['params']):,}")
         return self.trainer.start_from_pretrained(state)
+
+    def _init_args(self) -> tuple:
+        return jax.random.key(self.config.seed), graph.pack([], self.budget)
 
     def open_batches(self, data: dict | None) -> None:
         """Starts the training stream at a checkpoint's data position (``None``: the start)."""
@@ -190,11 +197,14 @@ class Finetuning:
         self.best = None
         self._iter = None
 
-    def init_state(self) -> dict:
-        return self.trainer.init_state(jax.random.key(0), self.setup.dummy_batch())
+    def abstract_state(self) -> dict:
+        """The run's state layout (shapes, dtypes, shardings): what a checkpoint restores into."""
+        return checkpoint.abstract_state(self.trainer.init_state, self.trainer.replicated,
+                                         jax.random.key(0), self.setup.dummy_batch())
 
-    def start(self, state: dict) -> dict:
-        """Fresh parameters, then ``config.init``'s subtrees from a pre-training checkpoint."""
+    def start(self) -> dict:
+        """Fresh parameters (``config.seed``), then ``config.init``'s subtrees from a
+        pre-training checkpoint."""
         return self.trainer.state_from_params(finetune.init_params(self.setup))
 
     def open_batches(self, data: dict | None) -> None:
