@@ -37,7 +37,9 @@ file) is an error naming the file and record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -68,6 +70,20 @@ UNITS = {"uv": "oscillator strength per Gaussian peak height (dimensionless), gr
          "raman": "A^4/amu (peak height), grid in cm^-1"}
 
 
+# Versions of the ``gfn2`` configs. The shipped stick file only grows by appending, in the fixed
+# sample order (``spectra/data/qm9_gfn2/README.md``), so an older version is the file's first
+# ``GFN2_MOLECULES[version]`` molecules (None: all of them), and a study that names a version
+# reads the same molecules whatever the file has grown to since.
+GFN2_MOLECULES = {"1.0.0": 1119, "2.0.0": None}
+GFN2_VERSION = "2.0.0"
+GFN2_OLDER_VERSIONS = ["1.0.0"]
+GFN2_RELEASE_NOTES = {
+    "1.0.0": "The first 1,119 molecules of the shipped sticks (sample positions 0-1,127; 941 in "
+             "QM9's training split): the set of the reproduction study's protocol v1.",
+    "2.0.0": "Every molecule of the shipped sticks (grown to >= 5,000 in QM9's training split).",
+}
+
+
 def split_sizes(n: int) -> tuple[int, int]:
     """(train, validation) sizes; the rest is test."""
     if n >= 120_000:
@@ -82,12 +98,16 @@ class QM9S(LocalBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "gfn2 stick spectra or the QM9S release, joined to qm9pack QM9."}
     BUILDER_CONFIGS = [
-        tfds.core.BuilderConfig(name="gfn2", description="Locally computed GFN2/sTDA sticks."),
+        tfds.core.BuilderConfig(name="gfn2", description="Locally computed GFN2/sTDA sticks.",
+                                version=GFN2_VERSION, supported_versions=GFN2_OLDER_VERSIONS,
+                                release_notes=GFN2_RELEASE_NOTES),
         tfds.core.BuilderConfig(
             name="gfn2_qm9train",
             description="The gfn2 sticks of molecules in QM9's training split only (seed-1 "
             "110,000 / 10,000 / rest): pre-training on it never sees a QM9 validation or test "
-            "molecule, which a study judged on QM9 needs."),
+            "molecule, which a study judged on QM9 needs.",
+            version=GFN2_VERSION, supported_versions=GFN2_OLDER_VERSIONS,
+            release_notes=GFN2_RELEASE_NOTES),
         tfds.core.BuilderConfig(name="release", description="The real QM9S spectra."),
     ]
     DEFAULT_CONFIG_NAME = "gfn2"
@@ -96,7 +116,20 @@ class QM9S(LocalBuilder):
                  **kwargs):
         self._source_dir = source_dir
         self._num_workers = num_workers
+        self._requested_version = kwargs.get("version")
         super().__init__(*args, **kwargs)
+
+    @functools.cached_property
+    def canonical_version(self) -> tfds.core.Version:
+        # TFDS builds only a builder's newest version, on the assumption that older ones were
+        # made by older code. Every gfn2 version is made by this code (a prefix of the stick
+        # file, GFN2_MOLECULES), so the version asked for is the one this builder builds.
+        requested = self._requested_version
+        if (requested is not None and self.builder_config is not None
+                and self.builder_config.name.startswith("gfn2")
+                and str(requested) in GFN2_MOLECULES):
+            return tfds.core.Version(str(requested))
+        return super().canonical_version
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = qm9.molecule_features()
@@ -145,8 +178,15 @@ class QM9S(LocalBuilder):
         if config.startswith("gfn2"):
             directory = directory or DEFAULT_GFN2_DIR
             spectra, meta = read_sticks(directory)
-            records = sorted(tqdm.tqdm(spectra, desc="broaden sticks", unit="mol"),
+            limit = GFN2_MOLECULES[str(self.version)]
+            records = sorted(tqdm.tqdm(itertools.islice(spectra, limit), total=limit,
+                                       desc="broaden sticks", unit="mol"),
                              key=lambda s: s.qm9_index)
+            if limit is not None and len(records) < limit:
+                raise QM9SSourceError(
+                    f"{find_stick_file(directory)}: version {self.version} of qm9s/"
+                    f"{config} is the first {limit} molecules of the stick file, which holds "
+                    f"only {len(records)}")
             store = _ListStore(records)
             info = {"source": directory, "level_of_theory": meta.get("level_of_theory", meta),
                     "line_shapes": meta["line_shapes"],

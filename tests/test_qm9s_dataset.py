@@ -136,6 +136,40 @@ def test_gfn2_rebuilds_when_the_stick_file_changes(tmp_path):
     np.testing.assert_allclose(total_ir(b), 2 * before, rtol=1e-5)
 
 
+def test_gfn2_versions_read_a_prefix_of_the_stick_file(tmp_path, monkeypatch):
+    """An older gfn2 version is the stick file's first molecules (the file only grows by
+    appending), built beside the current version; unknown versions and a file shorter than the
+    version are one-line errors."""
+    from data_pipelines import qm9s
+    from data_pipelines.qm9s_source import read_sticks
+
+    monkeypatch.setitem(qm9s.GFN2_MOLECULES, "1.0.0", 5)
+    qm9s_fixture.write(str(tmp_path / "src"))
+    src = str(tmp_path / "src" / "gfn2")
+    file_order = [r.qm9_index for r in read_sticks(src)[0]]
+    data_dir = str(tmp_path / "tfds")
+
+    def indices(builder):
+        return sorted(int(e["index"]) for s in builder.info.splits
+                      for e in _rows(datasets.open_split(builder, s)))
+
+    old = datasets.get_builder("qm9s/gfn2:1.0.0", data_dir, source_dir=src, num_workers=1)
+    new = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=src, num_workers=1)
+    assert str(old.version) == "1.0.0" and str(new.version) == qm9s.GFN2_VERSION == "2.0.0"
+    assert old.data_dir != new.data_dir
+    assert indices(old) == sorted(file_order[:5])
+    assert indices(new) == sorted(file_order) and len(file_order) == 8
+    assert old.info.metadata["num_molecules"] == 5
+    # The version also follows the config name without one ("qm9s:1.0.0" is the default config).
+    assert str(datasets.get_builder("qm9s:1.0.0", data_dir, source_dir=src).version) == "1.0.0"
+    with pytest.raises(datasets.DatasetError, match=r"no version '3.0.0'; versions: 2.0.0, 1.0.0"):
+        datasets.get_builder("qm9s/gfn2_qm9train:3.0.0", data_dir, source_dir=src)
+    monkeypatch.setitem(qm9s.GFN2_MOLECULES, "1.0.0", 9)
+    with pytest.raises(QM9SSourceError, match=r"first 9 molecules of the stick file, which holds only 8"):
+        datasets.get_builder("qm9s/gfn2_qm9train:1.0.0", str(tmp_path / "tfds2"), source_dir=src,
+                             num_workers=1)
+
+
 def test_shipped_gfn2_dataset_builds_and_is_labelled(tmp_path):
     """The stick spectra shipped in the repository (the MolSpectra default data) build as
     `qm9s/gfn2`: at least 1,000 QM9 molecules, GFN2-xTB / sTDA level, valid spectra."""

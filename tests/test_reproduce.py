@@ -79,7 +79,7 @@ def test_plan_covers_every_arm_target_and_seed():
     assert ctl["loss.mpr_weight"] == 0.0 and ctl["loss.contrastive_weight"] == 0.0
     assert ms["init_from.checkpoint"] == "pretrain/coord"
     # Stage 2 reads QM9 training-split molecules only; QM9 labels are a training-split prefix.
-    assert ms["data.dataset"] == "qm9s/gfn2_qm9train"
+    assert ms["data.dataset"] == "qm9s/gfn2_qm9train:1.0.0"
     qm9 = dict(next(s for s in fine if s.target == "homo").overrides)
     assert qm9["data.train_split"] == f"train[:{p.qm9.num_labels}]"
     assert qm9["evaluate.checkpoints"] == ("best",)

@@ -10,7 +10,8 @@ Arms (every one the same encoder, fine-tuned with the same recipe and seeds):
 * ``frad``: Frad (torsion σ = 2°, then τ = 0.04 Å; target = the Cartesian part), same data and steps;
 * ``molspectra``: the ``coord`` checkpoint, then MolSpectra stage 2 (denoising + masked-patch
   reconstruction + 3D→spectrum InfoNCE, weights 1/1/1) on the spectra of QM9 training-split
-  molecules (``qm9s/gfn2_qm9train``);
+  molecules (``qm9s/gfn2_qm9train:1.0.0``: the 936 such molecules of the spectra set this
+  protocol was fixed with; the grown set is version 2.0.0, data_pipelines/qm9s.py);
 * ``coord_control``: the same ``coord`` checkpoint trained for the same extra steps on the same
   molecules, batches and noise with denoising alone (stage 2 with both spectral weights 0), so
   ``molspectra`` vs ``coord_control`` isolates what the spectra add.
@@ -63,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     # Stage 2 (molspectra, coord_control): pretrain_molspectra.py from the coord checkpoint.
     c.stage2 = ml_collections.ConfigDict(dict(
-        dataset="qm9s/gfn2_qm9train", source_dir="", batch_size=128, steps=0, lr=4e-4, warmup_steps=0,
+        dataset="qm9s/gfn2_qm9train:1.0.0", source_dir="", batch_size=128, steps=0, lr=4e-4, warmup_steps=0,
         schedule="frad_cosine", eval_max_molecules=10_000, log_every=50, eval_every=0,
         checkpoint_every=0,
         specformer=dict(d_model=128, num_layers=3, num_heads=16, d_ff=256),

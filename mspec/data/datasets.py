@@ -78,7 +78,9 @@ def _builder_class(name: str):
 
 def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
                 manual_dir: str | None = None, **builder_kwargs):
-    """Returns a prepared TFDS builder for ``dataset`` ("name/config"), building it if needed.
+    """Returns a prepared TFDS builder for ``dataset`` ("name/config[:version]"), building it if
+    needed. Without a version, the builder's current one; an older supported version (e.g.
+    ``qm9s/gfn2_qm9train:1.0.0``, the spectra set before it grew) is built as that version.
 
     ``builder_kwargs`` go to the builder's constructor, e.g. ``source_dir=`` (the directory holding
     the user's raw files, for builders that need them) or ``num_workers=``. ``manual_dir`` is
@@ -90,13 +92,27 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
     """
     data_dir = os.path.expanduser(data_dir or default_data_dir())
     name, _, config = dataset.partition("/")
+    name, _, name_version = name.partition(":")
+    config, _, version = config.partition(":")
+    version = version or name_version
     cls = _builder_class(name)
     kwargs = {"data_dir": data_dir, "file_format": "array_record", **builder_kwargs}
+    chosen = None
     if config:
-        known = [c.name for c in cls.BUILDER_CONFIGS]
+        known = {c.name: c for c in cls.BUILDER_CONFIGS}
         if config not in known:
-            raise DatasetError(f"unknown config {config!r} for dataset {name!r}; known: {known}")
+            raise DatasetError(f"unknown config {config!r} for dataset {name!r}; known: {list(known)}")
         kwargs["config"] = config
+        chosen = known[config]
+    elif getattr(cls, "BUILDER_CONFIGS", None):
+        chosen = next((c for c in cls.BUILDER_CONFIGS
+                       if c.name == getattr(cls, "DEFAULT_CONFIG_NAME", None)), cls.BUILDER_CONFIGS[0])
+    if version:
+        versions = _versions(cls, chosen)
+        if version not in versions:
+            raise DatasetError(f"dataset {dataset!r}: no version {version!r}; "
+                               f"versions: {', '.join(versions)}")
+        kwargs["version"] = version
     builder = _construct(cls, kwargs, dataset, data_dir)
     if not build:
         if not builder.is_prepared():
@@ -127,6 +143,14 @@ def get_builder(dataset: str, data_dir: str | None = None, build: bool = True,
                     builder.download_and_prepare()
     _check_files(builder, dataset)
     return builder
+
+
+def _versions(cls, config) -> list[str]:
+    """The versions a builder (config) can build, current first."""
+    current = (config.version if config is not None and config.version else None) or cls.VERSION
+    older = (config.supported_versions if config is not None and config.version
+             else getattr(cls, "SUPPORTED_VERSIONS", []))
+    return [str(v) for v in [current, *older]]
 
 
 def _construct(cls, kwargs: dict, dataset: str, data_dir: str):
