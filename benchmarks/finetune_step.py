@@ -44,14 +44,11 @@ settings. Speed-up = reference ms/step / mspec ms/step.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 
 from benchmarks.harness import REPO  # noqa: F401  (the working tree the workers run in)
 
@@ -181,7 +178,7 @@ def run_mspec_worker(batches_path: str, workload: str, path: str, steps: int, wa
     import jax
     import numpy as np
 
-    from benchmarks.harness import peak_rss_gb, time_steps
+    from benchmarks.harness import peak_rss_gb, step_stats, time_updates
     from mspec.models import count_params
     from mspec import models
     from mspec.training import finetune
@@ -203,36 +200,19 @@ def run_mspec_worker(batches_path: str, workload: str, path: str, steps: int, wa
         "n_params": count_params(state["params"]),
         "batch_size": n_mol,
     }
-    losses = []
-    t0 = time.perf_counter()
     try:
-        state, m = trainer.update_fn(state, batches[0])
-        losses.append(float(m["loss"]))
+        timed = time_updates(trainer, state, batches, warmup, steps)
     except Exception as e:  # noqa: BLE001 - reported as this path's result
         msg = " ".join(str(e).split())
         result.update(error=f"{type(e).__name__}: {msg[:300]}", peak_rss_gb=peak_rss_gb())
         return result
-    compile_s = time.perf_counter() - t0
-
-    def step(i):
-        nonlocal state
-        state, m = trainer.update_fn(state, batches[(i + 1) % len(batches)])
-        losses.append(float(m["loss"]))  # blocks until the step is done
-
-    warmup_s, times = time_steps(step, warmup, steps)
+    times = timed.pop("times")
     return {
         **result,
         "threads": os.cpu_count(),
-        "step_s_median": statistics.median(times),
-        "step_s_min": min(times),
-        "step_s_max": max(times),
-        "mol_per_s_median": n_mol / statistics.median(times),
-        "compile_s": compile_s,
-        "warmup_s": warmup_s,
+        **step_stats(times, n_mol),
+        **timed,
         "peak_rss_gb": peak_rss_gb(),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "compilations": trainer.traces,
         "node_fill": float(np.mean([np.sum(b["node_mask"]) for b in host_batches]) / budget.n_node),
     }
 
@@ -347,16 +327,12 @@ def main(argv=None) -> int:
                                           args.warmup)))
         return 0
 
-    from benchmarks.harness import append_to_benchmarks, cpu_model, load_average, run_worker
+    from benchmarks import harness
 
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    mallocs = [m.strip() for m in args.malloc.split(",") if m.strip()]
-    for name, given, known in (("workload", workloads, WORKLOADS), ("--malloc", mallocs, MALLOC_SETTINGS),
-                               ("--paths", paths, ("config", "xla", "auto", "fused"))):
-        if set(given) - set(known):
-            p.error(f"unknown {name} {sorted(set(given) - set(known))}; choose from {list(known)}")
-    load_start = load_average()
+    workloads = harness.comma_choices(p, "workload", args.workloads, WORKLOADS)
+    paths = harness.comma_choices(p, "--paths", args.paths, ("config", "xla", "auto", "fused"))
+    mallocs = harness.comma_choices(p, "--malloc", args.malloc, MALLOC_SETTINGS)
+    load_start = harness.load_average()
     tmp = tempfile.mkdtemp(prefix="mspec_ft_bench_")
     plan, data = {}, {}
     for w in workloads:
@@ -377,53 +353,32 @@ def main(argv=None) -> int:
                         continue
                     print(f"[{repeat + 1}/{args.repeats}] mspec {w} {path} ({malloc} malloc) ...",
                           file=sys.stderr, flush=True)
-                    r = run_worker("benchmarks.finetune_step",
-                                   ["--worker", w, "--path", path, "--batches", batches,
-                                    "--steps", str(steps), "--warmup", str(warmup)],
-                                   malloc, f"{w} {path}")
-                    if r:
-                        r["repeat"] = repeat
-                        rows.append(r)
-                        print(json.dumps(r), file=sys.stderr)
-                        if "error" in r:
-                            failed.add((w, path))
+                    r = harness.run_worker("benchmarks.finetune_step",
+                                           ["--worker", w, "--path", path, "--batches", batches,
+                                            "--steps", str(steps), "--warmup", str(warmup)],
+                                           malloc, f"{w} {path}")
+                    harness.keep_row(rows, r, repeat)
+                    if r and "error" in r:
+                        failed.add((w, path))
                 if args.no_reference:
                     continue
                 print(f"[{repeat + 1}/{args.repeats}] torchmd-net {w} ({malloc} malloc, "
                       f"{args.threads} threads) ...", file=sys.stderr, flush=True)
-                ref = _reference(batches, w, args.threads, steps, warmup, malloc)
-                if ref:
-                    ref["repeat"] = repeat
-                    rows.append(ref)
-                    print(json.dumps(ref), file=sys.stderr)
-    load_end = load_average()
-    out_table = table(rows)
-    ratios = ratio_lines(rows)
-    print(out_table)
-    print("\n".join(ratios))
-    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+                harness.keep_row(rows, _reference(batches, w, args.threads, steps, warmup, malloc),
+                                 repeat)
+    load_end = harness.load_average()
+    out_table, ratios = table(rows), "\n".join(ratio_lines(rows))
+    harness.print_results([out_table, ratios], load_start, load_end)
     if args.record:
-        import flax
-        import jax
-
-        refs = [r for r in rows if "torchmd" in r["impl"]]
-        ref_versions = (f"; reference {refs[0]['impl'].split(' (')[0]} on torch {refs[0]['torch']}"
-                        if refs else "; no reference run")
         steps_txt = ", ".join(f"{w} {plan[w][1]} steps after {plan[w][2]} warm-up" for w in workloads)
         data_txt = "; ".join(
             f"{w}: batch {WORKLOADS[w][3]}, {data[w]['source']}, {data[w]['atoms_per_mol']:.1f} atoms/molecule"
             for w in workloads)
-        header = (
-            f"\n### finetune_step — {datetime.date.today().isoformat()}\n\n"
-            f"Machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-            f"jax {jax.__version__}, flax {flax.__version__}{ref_versions}. Load average (1/5/15 "
-            f"min) {load_start} at the start, {load_end} at the end. Command: "
-            f"`python -m benchmarks.finetune_step {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-            f"medians of {steps_txt}; {data_txt}; malloc settings: "
-            + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs)
-            + ".\n\n"
-        )
-        append_to_benchmarks(header + out_table + "\n" + "\n".join(ratios) + "\n")
+        details = f"medians of {steps_txt}; {data_txt}; {harness.malloc_description(mallocs)}"
+        harness.append_to_benchmarks(
+            harness.record_header("finetune_step", harness.command_line("benchmarks.finetune_step", argv),
+                                  load_start, load_end, details, harness.reference_description(rows))
+            + out_table + "\n" + ratios + "\n")
     return 0
 
 

@@ -72,10 +72,80 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int) -> tuple[fl
     return warm, times
 
 
+def time_updates(trainer, state, batches: Sequence, warmup: int, steps: int) -> dict:
+    """Times a trainer's ``update_fn``: one call on ``batches[0]`` (compilation), then ``warmup``
+    untimed and ``steps`` timed calls on the following batches, cycling. Exceptions propagate.
+
+    Returns ``compile_s``, ``warmup_s``, ``loss_first``, ``loss_last``, ``compilations`` and the
+    per-step seconds as ``times`` (for :func:`step_stats`).
+    """
+    losses = []
+
+    def step(i):
+        nonlocal state
+        state, m = trainer.update_fn(state, batches[i % len(batches)])
+        losses.append(float(m["loss"]))  # blocks until the step is done
+
+    t0 = time.perf_counter()
+    step(0)
+    compile_s = time.perf_counter() - t0
+    warmup_s, times = time_steps(lambda i: step(i + 1), warmup, steps)
+    return {"compile_s": compile_s, "warmup_s": warmup_s, "loss_first": losses[0],
+            "loss_last": losses[-1], "compilations": trainer.traces, "times": times}
+
+
 def median_ratio(pairs: Sequence[tuple[float, float]]) -> tuple[float, list[float]]:
     """``(median of a / b, [a / b per pair])``."""
     ratios = [a / b for a, b in pairs]
     return statistics.median(ratios), ratios
+
+
+def comma_choices(parser, option: str, text: str, known) -> list[str]:
+    """The comma-separated values of ``option`` (blanks dropped); a value not in ``known`` is a
+    one-line parser error naming the option and the choices."""
+    given = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in given if x not in known]
+    if unknown:
+        parser.error(f"unknown {option} {unknown}; choose from {list(known)}")
+    return given
+
+
+def keep_row(rows: list, row: Optional[dict], repeat: int) -> None:
+    """Appends a worker's result (None: it failed, already reported) tagged with its repeat, and
+    echoes it to stderr."""
+    if row:
+        row["repeat"] = repeat
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+
+def malloc_description(mallocs: Sequence[str]) -> str:
+    """``"malloc settings: hugetlb = `...`, ..."`` for a BENCHMARKS.md record."""
+    from benchmarks.reference_runner import MALLOC_SETTINGS
+
+    return "malloc settings: " + ", ".join(
+        f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs)
+
+
+def reference_description(rows: Sequence[dict]) -> str:
+    """``"reference torchmd-net 3.1.0 on torch 2.x"`` from the reference rows (``impl`` holds
+    "torchmd"), or ``"no reference run"``."""
+    refs = [r for r in rows if "torchmd" in r["impl"]]
+    return (f"reference {refs[0]['impl'].split(' (')[0]} on torch {refs[0]['torch']}" if refs
+            else "no reference run")
+
+
+def print_results(blocks: Sequence[str], load_start: str, load_end: str) -> None:
+    """Prints the tables and ratio lines, then the load average at the start and end."""
+    for block in blocks:
+        if block:
+            print(block)
+    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+
+
+def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
+    """``python -m <module> <args>`` as the script was called."""
+    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def load_average() -> str:

@@ -242,15 +242,11 @@ def main(argv=None) -> int:
         print(json.dumps(run_mspec_worker(args.batches, args.path, args.steps, args.warmup)))
         return 0
 
-    from benchmarks.harness import append_to_benchmarks, load_average, record_header, run_worker
+    from benchmarks import harness
 
-    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    mallocs = [m.strip() for m in args.malloc.split(",") if m.strip()]
-    for name, given, known in (("--malloc", mallocs, MALLOC_SETTINGS),
-                               ("--paths", paths, ("config", "xla", "auto", "fused"))):
-        if set(given) - set(known):
-            p.error(f"unknown {name} {sorted(set(given) - set(known))}; choose from {list(known)}")
-    load_start = load_average()
+    paths = harness.comma_choices(p, "--paths", args.paths, ("config", "xla", "auto", "fused"))
+    mallocs = harness.comma_choices(p, "--malloc", args.malloc, MALLOC_SETTINGS)
+    load_start = harness.load_average()
     tmp = tempfile.mkdtemp(prefix="mspec_inference_bench_")
     batches = os.path.join(tmp, f"qm9_b{args.batch_size}.npz")
     n_batches = max(2, min(args.steps + args.warmup + 1, 6))
@@ -263,42 +259,29 @@ def main(argv=None) -> int:
             for path in paths:
                 print(f"[{repeat + 1}/{args.repeats}] mspec {path} ({malloc} malloc) ...",
                       file=sys.stderr, flush=True)
-                r = run_worker("benchmarks.inference",
-                               ["--worker", "--path", path, "--batches", batches,
-                                "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                               malloc, f"inference {path}")
-                if r:
-                    r["repeat"] = repeat
-                    rows.append(r)
-                    print(json.dumps(r), file=sys.stderr)
+                harness.keep_row(rows, harness.run_worker(
+                    "benchmarks.inference",
+                    ["--worker", "--path", path, "--batches", batches,
+                     "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                    malloc, f"inference {path}"), repeat)
             if args.no_reference:
                 continue
             print(f"[{repeat + 1}/{args.repeats}] torchmd-net ({malloc} malloc, {args.threads} "
                   "threads) ...", file=sys.stderr, flush=True)
-            ref = _reference(batches, args.threads, args.steps, args.warmup, malloc)
-            if ref:
-                ref["repeat"] = repeat
-                rows.append(ref)
-                print(json.dumps(ref), file=sys.stderr)
-    load_end = load_average()
-    out_table, ratios = table(rows), ratio_lines(rows)
-    print(out_table)
-    print("\n".join(ratios))
-    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+            harness.keep_row(rows, _reference(batches, args.threads, args.steps, args.warmup, malloc),
+                             repeat)
+    load_end = harness.load_average()
+    out_table, ratios = table(rows), "\n".join(ratio_lines(rows))
+    harness.print_results([out_table, ratios], load_start, load_end)
     if args.record:
-        refs = [r for r in rows if "torchmd" in r["impl"]]
-        reference = (f"reference {refs[0]['impl'].split(' (')[0]} on torch {refs[0]['torch']}"
-                     if refs else "no reference run")
         details = (
             f"batch {args.batch_size}, {n_batches} batches of QM9 molecules ({data['source']}, "
             f"{data['atoms_per_mol']:.1f} atoms/molecule); medians of {args.steps} batches after "
-            f"{args.warmup} warm-up; malloc settings: "
-            + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs))
-        command = "python -m benchmarks.inference " + " ".join(
-            argv if argv is not None else sys.argv[1:])
-        append_to_benchmarks(
-            record_header("inference", command.strip(), load_start, load_end, details, reference)
-            + out_table + "\n" + "\n".join(ratios) + "\n")
+            f"{args.warmup} warm-up; {harness.malloc_description(mallocs)}")
+        harness.append_to_benchmarks(
+            harness.record_header("inference", harness.command_line("benchmarks.inference", argv),
+                                  load_start, load_end, details, harness.reference_description(rows))
+            + out_table + "\n" + ratios + "\n")
     return 0
 
 

@@ -192,7 +192,7 @@ def run_step_worker(batches_path: str, workload: str, batch_size: int, path: str
     import jax
     import numpy as np
 
-    from benchmarks.harness import peak_rss_gb, step_stats, time_steps
+    from benchmarks.harness import peak_rss_gb, step_stats, time_updates
     from mspec import graph
     from mspec.models import count_params
     from mspec.training import train
@@ -212,27 +212,13 @@ def run_step_worker(batches_path: str, workload: str, batch_size: int, path: str
         "batch_size": n_mol,
         "microbatches": k,
     }
-    losses = []
-    t0 = time.perf_counter()
-    state, m = trainer.update_fn(state, batches[0])
-    losses.append(float(m["loss"]))
-    compile_s = time.perf_counter() - t0
-
-    def step(i):
-        nonlocal state
-        state, m = trainer.update_fn(state, batches[(i + 1) % len(batches)])
-        losses.append(float(m["loss"]))  # blocks until the step is done
-
-    warmup_s, times = time_steps(step, warmup, steps)
+    timed = time_updates(trainer, state, batches, warmup, steps)
+    times = timed.pop("times")
     return {
         **result,
         **step_stats(times, n_mol),
-        "compile_s": compile_s,
-        "warmup_s": warmup_s,
+        **timed,
         "peak_rss_gb": peak_rss_gb(),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "compilations": trainer.traces,
         "node_fill": float(np.mean([np.sum(b["node_mask"]) for b in packed]) / (k * budget.n_node)),
     }
 
@@ -439,16 +425,12 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
-    from benchmarks.harness import append_to_benchmarks, load_average, record_header, run_worker
+    from benchmarks import harness
 
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    mallocs = [m.strip() for m in args.malloc.split(",") if m.strip()]
-    for name, given, known in (("workload", workloads, WORKLOADS), ("--malloc", mallocs, MALLOC_SETTINGS),
-                               ("--paths", paths, ("config", "xla", "auto", "fused"))):
-        if set(given) - set(known):
-            p.error(f"unknown {name} {sorted(set(given) - set(known))}; choose from {list(known)}")
-    load_start = load_average()
+    workloads = harness.comma_choices(p, "workload", args.workloads, WORKLOADS)
+    paths = harness.comma_choices(p, "--paths", args.paths, ("config", "xla", "auto", "fused"))
+    mallocs = harness.comma_choices(p, "--malloc", args.malloc, MALLOC_SETTINGS)
+    load_start = harness.load_average()
     tmp = tempfile.mkdtemp(prefix="mspec_stage2_bench_")
     batches = os.path.join(tmp, f"spectra_b{args.batch_size}.npz")
     n_batches = max(2, min(args.steps + args.warmup + 1, 1119 // args.batch_size, 8))
@@ -462,32 +444,24 @@ def main(argv=None) -> int:
                 for w in workloads:
                     print(f"[{repeat + 1}/{args.repeats}] {w} {path} ({malloc} malloc) ...",
                           file=sys.stderr, flush=True)
-                    r = run_worker("benchmarks.stage2_step",
-                                   ["--worker", w, "--path", path, "--batches", batches,
-                                    "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                                    "--warmup", str(args.warmup)], malloc, f"{w} {path}")
-                    if r:
-                        r["repeat"] = repeat
-                        rows.append(r)
-                        print(json.dumps(r), file=sys.stderr)
-    load_end = load_average()
-    out_table, out_parts, ratios = table(rows), parts_table(rows), ratio_lines(rows)
-    print(out_table)
-    if out_parts:
-        print("\n" + out_parts)
-    print("\n".join(ratios))
-    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+                    harness.keep_row(rows, harness.run_worker(
+                        "benchmarks.stage2_step",
+                        ["--worker", w, "--path", path, "--batches", batches,
+                         "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                         "--warmup", str(args.warmup)], malloc, f"{w} {path}"), repeat)
+    load_end = harness.load_average()
+    out_table, out_parts, ratios = table(rows), parts_table(rows), "\n".join(ratio_lines(rows))
+    harness.print_results([out_table, "\n" + out_parts if out_parts else "", ratios],
+                          load_start, load_end)
     if args.record:
         details = (
             f"batch {args.batch_size}, {n_batches} batches of the {data['source']} "
             f"({data['atoms_per_mol']:.1f} atoms/molecule); medians of {args.steps} steps after "
-            f"{args.warmup} warm-up (parts: the same per piece); malloc settings: "
-            + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs))
-        command = "python -m benchmarks.stage2_step " + " ".join(
-            argv if argv is not None else sys.argv[1:])
-        append_to_benchmarks(
-            record_header("stage2_step", command.strip(), load_start, load_end, details)
-            + out_table + "\n" + (f"\n{out_parts}\n" if out_parts else "") + "\n".join(ratios) + "\n")
+            f"{args.warmup} warm-up (parts: the same per piece); {harness.malloc_description(mallocs)}")
+        harness.append_to_benchmarks(
+            harness.record_header("stage2_step", harness.command_line("benchmarks.stage2_step", argv),
+                                  load_start, load_end, details)
+            + out_table + "\n" + (f"\n{out_parts}\n" if out_parts else "") + ratios + "\n")
     return 0
 
 

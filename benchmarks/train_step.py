@@ -32,10 +32,8 @@ ratio.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -290,10 +288,10 @@ def main(argv=None) -> int:
     from benchmarks.qm9_molecules import load_qm9_sample, save_batches_npz
     from benchmarks.reference_runner import run_reference
 
-    mallocs = [m.strip() for m in args.malloc.split(",") if m.strip()]
-    unknown = [m for m in mallocs if m not in MALLOC_SETTINGS]
-    if unknown:
-        p.error(f"unknown --malloc setting(s) {unknown}; choose from {list(MALLOC_SETTINGS)}")
+    from benchmarks import harness
+
+    mallocs = harness.comma_choices(p, "--malloc", args.malloc, MALLOC_SETTINGS)
+    load_start = harness.load_average()
     n_batches = max(4, min(args.steps + args.warmup + 1, 12))
     tmp = tempfile.mkdtemp(prefix="mspec_bench_")
     batches = os.path.join(tmp, f"qm9_b{args.batch_size}.npz")
@@ -307,20 +305,14 @@ def main(argv=None) -> int:
             for malloc in mallocs:
                 print(f"[{repeat + 1}/{args.repeats}] mspec {config} ({malloc} malloc) ...",
                       file=sys.stderr, flush=True)
-                r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc)
-                if r:
-                    r["repeat"] = repeat
-                    rows.append(r)
-                    print(json.dumps(r), file=sys.stderr)
+                harness.keep_row(rows, _mspec_subprocess(batches, config, args.steps, args.warmup,
+                                                         malloc), repeat)
                 if config in ("qm9", "qm9-upstream"):
                     for k in (int(x) for x in args.microbatches.split(",") if int(x) > 1):
                         print(f"[{repeat + 1}/{args.repeats}] mspec qm9, {k} microbatches "
                               f"({malloc} malloc) ...", file=sys.stderr, flush=True)
-                        r = _mspec_subprocess(batches, config, args.steps, args.warmup, malloc, k)
-                        if r:
-                            r["repeat"] = repeat
-                            rows.append(r)
-                            print(json.dumps(r), file=sys.stderr)
+                        harness.keep_row(rows, _mspec_subprocess(
+                            batches, config, args.steps, args.warmup, malloc, k), repeat)
                 if config != reference_after or args.no_reference:
                     continue
                 for precision in ("float32", "bfloat16") if args.reference_bf16 else ("float32",):
@@ -335,29 +327,18 @@ def main(argv=None) -> int:
                         ref["precision"] = precision
                         autocast = ", bf16 autocast" if precision == "bfloat16" else ""
                         ref["impl"] = f"{ref['impl']} ({ref['threads']} thr{autocast})"
-                        ref["repeat"] = repeat
-                        rows.append(ref)
-                        print(json.dumps(ref), file=sys.stderr)
+                    harness.keep_row(rows, ref, repeat)
+    load_end = harness.load_average()
     table = _table(rows)
-    ratios = ratio_summary(rows, mallocs)
-    print(table)
-    print("\n".join(ratios))
+    ratios = "\n".join(ratio_summary(rows, mallocs))
+    harness.print_results([table, ratios], load_start, load_end)
     if args.record:
-        import jax
-
-        header = (
-            f"\n### train_step — {datetime.date.today().isoformat()}\n\n"
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"Python {platform.python_version()}, jax {jax.__version__}. Command: "
-            f"`python -m benchmarks.train_step {' '.join(argv or sys.argv[1:])}`; "
-            f"batch {args.batch_size} QM9 molecules (seed 0), median of {args.steps} steps after "
-            f"{args.warmup} warm-up; malloc settings: "
-            + ", ".join(f"{m} = `{MALLOC_SETTINGS[m] or 'glibc defaults'}`" for m in mallocs)
-            + ".\n\n"
-        )
-        from benchmarks.harness import append_to_benchmarks
-
-        append_to_benchmarks(header + table + "\n" + "\n".join(ratios) + "\n")
+        details = (f"batch {args.batch_size} QM9 molecules (seed 0), median of {args.steps} steps "
+                   f"after {args.warmup} warm-up; {harness.malloc_description(mallocs)}")
+        harness.append_to_benchmarks(
+            harness.record_header("train_step", harness.command_line("benchmarks.train_step", argv),
+                                  load_start, load_end, details, harness.reference_description(rows))
+            + table + "\n" + ratios + "\n")
     return 0
 
 
