@@ -230,6 +230,7 @@ def stage2_parts(trainer, state, batch):
     import jax.numpy as jnp
 
     from mspec import graph, losses
+    from mspec.training import step as shared_step
 
     cfg = trainer.config
     params = state["params"]
@@ -265,7 +266,7 @@ def stage2_parts(trainer, state, batch):
         return losses.info_nce(mol, emb, gmask, tau, symmetric=cfg.loss.contrastive.symmetric)
 
     def adamw(st, grads):
-        return trainer.apply_gradients(st, grads)
+        return shared_step.apply_gradients(trainer.tx, trainer.schedule, st, grads)
 
     # Inputs of the later pieces, computed once (their values do not change the work).
     mol = jax.jit(lambda p, b: trainer._structure(p, k_struct, b)[2])(et_params, batch)

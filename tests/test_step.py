@@ -71,3 +71,45 @@ def test_the_step_key_depends_only_on_seed_and_step():
     c = jax.random.key_data(step.step_key(7, jnp.asarray(13)))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+class _ToyTrainer:
+    """The interface :func:`step.update` needs: a least-squares model with a running count."""
+
+    def __init__(self):
+        self.config = type("Config", (), {"seed": 5})()
+        self.tx = optax.sgd(0.1)
+        self.schedule = optax.constant_schedule(0.1)
+        self.traces = 0
+        self.keys = []
+
+    def objective_and_grads(self, state, rng, batch):
+        self.keys.append(rng)
+        (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], rng, batch)
+        return (loss, (aux, {"seen": state["seen"] + jnp.sum(batch["mask"])})), grads
+
+
+def test_update_steps_params_carries_the_trainer_state_and_keeps_the_rest():
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.zeros(2)}
+    batch = {"x": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32), "mask": jnp.ones(5)}
+    trainer = _ToyTrainer()
+    state = {"params": params, "opt": trainer.tx.init(params), "step": jnp.asarray(3),
+             "seen": jnp.asarray(10.0), "best": jnp.asarray(7.0)}
+    new, m = jax.jit(lambda s, b: step.update(trainer, s, b))(state, batch)
+    assert trainer.traces == 1
+    key = step.step_key(5, jnp.asarray(3))
+    (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(params, key, batch)
+    for name in params:  # plain SGD: params - 0.1 * grads, with the step's own key
+        np.testing.assert_allclose(new["params"][name], params[name] - 0.1 * grads[name], rtol=1e-5,
+                                   atol=1e-6)
+    assert int(new["step"]) == 4 and float(new["seen"]) == 15.0 and float(new["best"]) == 7.0
+    assert float(m["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert set(m) == {"loss", "mean_abs", "lr", "grad_norm", "param_norm", "update_norm"}
+    # Fine-tuning's plateau factor in the state scales the update.
+    scaled, m_scaled = step.update(trainer, {**state, "lr_scale": jnp.float32(0.5)}, batch)
+    for name in params:
+        np.testing.assert_allclose(scaled["params"][name], params[name] - 0.05 * grads[name],
+                                   rtol=1e-5, atol=1e-6)
+    assert float(m_scaled["lr"]) == pytest.approx(0.05) and float(scaled["lr_scale"]) == 0.5

@@ -293,18 +293,15 @@ class FinetuneTrainer:
         return loss, aux
 
     def _update(self, state, batch):
-        self.traces += 1  # Runs at trace time only: counts compilations of the step.
-        rng = shared_step.step_key(self.config.seed, state["step"])
+        return shared_step.update(self, state, batch)
+
+    def objective_and_grads(self, state, rng, batch):
+        """The step's loss, measurements, carried state and gradients (:func:`step.update`)."""
         (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
             state["params"], rng, batch, state["energy_ema"]
         )
-        # ReduceLROnPlateau scales the update (Adam's update is linear in the learning rate).
-        params, opt, norms = shared_step.apply_gradients(self.tx, self.schedule, state, grads,
-                                                  lr_scale=state["lr_scale"])
         ema = aux.pop("energy_ema")
-        measurements = {"loss": loss, **aux, **norms}
-        new_state = {**state, "params": params, "opt": opt, "step": state["step"] + 1, "energy_ema": ema}
-        return new_state, measurements
+        return (loss, (aux, {"energy_ema": ema})), grads
 
     def _predict(self, params, batch):
         """Clean-input predictions: ``pred [D, G]`` (+ ``forces [D, N, 3]`` for MD17)."""

@@ -37,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 from mspec import graph, losses
 from mspec.models.specformer import SpecFormer, make_specs
 from mspec.training import plots, restore, run_config, train
-from mspec.training import step as shared_step
 
 # Top-level parameter keys that belong to stage 2 only (everything else is the ET model's).
 STAGE2_KEYS = ("specformer", "contrastive")
@@ -300,9 +299,8 @@ class MolSpectraTrainer(train.Trainer):
         }
         return loss, (measurements, stats, batch_stats, out)
 
-    def _update(self, state, batch):
-        self.traces += 1  # trace-time only: counts compilations of the step
-        rng = shared_step.step_key(self.config.seed, state["step"])
+    def objective_and_grads(self, state, rng, batch):
+        """The step's loss, measurements, carried state and gradients (:func:`step.update`)."""
         (loss, (meas, stats, batch_stats, _)), grads = jax.value_and_grad(
             self._objective, has_aux=True
         )(
@@ -313,15 +311,7 @@ class MolSpectraTrainer(train.Trainer):
             losses.RunningStats(*state["normalizer"]),
             True,
         )
-        params, opt, norms = self.apply_gradients(state, grads)
-        new_state = {
-            "params": params,
-            "opt": opt,
-            "step": state["step"] + 1,
-            "normalizer": tuple(stats),
-            "batch_stats": batch_stats,
-        }
-        return new_state, {"loss": loss, **meas, **norms}
+        return (loss, (meas, {"normalizer": tuple(stats), "batch_stats": batch_stats})), grads
 
     def _eval(self, params, batch_stats, normalizer, batch, rng):
         """Per-batch terms with their weights, and the first slot's reconstruction for a picture.

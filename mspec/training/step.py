@@ -85,3 +85,26 @@ def apply_gradients(
         "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates),
     }
+
+
+def update(trainer, state: dict, batch: dict) -> tuple[dict, dict]:
+    """The training step, the same for every trainer: the step's key, the trainer's loss and
+    gradients, the optimiser step, the next state. ``trainer.update_fn`` is this, jitted.
+
+    What the trainer provides: ``config.seed``, ``tx``, ``schedule``, a ``traces`` counter and
+    ``objective_and_grads(state, rng, batch) -> ((loss, (measurements, carried)), grads)``, where
+    ``measurements`` are logged and ``carried`` holds the state entries other than parameters
+    that the step moves on (running target statistics, BatchNorm statistics, the energy EMA).
+    A ``state["lr_scale"]`` (fine-tuning's ReduceLROnPlateau factor) scales the update; every
+    other state entry is carried over unchanged.
+
+    Returns:
+      ``(new_state, measurements)``: ``loss``, the trainer's measurements, ``lr`` and the norms.
+    """
+    trainer.traces += 1  # runs at trace time only: counts compilations of the step
+    rng = step_key(trainer.config.seed, state["step"])
+    (loss, (measurements, carried)), grads = trainer.objective_and_grads(state, rng, batch)
+    params, opt, norms = apply_gradients(trainer.tx, trainer.schedule, state, grads,
+                                         lr_scale=state.get("lr_scale"))
+    new_state = {**state, **carried, "params": params, "opt": opt, "step": state["step"] + 1}
+    return new_state, {"loss": loss, **measurements, **norms}

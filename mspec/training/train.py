@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -292,20 +291,14 @@ class Trainer:
         return (loss, (mse, stats)), grads
 
     def _update(self, state, batch):
-        self.traces += 1  # Runs at trace time only: counts compilations of the step.
-        rng = shared_step.step_key(self.config.seed, state["step"])
+        return shared_step.update(self, state, batch)
+
+    def objective_and_grads(self, state, rng, batch):
+        """The step's loss, measurements, carried state and gradients (:func:`step.update`)."""
         (loss, (mse, stats)), grads = self.loss_and_grads(
             state["params"], rng, batch, losses.RunningStats(*state["normalizer"])
         )
-        params, opt, norms = self.apply_gradients(state, grads)
-        measurements = {"loss": loss, "denoising_mse": mse, **norms}
-        new_state = {
-            "params": params,
-            "opt": opt,
-            "step": state["step"] + 1,
-            "normalizer": tuple(stats),
-        }
-        return new_state, measurements
+        return (loss, ({"denoising_mse": mse}, {"normalizer": tuple(stats)})), grads
 
     def _eval(self, params, normalizer, batch, rng):
         """Summed squared error and count, so the validation mean is exact over all batches."""
@@ -336,9 +329,6 @@ class Trainer:
         del step, writer, workdir
         return evaluate(self, state, eval_source, featurizer, budget)
 
-    def apply_gradients(self, state: dict, grads) -> tuple[Any, Any, dict]:
-        """One optimiser step: ``(params, opt_state, norms)`` with the grad/param/update norms."""
-        return shared_step.apply_gradients(self.tx, self.schedule, state, grads)
 
     def init_state(self, rng, device_batch: dict) -> dict:
         params = jax.jit(self.model.init)(rng, device_batch)["params"]
