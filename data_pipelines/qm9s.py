@@ -78,7 +78,7 @@ GFN2_MOLECULES = {"1.0.0": 1119, "2.0.0": None}
 GFN2_VERSION = "2.0.0"
 GFN2_OLDER_VERSIONS = ["1.0.0"]
 GFN2_RELEASE_NOTES = {
-    "1.0.0": "The first 1,119 molecules of the shipped sticks (sample positions 0-1,127; 941 in "
+    "1.0.0": "The first 1,119 molecules of the shipped sticks (sample positions 0-1,127; 936 in "
              "QM9's training split): the set of the reproduction study's protocol v1.",
     "2.0.0": "Every molecule of the shipped sticks (grown to >= 5,000 in QM9's training split).",
 }
