@@ -80,7 +80,8 @@ GFN2_OLDER_VERSIONS = ["1.0.0"]
 GFN2_RELEASE_NOTES = {
     "1.0.0": "The first 1,119 molecules of the shipped sticks (sample positions 0-1,127; 936 in "
              "QM9's training split): the set of the reproduction study's protocol v1.",
-    "2.0.0": "Every molecule of the shipped sticks (grown to >= 5,000 in QM9's training split).",
+    "2.0.0": "Every molecule of the shipped sticks: 6,032 (sample positions 0-6,099), 5,033 of "
+             "them in QM9's training split.",
 }
 
 

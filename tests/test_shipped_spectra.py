@@ -1,40 +1,42 @@
-"""The shipped QM9 stick spectra and their growing extension (data_pipelines/spectra/data/):
-both are readable, disjoint, and together with their failures they are exactly a prefix of the
-documented sample order, so the computation can resume where they stop."""
+"""The shipped QM9 stick spectra (data_pipelines/spectra/data/qm9_gfn2): readable, exactly a prefix
+of the documented sample order together with their failures (so the computation can resume where
+they stop), at least 5,000 molecules of QM9's training split, and the dataset's version 1.0.0
+(its first 1,119 records) is the set shipped before it grew."""
 
 from __future__ import annotations
 
 import json
 import os
 
+from data_pipelines import qm9pack_source, qm9s
 from data_pipelines.spectra import inputs, sticks
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    "data_pipelines", "spectra", "data")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "data_pipelines", "spectra", "data", "qm9_gfn2")
+# The first 1,128 sample positions: the set shipped until December 2026 (qm9s gfn2 1.0.0).
+V1_POSITIONS = 1128
 
 
-def _indices(name: str) -> tuple[list[int], list[int]]:
-    """(QM9 indices of the computed molecules, of the failures) of one shipped directory."""
-    done = [int(r.qm9_index) for r in sticks.read(os.path.join(DATA, name, "sticks.jsonl.gz"))]
-    with open(os.path.join(DATA, name, "failures.jsonl")) as f:
+def _shipped() -> tuple[list[int], list[int]]:
+    """(QM9 indices of the computed molecules in file order, of the failures)."""
+    done = [int(r.qm9_index) for r in sticks.read(os.path.join(SHIPPED, "sticks.jsonl.gz"))]
+    with open(os.path.join(SHIPPED, "failures.jsonl")) as f:
         failed = [int(json.loads(line)["index"]) for line in f if line.strip()]
     return done, failed
 
 
-def test_shipped_set_and_extension_are_a_prefix_of_the_sample_order():
-    shipped_done, shipped_failed = _indices("qm9_gfn2")
-    ext_done, ext_failed = _indices("qm9_gfn2_extension")
-    shipped = set(shipped_done) | set(shipped_failed)
-    extension = set(ext_done) | set(ext_failed)
-    assert not shipped & extension
-    assert len(shipped) == len(shipped_done) + len(shipped_failed)
-    assert len(extension) == len(ext_done) + len(ext_failed)
-    with open(os.path.join(DATA, "qm9_gfn2", "meta.json")) as f:
-        shipped_meta = json.load(f)
-    with open(os.path.join(DATA, "qm9_gfn2_extension", "meta.json")) as f:
-        assert json.load(f) == shipped_meta  # same command and settings
-    # python -m data_pipelines.spectra.run compute --qm9-sample 6000 --seed 0, computed in order.
-    k = len(shipped) + len(extension)
-    order = [m.index for m in inputs.read_qm9(positions=inputs.qm9_sample_positions(6000, 0)[:k])]
-    assert set(order[: len(shipped)]) == shipped
-    assert set(order[len(shipped):]) == extension
+def test_shipped_set_is_a_prefix_of_the_sample_order_and_version_1_its_first_records():
+    done, failed = _shipped()
+    assert len(set(done)) == len(done) and not set(done) & set(failed)
+    # python -m data_pipelines.spectra.run compute --qm9-sample N --seed 0, computed in order.
+    k = len(done) + len(failed)
+    positions = inputs.qm9_sample_positions(k, 0)
+    order = [m.index for m in inputs.read_qm9(positions=positions)]
+    assert set(order) == set(done) | set(failed)
+    v1 = qm9s.GFN2_MOLECULES["1.0.0"]
+    v1_failed = [i for i in failed if i in set(order[:V1_POSITIONS])]
+    assert set(done[:v1]) | set(v1_failed) == set(order[:V1_POSITIONS])
+    # Issue #17: at least 5,000 QM9 training-split molecules (qm9s/gfn2_qm9train:2.0.0).
+    train = set(qm9pack_source.split_indices()[0].tolist())
+    in_train = {i for p, i in zip(positions, order) if int(p) in train}
+    assert len(in_train & set(done)) >= 5000
