@@ -4,13 +4,6 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles far more than it computes: XLA's CPU programs are built at LLVM optimisation
-# level 0, which takes about half the compile time (measured: the fine-tuning and training tests
-# 202 s -> 156 s). The programs and their values are the same up to float32 rounding, and every
-# run a test compares is built the same way: subprocesses inherit this environment (the
-# multi-process launcher drops XLA_FLAGS for every run it starts, so those compare alike too).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-# One device per stage, as a user's run (no other inherited XLA_FLAGS), with the stages' programs
+# One device per stage, as a user's run (no inherited XLA_FLAGS), with the stages' programs
 # compiled at LLVM optimisation level 0: compiling is most of a smoke stage's time, and this
 # halves it (a smoke study: ~88 s instead of ~110 s); these tests check the harness, not the
 # numbers, and every run they compare is compiled the same way.
