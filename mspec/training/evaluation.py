@@ -123,9 +123,7 @@ def _restore_params(setup, directory: str) -> tuple[int, Any] | None:
     try:
         if ckpt.latest_step() is None:
             return None
-        abstract = checkpoint.abstract_state(setup.trainer.init_state, setup.trainer.replicated,
-                                             jax.random.key(0), setup.dummy_batch())
-        step, state, _, _ = ckpt.restore(abstract)
+        step, state, _, _ = ckpt.restore(setup.abstract_state())
         return step, state["params"]
     finally:
         ckpt.close()

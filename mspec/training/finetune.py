@@ -43,7 +43,8 @@ from mspec import graph, losses, models
 from mspec.kernels import host_malloc
 from mspec.data import datasets, pipeline, sharding
 from mspec.models import count_params
-from mspec.training import downstream, evaluation, restore, run_config, schedules, targets, train
+from mspec.training import (checkpoint, downstream, evaluation, restore, run_config, schedules,
+                            targets, train)
 from mspec.training import step as shared_step
 
 TASKS = tuple(downstream.KINDS)
@@ -363,6 +364,11 @@ class Setup:
     def dummy_batch(self) -> dict:
         """An empty device batch with the run's static shapes (for initialisation)."""
         return split_host(pack_labeled([], self.budget, self.kind.forces))[0]
+
+    def abstract_state(self) -> dict:
+        """The trainer's state layout (what a checkpoint restores into), without initialising."""
+        return checkpoint.abstract_state(self.trainer.init_state, self.trainer.replicated,
+                                         jax.random.key(0), self.dummy_batch())
 
     def predict(self, params, role: str, limit: int | None = None) -> dict[str, np.ndarray]:
         """:func:`predict` on this set-up."""

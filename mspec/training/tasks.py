@@ -199,8 +199,7 @@ class Finetuning:
 
     def abstract_state(self) -> dict:
         """The run's state layout (shapes, dtypes, shardings): what a checkpoint restores into."""
-        return checkpoint.abstract_state(self.trainer.init_state, self.trainer.replicated,
-                                         jax.random.key(0), self.setup.dummy_batch())
+        return self.setup.abstract_state()
 
     def start(self) -> dict:
         """Fresh parameters (``config.seed``), then ``config.init``'s subtrees from a
