@@ -2,6 +2,7 @@
 
     python -m experiments.reproduce --scale smoke --workdir runs/study_smoke --jobs 2  # harness check
     python -m experiments.reproduce --scale cpu --workdir runs/study           # the CPU study (hours)
+    python -m experiments.reproduce --scale cpu_v1 --workdir runs/study_v1     # its first protocol
     python -m experiments.reproduce --scale paper --workdir /shared/study --dry-run
 
 Runs every stage of the protocol in ``experiments/configs/reproduce.py`` (pre-training arms, then
@@ -97,18 +98,41 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
+# Protocols recorded before dataset versions existed (they have no ``protocol_version`` key) name
+# the stage-2 spectra unversioned; then that was the 1,119-molecule set, now version 1.0.0.
+_UNVERSIONED_THEN = {"qm9s/gfn2_qm9train": "qm9s/gfn2_qm9train:1.0.0",
+                     "qm9s/gfn2": "qm9s/gfn2:1.0.0"}
+
+
+def _as_recorded(saved: dict) -> dict:
+    """A saved protocol with the dataset names it meant when it was recorded."""
+    if "protocol_version" in saved or not isinstance(saved.get("stage2"), dict):
+        return saved
+    stage2 = dict(saved["stage2"])
+    stage2["dataset"] = _UNVERSIONED_THEN.get(stage2.get("dataset"), stage2.get("dataset"))
+    return {**saved, "stage2": stage2}
+
+
+def _scale_hint(saved: dict) -> str:
+    """`` (it is the study of --scale X)`` when a saved protocol is exactly a scale's default."""
+    for scale in protocol_config.SCALES:
+        if not _diff(saved, protocol_json(protocol_config.get_config(scale))):
+            return f" (it is the study of --scale {scale})"
+    return ""
+
+
 def check_protocol(workdir: str, p) -> None:
     """Records the protocol on first use; refuses a workdir whose study used another one."""
     path = os.path.join(workdir, PROTOCOL_FILE)
     current = protocol_json(p)
     if os.path.isfile(path):
         with open(path) as f:
-            saved = json.load(f)
+            saved = _as_recorded(json.load(f))
         diff = _diff(saved, current)
         if diff:
             raise SystemExit(
                 f"{workdir} holds a study with another protocol ({'; '.join(diff[:8])}"
-                f"{'; ...' if len(diff) > 8 else ''}); use a new --workdir")
+                f"{'; ...' if len(diff) > 8 else ''}){_scale_hint(saved)}; use a new --workdir")
         return
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -275,7 +299,7 @@ def export_state(stages: list[Stage], workdir: str, dest: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=("smoke", "cpu", "paper"), required=True)
+    ap.add_argument("--scale", choices=protocol_config.SCALES, required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--dry-run", action="store_true", help="print the stages and commands only")
     ap.add_argument("--only", default="", help="comma-separated globs of stage names to run")

@@ -365,7 +365,9 @@ def summary_table(p, results: dict) -> list[str]:
 def render(p, results: dict, figures: dict[str, str]) -> str:
     s = results["stages"]
     done = sum(r["status"] == "done" for r in s.values())
-    lines = [f"# Reproduction study, scale `{p.scale}`", ""]
+    version = p.get("protocol_version", "")
+    lines = [f"# Reproduction study, scale `{p.scale}`"
+             + (f", protocol v{version}" if version else ""), ""]
     lines.append(f"Written {results['written']}. Stages done: {done} of {len(s)}"
                  + (" (complete)." if results["complete"] else " (**partial**: re-run the same command to continue)."))
     failed = {n: r for n, r in s.items() if r["status"] == "failed"}

@@ -258,7 +258,7 @@ def test_every_key_of_the_study_config_is_read_by_the_study():
     key is read somewhere in the study's code (a static check: running a study is the smoke
     study's test, tests/test_reproduce.py)."""
     source = "\n".join(p.read_text() for p in (ROOT / "experiments").glob("reproduce*.py"))
-    for scale in ("smoke", "cpu", "paper"):
+    for scale in reproduce.SCALES:
         config = reproduce.get_config(scale)
         missing = [path for path in ReadRecorder.leaves(config) if not _named_in(source, path)]
         assert not missing, f"reproduce:{scale} keys the study never reads: {missing}"

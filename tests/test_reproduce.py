@@ -86,13 +86,13 @@ def test_plan_covers_every_arm_target_and_seed():
     assert ctl["loss.mpr_weight"] == 0.0 and ctl["loss.contrastive_weight"] == 0.0
     assert ms["init_from.checkpoint"] == "pretrain/coord"
     # Stage 2 reads QM9 training-split molecules only; QM9 labels are a training-split prefix.
-    assert ms["data.dataset"] == "qm9s/gfn2_qm9train:1.0.0"
+    assert ms["data.dataset"] == "qm9s/gfn2_qm9train:2.0.0"
     qm9 = dict(next(s for s in fine if s.target == "homo").overrides)
     assert qm9["data.train_split"] == f"train[:{p.qm9.num_labels}]"
     assert qm9["evaluate.checkpoints"] == ("best",)
 
 
-@pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("scale", study_config.SCALES)
 def test_dry_run_prints_every_stage_command_and_cost(scale, tmp_path, capsys):
     assert reproduce.main(["--scale", scale, "--workdir", str(tmp_path / "w"), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -121,14 +121,52 @@ def test_changed_protocol_is_refused(tmp_path):
 def test_protocol_keys_added_later_default_to_the_recorded_study(tmp_path):
     # The committed CPU study was recorded before qm9.extra / md17.extra existed: it must still
     # continue under today's protocol, and a non-empty extra is a different study.
-    current = reproduce.load_protocol("cpu", [])
+    current = reproduce.load_protocol("cpu_v1", [])
     saved = reproduce.protocol_json(current)
     del saved["qm9"]["extra"], saved["md17"]["extra"]
     (tmp_path / reproduce.PROTOCOL_FILE).write_text(json.dumps(saved))
     reproduce.check_protocol(str(tmp_path), current)
     with pytest.raises(SystemExit, match=r"qm9.extra: None -> \['init.zero_scalar_readout=True'\]"):
         reproduce.check_protocol(str(tmp_path), reproduce.load_protocol(
-            "cpu", ["qm9.extra=('init.zero_scalar_readout=True',)"]))
+            "cpu_v1", ["qm9.extra=('init.zero_scalar_readout=True',)"]))
+
+
+def test_protocol_v2_changes_only_readout_learning_rates_and_spectra_set():
+    """``--scale cpu`` (v2) is v1 (``cpu_v1``) with the follow-ups' validated changes, nothing else."""
+    v1 = reproduce.protocol_json(reproduce.load_protocol("cpu_v1", []))
+    v2 = reproduce.protocol_json(reproduce.load_protocol("cpu", []))
+    assert sorted(reproduce._diff(v1, v2)) == [
+        "md17.extra: [] -> ['init.zero_scalar_readout=True']",
+        "md17.lr: 0.0005 -> 0.004",
+        "protocol_version: '' -> '2'",
+        "qm9.extra: [] -> ['init.zero_scalar_readout=True']",
+        "qm9.lr: 0.001 -> 0.002",
+        "stage2.dataset: 'qm9s/gfn2_qm9train:1.0.0' -> 'qm9s/gfn2_qm9train:2.0.0'",
+    ]
+    assert v1["scale"] == v2["scale"] == "cpu"
+
+
+def test_the_committed_study_continues_as_protocol_v1(tmp_path):
+    """docs/reproduction/state was recorded before dataset versions and protocol versions: it is
+    ``--scale cpu_v1`` (its unversioned spectra set was then version 1.0.0), and ``--scale cpu``
+    refuses it with the differences and the scale it belongs to."""
+    state = os.path.join(REPO, "docs", "reproduction", "state")
+    with open(os.path.join(state, reproduce.PROTOCOL_FILE)) as f:
+        recorded = json.load(f)
+    assert recorded["stage2"]["dataset"] == "qm9s/gfn2_qm9train"
+    assert "protocol_version" not in recorded
+    (tmp_path / reproduce.PROTOCOL_FILE).write_text(json.dumps(recorded))
+    reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu_v1", []))
+    with pytest.raises(SystemExit, match=r"qm9.lr: 0.001 -> 0.002.*\(it is the study of "
+                                         r"--scale cpu_v1\); use a new --workdir"):
+        reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu", []))
+    # Recorded after versions existed, an unversioned name means the current default version.
+    current = reproduce.protocol_json(reproduce.load_protocol("cpu_v1", []))
+    current["stage2"]["dataset"] = "qm9s/gfn2_qm9train"
+    (tmp_path / reproduce.PROTOCOL_FILE).write_text(json.dumps(current))
+    with pytest.raises(SystemExit, match=r"stage2.dataset: 'qm9s/gfn2_qm9train' -> "
+                                         r"'qm9s/gfn2_qm9train:1.0.0'\)(?! \(it is)"):
+        reproduce.check_protocol(str(tmp_path), reproduce.load_protocol("cpu_v1", []))
 
 
 def test_protocol_extra_reaches_every_finetuning_stage_of_its_block():
