@@ -38,6 +38,7 @@ file) is an error naming the file and record.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import itertools
 import os
@@ -60,6 +61,23 @@ def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def _records_sha256(path: str, limit: int | None) -> str:
+    """SHA-256 of the first ``limit`` records (non-blank lines, decompressed; None: all) of a
+    stick file: what a ``gfn2`` version reads, so appending molecules to the file leaves the
+    hash of an older version, and its prepared dataset, unchanged."""
+    digest = hashlib.sha256()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        kept = 0
+        for line in f:
+            if limit is not None and kept >= limit:
+                break
+            if line.strip():
+                digest.update(line.rstrip(b"\r\n") + b"\n")
+                kept += 1
     return digest.hexdigest()
 
 
@@ -163,12 +181,16 @@ class QM9S(LocalBuilder):
         :func:`mspec.data.datasets.get_builder` rebuilds it instead of serving stale data."""
         if not self.builder_config.name.startswith("gfn2"):
             return False
-        built = self.info.metadata.get("source_sha256")
+        meta = self.info.metadata
         try:
-            current = _sha256(find_stick_file(self._source_dir or DEFAULT_GFN2_DIR))
+            path = find_stick_file(self._source_dir or DEFAULT_GFN2_DIR)
         except QM9SSourceError:
             return False  # the source is gone; the prepared dataset is all there is
-        return built != current
+        if "source_records_sha256" in meta:
+            limit = GFN2_MOLECULES[str(self.version)]
+            return meta["source_records_sha256"] != _records_sha256(path, limit)
+        # Built before the per-version hash: the whole file's (rebuilt once after it grows).
+        return meta.get("source_sha256") != _sha256(path)
 
     # --- sources -----------------------------------------------------------------------------
 
@@ -191,7 +213,7 @@ class QM9S(LocalBuilder):
             store = _ListStore(records)
             info = {"source": directory, "level_of_theory": meta.get("level_of_theory", meta),
                     "line_shapes": meta["line_shapes"],
-                    "source_sha256": _sha256(find_stick_file(directory))}
+                    "source_records_sha256": _records_sha256(find_stick_file(directory), limit)}
             return store, info
         if not directory:
             raise QM9SSourceError(

@@ -1,6 +1,7 @@
 """QM9S builder: gfn2 stick spectra and the real-release layouts (.pt both PyG layouts, CSV), built
 from fixtures; spectra parity with the broadening formula, the QM9 join, splits, metadata."""
 
+import gzip
 import json
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_gfn2_rebuilds_when_the_stick_file_changes(tmp_path):
                    for e in _rows(datasets.open_split(builder, s)))
 
     b = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
-    assert b.info.metadata["source_sha256"] and not b.source_changed()
+    assert b.info.metadata["source_records_sha256"] and not b.source_changed()
     before = total_ir(b)
     # A new release of the stick file: every IR intensity doubled.
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -164,6 +165,31 @@ def test_gfn2_versions_read_a_prefix_of_the_stick_file(tmp_path, monkeypatch):
     assert str(datasets.get_builder("qm9s:1.0.0", data_dir, source_dir=src).version) == "1.0.0"
     with pytest.raises(datasets.DatasetError, match=r"no version '3.0.0'; versions: 2.0.0, 1.0.0"):
         datasets.get_builder("qm9s/gfn2_qm9train:3.0.0", data_dir, source_dir=src)
+    # A change after the first 5 records (as the file grows by appending) leaves version 1.0.0
+    # as built; a change inside them, or a dataset built before the per-version hash (it
+    # recorded the whole file's), is a changed source.
+    stick_file = qm9s.find_stick_file(src)
+    opener = gzip.open if stick_file.endswith(".gz") else open
+    with opener(stick_file, "rt") as f:
+        lines = [line for line in f if line.strip()]
+
+    def rewrite(position):
+        r = json.loads(lines[position])
+        r["ir_intensity_km_mol"] = [2 * x for x in r["ir_intensity_km_mol"]]
+        changed = lines[:position] + [json.dumps(r) + "\n"] + lines[position + 1:]
+        with opener(stick_file, "wt") as f:
+            f.writelines(changed)
+
+    rewrite(6)
+    assert not old.source_changed() and new.source_changed()
+    meta = old.info.metadata
+    meta["source_sha256"] = meta.pop("source_records_sha256")
+    assert old.source_changed()
+    meta["source_records_sha256"] = meta.pop("source_sha256")
+    assert not old.source_changed()
+    rewrite(2)
+    assert old.source_changed()
+
     monkeypatch.setitem(qm9s.GFN2_MOLECULES, "1.0.0", 9)
     with pytest.raises(QM9SSourceError, match=r"first 9 molecules of the stick file, which holds only 8"):
         datasets.get_builder("qm9s/gfn2_qm9train:1.0.0", str(tmp_path / "tfds2"), source_dir=src,
