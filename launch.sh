@@ -18,7 +18,8 @@
 #                 --devices-per-process K  (default 2)
 #                 --port P                 coordinator port (default: a free one)
 #               Output lines are prefixed with [pI]. If a process fails, the others are given
-#               MSPEC_HEARTBEAT_TIMEOUT + 30 s to stop by themselves, then killed.
+#               MSPEC_HEARTBEAT_TIMEOUT + 30 s to stop by themselves, then killed. XLA_FLAGS reach
+#               the processes, less a --xla_force_host_platform_device_count (K decides).
 #                 ./launch.sh cpu --processes 2 experiments.pretrain --config ...:tiny --workdir runs/mp
 #
 #   tpu         Every worker of a Cloud TPU VM pod slice (gcloud compute tpus tpu-vm ... --worker=all):
@@ -149,10 +150,19 @@ mode_cpu() {
     fi
   fi
   cd "$REPO"
-  # XLA_FLAGS could force another device count; proxies can hang jax.distributed.
+  # XLA_FLAGS pass through, except one forcing another device count than --devices-per-process;
+  # proxies can hang jax.distributed.
+  local xla_flags="" flag
+  for flag in ${XLA_FLAGS:-}; do
+    case "$flag" in
+      --xla_force_host_platform_device_count*) ;;
+      *) xla_flags="${xla_flags:+$xla_flags }$flag" ;;
+    esac
+  done
   local env_cmd=(env -u XLA_FLAGS -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY
     -u all_proxy -u ALL_PROXY JAX_PLATFORMS=cpu "JAX_NUM_CPU_DEVICES=$k"
     "MSPEC_COORDINATOR_ADDRESS=127.0.0.1:$port" "MSPEC_NUM_PROCESSES=$n" PYTHONUNBUFFERED=1)
+  [ -z "$xla_flags" ] || env_cmd+=("XLA_FLAGS=$xla_flags")
   if [ "$DRY_RUN" = 1 ]; then
     for ((i = 0; i < n; i++)); do run "${env_cmd[@]}" "MSPEC_PROCESS_ID=$i" "$PY" -m "$@"; done
     return 0

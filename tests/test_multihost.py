@@ -325,6 +325,13 @@ def test_launch_dry_run_prints_the_commands_of_every_mode():
                            "MSPEC_COORDINATOR_ADDRESS=127.0.0.1:4321", f"MSPEC_PROCESS_ID={i}"):
             assert assignment in c, (assignment, c)
         assert c[-len(module) - 1:] == ["-m", *module]
+    # Other XLA flags reach the processes; one that forces a device count is dropped.
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
+    for c in _dry_run("cpu", "--processes", "2", *module, env=flags):
+        assert "XLA_FLAGS=--xla_backend_optimization_level=0" in c, c
+    for c in _dry_run("cpu", "--processes", "2", *module,
+                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}):
+        assert not any(a.startswith("XLA_FLAGS=") for a in c), c
 
     (per_gpu,) = _dry_run("slurm", "--nodes", "2", "--gpus-per-node", "4", *module)
     assert per_gpu[:1] == ["srun"] and "--ntasks-per-node=4" in per_gpu and "--nodes=2" in per_gpu
