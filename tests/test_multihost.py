@@ -41,6 +41,9 @@ def _env(devices: int | None = None) -> dict:
         PYTHON=sys.executable,  # launch.sh runs the workers with the interpreter running the tests
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
+        # These runs are a few tiny steps, so compilation dominates: LLVM -O0 compiles faster
+        # (launch.sh passes XLA_FLAGS on), and each comparison is between runs of the same flags.
+        XLA_FLAGS="--xla_backend_optimization_level=0",
         MSPEC_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
         MSPEC_SHUTDOWN_TIMEOUT="60",
         MSPEC_INIT_TIMEOUT="120",
