@@ -132,9 +132,9 @@ def test_protocol_keys_added_later_default_to_the_recorded_study(tmp_path):
 
 
 def test_protocol_v2_changes_only_readout_learning_rates_and_spectra_set():
-    """``--scale cpu`` (v2) is v1 (``cpu_v1``) with the follow-ups' validated changes, nothing else."""
+    """``cpu_v2`` is v1 (``cpu_v1``) with the follow-ups' validated changes, nothing else."""
     v1 = reproduce.protocol_json(reproduce.load_protocol("cpu_v1", []))
-    v2 = reproduce.protocol_json(reproduce.load_protocol("cpu", []))
+    v2 = reproduce.protocol_json(reproduce.load_protocol("cpu_v2", []))
     assert sorted(reproduce._diff(v1, v2)) == [
         "md17.extra: [] -> ['init.zero_scalar_readout=True']",
         "md17.lr: 0.0005 -> 0.004",
@@ -144,6 +144,15 @@ def test_protocol_v2_changes_only_readout_learning_rates_and_spectra_set():
         "stage2.dataset: 'qm9s/gfn2_qm9train:1.0.0' -> 'qm9s/gfn2_qm9train:2.0.0'",
     ]
     assert v1["scale"] == v2["scale"] == "cpu"
+
+
+def test_protocol_v3_pretrains_four_times_longer_than_v2():
+    """``--scale cpu`` (v3) is v2 with 4,000 stage-1 steps (follow-up 9), nothing else."""
+    v2 = reproduce.protocol_json(reproduce.load_protocol("cpu_v2", []))
+    v3 = reproduce.protocol_json(reproduce.load_protocol("cpu", []))
+    assert sorted(reproduce._diff(v2, v3)) == [
+        "pretrain.steps: 1000 -> 4000", "protocol_version: '2' -> '3'"]
+    assert v3["scale"] == "cpu"
 
 
 def test_the_committed_study_continues_as_protocol_v1(tmp_path):
