@@ -188,7 +188,11 @@ class QM9S(LocalBuilder):
             return False  # the source is gone; the prepared dataset is all there is
         if "source_records_sha256" in meta:
             limit = GFN2_MOLECULES[str(self.version)]
-            return meta["source_records_sha256"] != _records_sha256(path, limit)
+            try:
+                current = _records_sha256(path, limit)
+            except (OSError, EOFError):
+                return True  # unreadable now: the rebuild names the file and its fault
+            return meta["source_records_sha256"] != current
         # Built before the per-version hash: the whole file's (rebuilt once after it grows).
         return meta.get("source_sha256") != _sha256(path)
 

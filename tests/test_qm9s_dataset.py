@@ -135,6 +135,12 @@ def test_gfn2_rebuilds_when_the_stick_file_changes(tmp_path):
     b = datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
     assert not b.source_changed()
     np.testing.assert_allclose(total_ir(b), 2 * before, rtol=1e-5)
+    # The stick file replaced by a truncated gzip after the build: the rebuild's error names it.
+    stick_file.unlink()
+    (src / "sticks.jsonl.gz").write_bytes(gzip.compress(new)[:-40])
+    assert b.source_changed()
+    with pytest.raises(Exception, match=r"sticks\.jsonl\.gz: corrupt or truncated"):
+        datasets.get_builder("qm9s/gfn2", data_dir, source_dir=str(src), num_workers=1)
 
 
 def test_gfn2_versions_read_a_prefix_of_the_stick_file(tmp_path, monkeypatch):
