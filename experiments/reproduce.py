@@ -2,7 +2,7 @@
 
     python -m experiments.reproduce --scale smoke --workdir runs/study_smoke --jobs 2  # harness check
     python -m experiments.reproduce --scale cpu --workdir runs/study           # the CPU study (hours)
-    python -m experiments.reproduce --scale cpu_v1 --workdir runs/study_v1     # its first protocol
+    python -m experiments.reproduce --scale cpu_v1 --workdir runs/study_v1     # its first protocol (cpu_v2: the second)
     python -m experiments.reproduce --scale paper --workdir /shared/study --dry-run
 
 Runs every stage of the protocol in ``experiments/configs/reproduce.py`` (pre-training arms, then
