@@ -217,6 +217,79 @@ def cost_analysis(compiled) -> dict:
     return out
 
 
+def matmul_gflop(fn: Callable, *args) -> float:
+    """Floating-point operations of the matrix products that ``fn(*args)`` runs, in 1e9: every
+    ``dot_general`` in its jaxpr (``2 x`` the product of the left operand's dimensions ``x`` the
+    right operand's free dimensions), counted through nested jaxprs (jit, custom derivatives,
+    remat) and ``length`` times inside a ``scan``; of a ``cond`` the cheapest branch. A lower
+    bound on the arithmetic any implementation of ``fn`` must do, whatever its elementwise work.
+    Raises ``ValueError`` for a ``while`` loop (its trip count is not static)."""
+    import math
+
+    import jax
+
+    def walk(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+                (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+                free = [d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+                total += 2.0 * math.prod(lhs) * math.prod(free)
+                continue
+            if name == "while":
+                raise ValueError("matmul_gflop: a while loop has no static trip count")
+            subs = [walk(j) for j in _sub_jaxprs(eqn.params)]
+            if name == "cond":
+                total += min(subs, default=0.0)
+            else:
+                total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr) / 1e9
+
+
+def _sub_jaxprs(params: dict) -> list:
+    """The jaxprs nested in an equation's parameters (closed ones opened)."""
+    found = []
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            v = getattr(v, "jaxpr", v)  # a ClosedJaxpr holds its Jaxpr
+            if hasattr(v, "eqns"):
+                found.append(v)
+    return found
+
+
+#: ``(M, K, N)`` float32 products timed by :func:`best_gemm_gflops`: large square ones (the
+#: machine's best case) and the shapes of the paper-size SpecFormer's projections at batch 128.
+GEMM_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (44416, 128, 128), (44416, 128, 256),
+               (44416, 256, 128))
+
+
+def best_gemm_gflops(shapes=GEMM_SHAPES, repeats: int = 5) -> dict:
+    """Measured float32 matrix-product throughput of this process's backend (``jnp.dot`` under
+    ``jax.jit``, random operands, median of ``repeats`` after one untimed call):
+    ``{"MxKxN": GFLOP/s, ..., "best": the highest}``."""
+    import jax
+    import jax.numpy as jnp
+
+    dot = jax.jit(jnp.dot)
+    out = {}
+    for m, k, n in shapes:
+        a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+        dot(a, b).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dot(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / statistics.median(times) / 1e9
+    out["best"] = max(out.values())
+    return out
+
+
 def versions() -> str:
     """``"Python 3.11.7, jax 0.10.2, flax 0.12.8"`` (imports jax and flax)."""
     import flax

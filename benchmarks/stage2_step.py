@@ -31,6 +31,14 @@ Workloads:
   loss); ``specformer`` = SpecFormer forward + backward with the reconstruction and InfoNCE losses
   (the molecule features held fixed); ``contrastive`` = the InfoNCE loss alone, forward +
   backward; ``adamw`` = the optimiser update of all stage-2 parameters.
+* ``bound``: how fast stage 2 could be at best on this machine. It counts the matrix-product
+  FLOPs of the ``specformer`` piece (its forward and backward, from the jaxpr:
+  :func:`benchmarks.harness.matmul_gflop`) and measures the machine's best float32 GEMM rate
+  (:func:`benchmarks.harness.best_gemm_gflops`: large square products and the SpecFormer's own
+  projection shapes). Stage 2 runs the denoising step's ET work plus the SpecFormer, so with the
+  ``denoise`` rows of the same run the ratio lines print the lowest ratio reachable if every
+  SpecFormer matrix product ran at that best rate and nothing else cost anything:
+  ``1 + (GFLOP / best rate) / denoise s/step``.
 
 Molecules: the first molecules of the stick spectra that ship with the repository
 (``data_pipelines/spectra/data/qm9_gfn2``, the source of the ``qm9s/gfn2`` dataset: GFN2-xTB
@@ -53,7 +61,7 @@ import time
 from benchmarks.harness import REPO  # noqa: F401  (the working tree the workers run in)
 
 SPECTRA = ("uv", "ir", "raman")
-WORKLOADS = ("stage2", "denoise", "denoise-accum", "parts")
+WORKLOADS = ("stage2", "denoise", "denoise-accum", "parts", "bound")
 PARTS = ("et", "specformer", "contrastive", "adamw")
 
 
@@ -309,6 +317,29 @@ def run_parts_worker(batches_path: str, batch_size: int, path: str, steps: int, 
             "batch_size": n_mol, "parts": parts, "peak_rss_gb": peak_rss_gb()}
 
 
+def run_bound_worker(batches_path: str, batch_size: int, path: str) -> dict:
+    import jax
+
+    from benchmarks.harness import best_gemm_gflops, matmul_gflop, peak_rss_gb
+    from mspec import graph
+
+    c = get_config("stage2", batch_size, path)
+    packed, budget, n_mol = host_batches(c, batches_path, with_spectra=True)
+    trainer = make_trainer(c, budget.spectra)
+    batch = trainer.global_batch(packed[0])
+    state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
+    fn, args = stage2_parts(trainer, state, batch)["specformer"]
+    gflop = matmul_gflop(fn, *args)
+    del state, batch, args
+    gemm = best_gemm_gflops()
+    print(f"bound: specformer matmul {gflop:.1f} GFLOP, GEMM GFLOP/s {json.dumps(gemm)}",
+          file=sys.stderr, flush=True)
+    return {"impl": f"mspec (jax {jax.__version__})", "workload": "bound",
+            "path": c.model.message_passing + (" (config)" if path == "config" else ""),
+            "batch_size": n_mol, "specformer_matmul_gflop": gflop, "gemm_gflops": gemm,
+            "peak_rss_gb": peak_rss_gb()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +350,7 @@ def table(rows: list[dict]) -> str:
             "| compile s | peak RSS GB | params |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        if r["workload"] == "parts":
+        if r["workload"] in ("parts", "bound"):
             continue
         name = r["workload"] + (f" ({r['microbatches']} sub-batches)" if r.get("microbatches", 1) > 1 else "")
         lines.append(
@@ -392,6 +423,36 @@ def ratio_lines(rows: list[dict], target: float = 1.5) -> list[str]:
                 f"{statistics.median(den.values()):.2f} s/step = {ratio:.2f}x "
                 f"(per-repeat {', '.join(f'{x:.2f}' for x in per)})"
                 + (f"; {verdict}" if base == "denoise" else ""))
+    lines += bound_lines(rows, target)
+    return lines
+
+
+def bound_lines(rows: list[dict], target: float = 1.5) -> list[str]:
+    """Per path with ``bound`` and ``denoise`` rows: the GEMM rates measured, and the lowest
+    stage-2 ratio reachable, ``1 + (SpecFormer matmul GFLOP / best GEMM GFLOP/s) / denoise s``
+    (medians over the runs)."""
+    lines = []
+    for path in dict.fromkeys(r["path"] for r in rows if r["workload"] == "bound"):
+        bounds = [r for r in rows if r["workload"] == "bound" and r["path"] == path]
+        den = [r["step_s_median"] for r in rows if r["workload"] == "denoise" and r["path"] == path]
+        gflop = statistics.median(r["specformer_matmul_gflop"] for r in bounds)
+        best = statistics.median(r["gemm_gflops"]["best"] for r in bounds)
+        shapes = [k for k in bounds[0]["gemm_gflops"] if k != "best"]
+        rates = ", ".join(
+            f"{k} {statistics.median(r['gemm_gflops'][k] for r in bounds):.0f}" for k in shapes)
+        lines.append(f"- float32 GEMM GFLOP/s on this machine (M x K x N, median of runs): {rates}")
+        floor_s = gflop / best
+        if not den:
+            lines.append(f"- {path}: SpecFormer forward + backward has {gflop:.1f} GFLOP of matrix "
+                         f"products: at least {floor_s:.2f} s at {best:.0f} GFLOP/s")
+            continue
+        d = statistics.median(den)
+        lowest = 1.0 + floor_s / d
+        verdict = "reachable in principle" if lowest <= target else "out of reach on this machine"
+        lines.append(
+            f"- {path}: lower bound: stage 2 >= denoise {d:.2f} s + SpecFormer matrix products "
+            f"{gflop:.1f} GFLOP / {best:.0f} GFLOP/s = {d + floor_s:.2f} s/step = {lowest:.2f}x "
+            f"the denoising step; target <= {target:g}x {verdict}")
     return lines
 
 
@@ -420,6 +481,8 @@ def main(argv=None) -> int:
     if args.worker:
         if args.worker == "parts":
             out = run_parts_worker(args.batches, args.batch_size, args.path, args.steps, args.warmup)
+        elif args.worker == "bound":
+            out = run_bound_worker(args.batches, args.batch_size, args.path)
         else:
             out = run_step_worker(args.batches, args.worker, args.batch_size, args.path,
                                   args.steps, args.warmup)

@@ -3,6 +3,7 @@ the shipped spectra of those molecules, and the ratio lines pair the runs as doc
 timing here (the benchmark prints its tables)."""
 
 import numpy as np
+import pytest
 
 from benchmarks import stage2_step
 from benchmarks.qm9_molecules import load_batches_npz
@@ -51,3 +52,42 @@ def test_ratio_lines_pair_repeats_and_judge_the_target():
         "(per-repeat 1.50, 1.40); target <= 1.5x met",
         "- auto (config): stage 2 2.90 s/step vs denoise-accum 1.00 s/step = 2.90x (per-repeat 3.00)",
     ]
+
+
+def test_matmul_gflop_counts_every_product_of_forward_and_backward():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.harness import matmul_gflop
+
+    def loss(w, x):  # x [32, 16] @ w [16, 8]: 2 * 32 * 16 * 8 FLOPs
+        return jnp.sum(jnp.tanh(x @ w))
+
+    one = 2 * 32 * 16 * 8 / 1e9
+    w, x = jnp.ones((16, 8)), jnp.ones((32, 16))
+    assert matmul_gflop(loss, w, x) == pytest.approx(one)
+    assert matmul_gflop(jax.grad(loss), w, x) == pytest.approx(2 * one)  # + the weight gradient
+    assert matmul_gflop(jax.grad(loss, argnums=(0, 1)), w, x) == pytest.approx(3 * one)  # + dx
+    # Inside jit and a scan of length 5; batched einsum: 2 * batch * q * k * c.
+    scanned = jax.jit(lambda w, x: jax.lax.scan(lambda c, _: (c, loss(w, x)), 0.0, None, length=5))
+    assert matmul_gflop(scanned, w, x) == pytest.approx(5 * one)
+    q = jnp.ones((4, 2, 10, 3))
+    assert matmul_gflop(lambda a: jnp.einsum("bhqc,bhkc->bhqk", a, a), q) == pytest.approx(
+        2 * 4 * 2 * 10 * 10 * 3 / 1e9)
+
+
+def test_bound_lines_give_the_lowest_reachable_ratio():
+    gemm = {"2048x2048x2048": 150.0, "4096x4096x4096": 200.0, "best": 200.0}
+    rows = [{"workload": "bound", "path": "auto (config)", "specformer_matmul_gflop": 100.0,
+             "gemm_gflops": gemm, "repeat": 0},
+            {"workload": "denoise", "path": "auto (config)", "step_s_median": 1.0, "repeat": 0},
+            {"workload": "stage2", "path": "auto (config)", "step_s_median": 3.0, "repeat": 0}]
+    lines = stage2_step.ratio_lines(rows)
+    assert lines[1] == ("- float32 GEMM GFLOP/s on this machine (M x K x N, median of runs): "
+                        "2048x2048x2048 150, 4096x4096x4096 200")
+    assert lines[2] == ("- auto (config): lower bound: stage 2 >= denoise 1.00 s + SpecFormer matrix "
+                        "products 100.0 GFLOP / 200 GFLOP/s = 1.50 s/step = 1.50x the denoising "
+                        "step; target <= 1.5x reachable in principle")
+    rows[0]["specformer_matmul_gflop"] = 120.0
+    assert stage2_step.ratio_lines(rows)[2].endswith("= 1.60x the denoising step; target <= 1.5x "
+                                                     "out of reach on this machine")
