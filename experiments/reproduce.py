@@ -113,12 +113,18 @@ def _as_recorded(saved: dict) -> dict:
     return {**saved, "stage2": stage2}
 
 
-def _scale_hint(saved: dict) -> str:
-    """`` (it is the study of --scale X)`` when a saved protocol is exactly a scale's default."""
+def _scale_of(saved: dict) -> str | None:
+    """The scale whose default protocol a saved protocol is exactly (None: none, e.g. overrides)."""
     for scale in protocol_config.SCALES:
         if not _diff(saved, protocol_json(protocol_config.get_config(scale))):
-            return f" (it is the study of --scale {scale})"
-    return ""
+            return scale
+    return None
+
+
+def _scale_hint(saved: dict) -> str:
+    """`` (it is the study of --scale X)`` when a saved protocol is exactly a scale's default."""
+    scale = _scale_of(saved)
+    return f" (it is the study of --scale {scale})" if scale else ""
 
 
 def check_protocol(workdir: str, p) -> None:
@@ -269,7 +275,7 @@ def export(workdir: str, dest: str) -> None:
 STATE_FILES = ("stage.json", "log.txt", "metrics.jsonl", "config.json", "results.json")
 
 
-def export_state(stages: list[Stage], workdir: str, dest: str) -> None:
+def export_state(protocol, stages: list[Stage], workdir: str, dest: str) -> None:
     """A compact copy of the study that a later run continues from (``cp -r DEST DIR`` and
     re-run): every finished stage's records, and of the finished pre-training stages the last
     checkpoint (what later stages start from). Unfinished stages are left out; they re-run."""
@@ -292,8 +298,11 @@ def export_state(stages: list[Stage], workdir: str, dest: str) -> None:
             shutil.copytree(os.path.join(src, "checkpoints", str(last)),
                             os.path.join(out, "checkpoints", str(last)))
         kept += 1
+    scale = _scale_of(protocol_json(protocol))
+    again = (f"`python -m experiments.reproduce --scale {scale} --workdir DIR`" if scale
+             else "this command (the same --scale and --config overrides) with --workdir DIR")
     print(f"exported the state of {kept} finished stage(s) to {dest}; continue with "
-          f"`cp -r {dest} DIR` and the same command with --workdir DIR")
+          f"`cp -r {dest} DIR` and {again}")
 
 
 def main(argv=None) -> int:
@@ -361,7 +370,7 @@ def main(argv=None) -> int:
         if args.export:
             export(workdir, os.path.abspath(args.export))
         if args.export_state:
-            export_state(stages, workdir, os.path.abspath(args.export_state))
+            export_state(p, stages, workdir, os.path.abspath(args.export_state))
     return rc
 
 

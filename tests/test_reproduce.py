@@ -374,11 +374,14 @@ def test_a_signal_stops_running_stages_at_a_checkpoint(qm9_sample_dir, tmp_path,
     assert f"stopped by SIGTERM at step {saved[-1]}" in open(log).read()
 
 
-def test_exported_state_continues_as_a_finished_study(smoke_study, qm9_sample_dir, tmp_path):
+def test_exported_state_continues_as_a_finished_study(smoke_study, qm9_sample_dir, tmp_path, capsys):
     workdir, _ = smoke_study
     dest = str(tmp_path / "state")
     assert reproduce.main(["--scale", "smoke", "--workdir", workdir, "--report-only",
                            "--export", str(tmp_path / "docs"), "--export-state", dest]) == 0
+    # The closing line names the command that continues it, scale included.
+    assert (f"`cp -r {dest} DIR` and `python -m experiments.reproduce --scale smoke --workdir DIR`"
+            in capsys.readouterr().out)
     for name in ("results.json", "report.md", "protocol.json", "test_mae.png"):
         assert os.path.isfile(tmp_path / "docs" / name)
     # Only the last pre-training checkpoint travels; fine-tuning stages keep their records.
