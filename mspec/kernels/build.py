@@ -34,6 +34,7 @@ HEADERS = (os.path.join(_HERE, "parallel_for.h"),)
 TARGETS = {
     "mspec_et_message_fwd": "EtMessageForward",
     "mspec_et_message_bwd": "EtMessageBackward",
+    "mspec_et_message_2nd": "EtMessageSecondOrder",
     "mspec_eqln_cov": "EqlnCov",
     "mspec_eqln_cov_bwd": "EqlnCovBackward",
     "mspec_eqln_apply": "EqlnApply",

@@ -47,10 +47,49 @@ def _covariance_fwd(vec):
 
 
 def _covariance_bwd(vec, g):
+    return (_covariance_grad(vec, g),)
+
+
+def _covariance_xla(vec):
+    vc = vec - jnp.mean(vec, axis=-1, keepdims=True)
+    return jnp.einsum("nif,njf->nij", vc, vc) / vec.shape[-1]
+
+
+def _apply_xla(vec, mat, weight):
+    vc = vec - jnp.mean(vec, axis=-1, keepdims=True)
+    return weight * jnp.einsum("nij,njf->nif", mat, vc)
+
+
+def _twice_differentiable(kernel_bwd, definition):
+    """``kernel_bwd(*primals, cotangent)`` (an FFI backward) as a function whose own VJP is that
+    of the XLA formulation's backward, ``vjp(definition, *primals)(cotangent)``: the second
+    derivative (training on forces) runs XLA ops, for these per-atom ``[N, 3, F]`` steps a small
+    cost next to the message passing."""
+
+    @jax.custom_vjp
+    def grad(*args):
+        return kernel_bwd(*args)
+
+    def grad_bwd(args, cts):
+        def xla_grad(*a):
+            *primals, ct = a
+            out = jax.vjp(definition, *primals)[1](ct)
+            return out[0] if len(out) == 1 else out
+
+        return jax.vjp(xla_grad, *args)[1](cts)
+
+    grad.defvjp(lambda *args: (grad(*args), args), grad_bwd)
+    return grad
+
+
+def _covariance_kernel_grad(vec, g):
     gvec = jax.ffi.ffi_call(
         "mspec_eqln_cov_bwd", f32_shape(*vec.shape), vmap_method="sequential"
     )(vec, g)
-    return (match_vma(gvec, vec),)
+    return match_vma(gvec, vec)
+
+
+_covariance_grad = _twice_differentiable(_covariance_kernel_grad, _covariance_xla)
 
 
 _covariance.defvjp(_covariance_fwd, _covariance_bwd)
@@ -69,13 +108,19 @@ def _apply_fwd(vec, mat, weight):
 
 
 def _apply_bwd(res, g):
-    vec, mat, weight = res
+    return _apply_grad(*res, g)
+
+
+def _apply_kernel_grad(vec, mat, weight, g):
     gvec, gmat, gweight = jax.ffi.ffi_call(
         "mspec_eqln_apply_bwd",
         (f32_shape(*vec.shape), f32_shape(*mat.shape), f32_shape(*weight.shape)),
         vmap_method="sequential",
     )(vec, mat, weight, g)
     return match_vma(gvec, vec), match_vma(gmat, mat), match_vma(gweight, weight)
+
+
+_apply_grad = _twice_differentiable(_apply_kernel_grad, _apply_xla)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)

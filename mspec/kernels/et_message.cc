@@ -679,6 +679,227 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B bia
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Second order. With f the forward at x = (q, k, u, vec, pkv, bias, unit, cut), the cotangents
+// y_bar = (gx, gv) and a direction t of x, this computes the forward's tangent J(x) t
+// (tx [N, F], tvagg [N, 3, F]) and the tangent of every backward output as x moves along t with
+// y_bar fixed, i.e. H t for the Hessian H of <y_bar, f(x)>. Together they are the VJP of the
+// backward (mspec/kernels/message.py): at a cotangent t of its outputs, y_bar gets J t and x gets
+// H t (H is symmetric). Training on forces needs it: the forces are a backward pass, and their
+// loss is differentiated once more. Schedule: components only (one thread per molecule), in the
+// same fixed order as the backward, so results are bitwise repeatable.
+
+struct Tangents {
+  const float *TQ, *TK, *TU, *TV, *TPKV, *TBIAS, *TUN, *TC;
+};
+
+struct SecondOrder {
+  float *TX, *TVA;                                     // J t
+  float *dQ, *dK, *dU, *dV, *dPKV, *dBIAS, *dUN, *dC;  // H t, laid out as the backward's outputs
+};
+
+// Filter row r with its tangent: act = SiLU(z), grad = SiLU'(z), tact = SiLU'(z) tz and
+// tgrad = SiLU''(z) tz for z = pkv + bias, tz = tpkv + tbias; SiLU'' = s (1 - s) (2 + z (1 - 2 s)).
+inline void activate_row_tangent(const Graph& g, const Tangents& t, int64_t r, float* act,
+                                 float* grad, float* tact, float* tgrad) {
+  const int64_t W = 4 * g.F;
+  const float *x = g.PKV + r * W, *tx = t.TPKV + r * W;
+#pragma omp simd
+  for (int64_t c = 0; c < W; ++c) {
+    const float z = x[c] + g.BIAS[c], tz = tx[c] + t.TBIAS[c];
+    const float sg = sigmoid(z);
+    const float d1 = sg * (1.f + z * (1.f - sg));
+    act[c] = z * sg;
+    grad[c] = d1;
+    tact[c] = d1 * tz;
+    tgrad[c] = sg * (1.f - sg) * (2.f + z * (1.f - 2.f * sg)) * tz;
+  }
+}
+
+// One active edge e = j -> i: adds to the receiver's J t rows and to the H t rows of i and j and
+// of the filter row (tddk [F], tddv [3F]); writes the H t of unit_e and cut_e. The first-order
+// quantities (logits, a, da, dar, ...) are those of backward_edge, each with its tangent.
+template <int64_t kD>
+inline void second_order_edge(const Graph& g, const Grads& y, const Tangents& t,
+                              const SecondOrder& o, int64_t e, const float* ak, const float* av,
+                              const float* gk, const float* gvr, const float* tak,
+                              const float* tav, const float* tgk, const float* tgv, float* tddk,
+                              float* tddv) {
+  const int64_t F = g.F, D = kD > 0 ? kD : g.D, i = g.RC[e], j = g.S[e];
+  const float m = g.M[e], w = g.C[e] * m, tw = t.TC[e] * m;
+  const float *qi = g.Q + i * F, *kj = g.K + j * F, *uj = g.U + j * 3 * F, *vj = g.V + j * 3 * F;
+  const float *tqi = t.TQ + i * F, *tkj = t.TK + j * F, *tuj = t.TU + j * 3 * F;
+  const float *tvj = t.TV + j * 3 * F, *gxi = y.GX + i * F, *gvi = y.GV + i * 3 * F;
+  float *txi = o.TX + i * F, *tvi = o.TVA + i * 3 * F;
+  float *dqi = o.dQ + i * F, *dkj = o.dK + j * F, *duj = o.dU + j * 3 * F, *dvj = o.dV + j * 3 * F;
+  const float u0 = g.UN[e * 3], u1 = g.UN[e * 3 + 1], u2 = g.UN[e * 3 + 2];
+  const float tu0 = t.TUN[e * 3], tu1 = t.TUN[e * 3 + 1], tu2 = t.TUN[e * 3 + 2];
+  float du0 = 0.f, du1 = 0.f, du2 = 0.f, dcut = 0.f;
+  for (int64_t h = 0; h < g.H; ++h) {
+    const int64_t oh = h * D;
+    float ar = 0.f, tar = 0.f;
+#pragma omp simd reduction(+ : ar, tar)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = oh + d;
+      ar += qi[c] * kj[c] * ak[c];
+      tar += tqi[c] * kj[c] * ak[c] + qi[c] * tkj[c] * ak[c] + qi[c] * kj[c] * tak[c];
+    }
+    const float sg = sigmoid(ar);
+    const float s0 = ar * sg, s1 = sg * (1.f + ar * (1.f - sg));
+    const float s2 = sg * (1.f - sg) * (2.f + ar * (1.f - 2.f * sg));
+    const float a = s0 * w, ta = s1 * tar * w + s0 * tw;
+    const float *uh = uj + h * 3 * D, *tuh = tuj + h * 3 * D;
+    const float *avh = av + h * 3 * D, *tavh = tav + h * 3 * D;
+    const float *gvh = gvr + h * 3 * D, *tgvh = tgv + h * 3 * D;
+    float *tddvh = tddv + h * 3 * D, *duh = duj + h * 3 * D;
+    float da = 0.f, tda = 0.f;
+#pragma omp simd reduction(+ : da, tda, du0, du1, du2)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = oh + d;
+      const float fs = avh[d], fg = avh[D + d], ft = avh[2 * D + d];
+      const float tfs = tavh[d], tfg = tavh[D + d], tft = tavh[2 * D + d];
+      const float us = uh[d], ug = uh[D + d], ut = uh[2 * D + d];
+      const float tus = tuh[d], tug = tuh[D + d], tut = tuh[2 * D + d];
+      const float gx = gxi[c], g0 = gvi[c], g1 = gvi[F + c], g2 = gvi[2 * F + c];
+      const float v0 = vj[c], v1 = vj[F + c], v2 = vj[2 * F + c];
+      const float tv0 = tvj[c], tv1 = tvj[F + c], tv2 = tvj[2 * F + c];
+      const float sm = us * fs, tsm = tus * fs + us * tfs;
+      const float gg = ug * fg, tgg = tug * fg + ug * tfg;
+      const float tt = ut * ft, ttt = tut * ft + ut * tft;
+      // J t: the forward's tangent.
+      txi[c] += tsm * a + sm * ta;
+      tvi[c] += (tv0 * gg + v0 * tgg + ttt * u0 + tt * tu0) * m;
+      tvi[F + c] += (tv1 * gg + v1 * tgg + ttt * u1 + tt * tu1) * m;
+      tvi[2 * F + c] += (tv2 * gg + v2 * tgg + ttt * u2 + tt * tu2) * m;
+      // H t: the backward's tangent.
+      da += gx * sm;
+      tda += gx * tsm;
+      const float dg = (g0 * v0 + g1 * v1 + g2 * v2) * m, tdg = (g0 * tv0 + g1 * tv1 + g2 * tv2) * m;
+      const float dt = (g0 * u0 + g1 * u1 + g2 * u2) * m, tdt = (g0 * tu0 + g1 * tu1 + g2 * tu2) * m;
+      tddvh[d] += gx * (ta * us * gvh[d] + a * tus * gvh[d] + a * us * tgvh[d]);
+      tddvh[D + d] += tdg * ug * gvh[D + d] + dg * tug * gvh[D + d] + dg * ug * tgvh[D + d];
+      tddvh[2 * D + d] += tdt * ut * gvh[2 * D + d] + dt * tut * gvh[2 * D + d] + dt * ut * tgvh[2 * D + d];
+      du0 += g0 * ttt * m;
+      du1 += g1 * ttt * m;
+      du2 += g2 * ttt * m;
+      duh[d] += gx * (ta * fs + a * tfs);
+      duh[D + d] += tdg * fg + dg * tfg;
+      duh[2 * D + d] += tdt * ft + dt * tft;
+      dvj[c] += g0 * tgg * m;
+      dvj[F + c] += g1 * tgg * m;
+      dvj[2 * F + c] += g2 * tgg * m;
+    }
+    dcut += (tda * s0 + da * s1 * tar) * m;
+    const float dar = da * w * s1, tdar = tda * w * s1 + da * tw * s1 + da * w * s2 * tar;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = oh + d;
+      tddk[c] += tdar * qi[c] * kj[c] * gk[c] +
+                 dar * (tqi[c] * kj[c] * gk[c] + qi[c] * tkj[c] * gk[c] + qi[c] * kj[c] * tgk[c]);
+      dqi[c] += tdar * kj[c] * ak[c] + dar * (tkj[c] * ak[c] + kj[c] * tak[c]);
+      dkj[c] += tdar * qi[c] * ak[c] + dar * (tqi[c] * ak[c] + qi[c] * tak[c]);
+    }
+  }
+  o.dUN[e * 3] = du0;
+  o.dUN[e * 3 + 1] = du1;
+  o.dUN[e * 3 + 2] = du2;
+  o.dC[e] = dcut;
+}
+
+void second_order_components(ffi::ThreadPool& pool, const Graph& g, const Grads& y,
+                             const Tangents& t, const SecondOrder& o, const Components& comp) {
+  const int64_t F = g.F;
+  for (int64_t row = 0; row < g.NR; ++row) {
+    if (g.ROWPTR[row + 1] == g.ROWPTR[row]) std::memset(o.dPKV + row * 4 * F, 0, 4 * F * sizeof(float));
+  }
+  std::vector<std::vector<int32_t>> partial_rows(comp.count);
+  std::vector<std::vector<float>> partials(comp.count);
+  std::vector<float> bias_parts(comp.count * 4 * F, 0.f);
+  // Scratch per thread: a filter row's SiLU, SiLU', their tangents and the row's H t; 4F each.
+  parallel_for(pool, comp.count, 1, 20 * F, [&](int64_t n0, int64_t n1, float* buf) {
+    float *ak = buf, *gk = buf + 4 * F, *tak = buf + 8 * F, *tgk = buf + 12 * F;
+    float* tddk = buf + 16 * F;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t u = comp.order[n];
+      const int64_t lo = comp.node_start[u], hi = comp.node_start[u + 1];
+      for (float* out : {o.TX, o.dQ, o.dK}) std::memset(out + lo * F, 0, (hi - lo) * F * sizeof(float));
+      for (float* out : {o.TVA, o.dU, o.dV}) std::memset(out + lo * 3 * F, 0, (hi - lo) * 3 * F * sizeof(float));
+      for (int32_t p = comp.edge_ptr[u]; p < comp.edge_ptr[u + 1];) {
+        const int64_t row = g.FR[comp.edges[p]];
+        int32_t end = p;
+        bool active = false;
+        while (end < comp.edge_ptr[u + 1] && g.FR[comp.edges[end]] == row) {
+          active |= g.M[comp.edges[end]] != 0.f;
+          ++end;
+        }
+        std::memset(tddk, 0, 4 * F * sizeof(float));
+        if (active) activate_row_tangent(g, t, row, ak, gk, tak, tgk);
+        for (int32_t q = p; q < end; ++q) {
+          const int64_t e = comp.edges[q];
+          if (g.M[e] == 0.f) {
+            o.dUN[e * 3] = o.dUN[e * 3 + 1] = o.dUN[e * 3 + 2] = 0.f;
+            o.dC[e] = 0.f;
+            continue;
+          }
+          if (g.D == 32) {
+            second_order_edge<32>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
+          } else if (g.D == 16) {
+            second_order_edge<16>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
+          } else {
+            second_order_edge<0>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
+          }
+        }
+        if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {
+          std::memcpy(o.dPKV + row * 4 * F, tddk, 4 * F * sizeof(float));
+        } else {
+          partial_rows[u].push_back(static_cast<int32_t>(row));
+          partials[u].insert(partials[u].end(), tddk, tddk + 4 * F);
+        }
+        float* bias_part = bias_parts.data() + u * 4 * F;
+#pragma omp simd
+        for (int64_t c = 0; c < 4 * F; ++c) bias_part[c] += tddk[c];
+        p = end;
+      }
+    }
+  });
+  std::vector<char> started(g.NR, 0);
+  std::memset(o.dBIAS, 0, 4 * F * sizeof(float));
+  for (int64_t u = 0; u < comp.count; ++u) {
+    for (size_t n = 0; n < partial_rows[u].size(); ++n) {
+      const int64_t row = partial_rows[u][n];
+      const float* part = partials[u].data() + n * 4 * F;
+      float* dpkv = o.dPKV + row * 4 * F;
+      if (!started[row]) {
+        started[row] = 1;
+        std::memcpy(dpkv, part, 4 * F * sizeof(float));
+      } else {
+        for (int64_t c = 0; c < 4 * F; ++c) dpkv[c] += part[c];
+      }
+    }
+    const float* bias_part = bias_parts.data() + u * 4 * F;
+    for (int64_t c = 0; c < 4 * F; ++c) o.dBIAS[c] += bias_part[c];
+  }
+}
+
+ffi::Error SecondOrderImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B bias, B unit,
+                           B cut, B mask, I senders, I receivers, I frow, I rowperm, I rowptr,
+                           B gx, B gv, B tq, B tk, B tu, B tvec, B tpkv, B tbias, B tunit, B tcut,
+                           R otx, R otv, R oq, R ok, R ou, R ovec, R opkv, R obias, R ounit,
+                           R ocut, int64_t heads) {
+  const Graph g(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm,
+                rowptr, heads);
+  const Grads y{gx.typed_data(), gv.typed_data(), nullptr, nullptr, nullptr, nullptr,
+                nullptr,         nullptr,         nullptr, nullptr};
+  const Tangents t{tq.typed_data(),   tk.typed_data(),    tu.typed_data(),    tvec.typed_data(),
+                   tpkv.typed_data(), tbias.typed_data(), tunit.typed_data(), tcut.typed_data()};
+  const SecondOrder o{otx->typed_data(),   otv->typed_data(),   oq->typed_data(),
+                      ok->typed_data(),    ou->typed_data(),    ovec->typed_data(),
+                      opkv->typed_data(),  obias->typed_data(), ounit->typed_data(),
+                      ocut->typed_data()};
+  second_order_components(pool, g, y, t, o, find_components(g));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
@@ -702,3 +923,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
                                   .Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("schedule"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageSecondOrder, SecondOrderImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                                  .Arg<B>().Arg<B>()
+                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
+                                  .Arg<B>().Arg<B>()
+                                  .Ret<B>().Ret<B>()
+                                  .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
+                                  .Ret<B>().Ret<B>()
+                                  .Attr<int64_t>("heads"));

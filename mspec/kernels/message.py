@@ -134,11 +134,18 @@ def _fused_fwd(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, fro
 
 
 def _fused_bwd(heads, schedule, res, cts):
-    q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr = res
+    grads = _backward(*res, *cts, heads, schedule)
+    return (*grads, jnp.zeros_like(res[8]), None, None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(16, 17))
+def _backward(q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, gx, gv, heads, schedule):
+    """The cotangents of ``(q, k, u, vec, pkv, bias, unit, cut)`` given those of the outputs,
+    ``(gx, gv)``: the kernel's backward, itself differentiable once more (``_backward_bwd``)."""
     n, f = q.shape
     e = senders.shape[0]
     r = pkv.shape[0]
-    gx, gv = cts
+    args = (q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, gx, gv)
     grads = jax.ffi.ffi_call(
         "mspec_et_message_bwd",
         tuple(
@@ -146,9 +153,34 @@ def _fused_bwd(heads, schedule, res, cts):
             for shape in ((n, f), (n, f), (n, 3 * f), (n, 3, f), (r, 4 * f), (4 * f,), (e, 3), (e,))
         ),
         vmap_method="sequential",
-    )(*res, gx, gv, heads=heads, schedule=schedule)
-    grads = [match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut))]
-    return (*grads, jnp.zeros_like(mask), None, None, None, None, None)
+    )(*args, heads=heads, schedule=schedule)
+    return tuple(match_vma(g, p) for g, p in zip(grads, (q, k, u, vec, pkv, bias, unit, cut)))
+
+
+def _backward_fwd(*args):
+    *inputs, heads, schedule = args
+    return _backward(*inputs, heads, schedule), tuple(inputs)
+
+
+def _backward_bwd(heads, schedule, res, cts):
+    """VJP of the backward at the cotangents ``cts`` of its eight outputs (a direction of the
+    inputs): ``(gx, gv)`` get the forward's tangent ``J cts``, the inputs the Hessian of
+    ``<(gx, gv), forward>`` times ``cts`` (``mspec_et_message_2nd``; its own derivative is not
+    implemented)."""
+    q, k, u, vec, pkv, bias, unit, cut, mask, senders, receivers, frow, rowperm, rowptr, gx, gv = res
+    n, f = q.shape
+    e = senders.shape[0]
+    r = pkv.shape[0]
+    shapes = ((n, f), (n, 3, f), (n, f), (n, f), (n, 3 * f), (n, 3, f), (r, 4 * f), (4 * f,), (e, 3), (e,))
+    out = jax.ffi.ffi_call(
+        "mspec_et_message_2nd", tuple(f32_shape(*sh) for sh in shapes), vmap_method="sequential"
+    )(*res, *cts, heads=heads)
+    refs = (gx, gv, q, k, u, vec, pkv, bias, unit, cut)
+    tx, tv, *hess = (match_vma(o, p) for o, p in zip(out, refs))
+    return (*hess, jnp.zeros_like(mask), None, None, None, None, None, tx, tv)
+
+
+_backward.defvjp(_backward_fwd, _backward_bwd)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
