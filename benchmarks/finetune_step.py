@@ -29,9 +29,8 @@ Workloads (docs/spec/benchmark-protocol.md §5; same protocol as ``benchmarks/tr
 mspec runs ``mspec.training.finetune.FinetuneTrainer.update_fn`` (the jitted step of
 ``experiments.finetune``) on batches packed by its own ``LabeledFeaturizer`` / ``pack_labeled``;
 ``--paths`` picks the message passing: ``config`` (the config's ``model.message_passing``,
-``"xla"``) and/or ``xla``, ``auto`` (the fused CPU kernels), ``fused``. The fused kernel has
-first-order gradients only, so it cannot train on forces; such a run is reported as failed with
-its error (once: a failed path is not retried). The reference (``benchmarks/torchmd_finetune_reference.py``) is torchmd-net's
+``"auto"`` for both tasks) and/or ``xla``, ``auto`` (the fused CPU kernels), ``fused``. A path
+that fails is reported as failed with its error (once: a failed path is not retried). The reference (``benchmarks/torchmd_finetune_reference.py``) is torchmd-net's
 upstream ET with the same sizes and ``output_model="Scalar"`` (``derivative=True`` for MD17),
 with the same losses and AdamW, float32, ``--threads`` torch threads.
 

@@ -196,7 +196,11 @@ def finetune_stages(p) -> list[Stage]:
                     step_s = cost.qm9_step_s
                 else:
                     block = p.md17
-                    over = _finetune_common(p, block, seed, arm)
+                    # XLA ops unless the protocol says otherwise: every protocol so far was
+                    # recorded (and its MD17 stages run) before the fused kernels could train on
+                    # forces, and a resumed study must repeat its steps exactly.
+                    over = _finetune_common(p, block, seed, arm) + [
+                        ("model.message_passing", block.get("message_passing", "xla"))]
                     config = _config_path("finetune_md17.py", target + (",real" if block.get("real") else ""))
                     step_s = cost.md17_step_s
                 out.append(Stage(

@@ -306,9 +306,8 @@ class Predictor:
         self.properties, self.embeddings = properties, embeddings
         self.traces = 0
         config = ml_collections.ConfigDict(model.config.to_dict())
-        # Prediction needs values and at most first-order gradients (MD17 forces), which the
-        # fused CPU kernels give (the same math as XLA ops, 2x faster forward on 2 cores,
-        # BENCHMARKS.md inference), whatever setting the run trained with.
+        # The fused CPU kernels where they run (the same math as XLA ops, 2x faster forward on
+        # 2 cores, BENCHMARKS.md inference), whatever setting the run trained with.
         config.model.message_passing = "auto"
         if not properties:  # the encoder alone
             config.model.heads = ()

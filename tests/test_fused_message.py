@@ -85,6 +85,73 @@ def _assert_fused_matches_xla(floats, mask, s, r, cts, heads, pairs, schedule):
         np.testing.assert_allclose(b, a, atol=1e-5 * scale, rtol=0, err_msg=name)
 
 
+def _assert_second_order_matches_xla(floats, mask, s, r, cts, heads, pairs):
+    """The gradient of a loss built from the kernel's gradient (as a force loss is): the VJP of
+    the backward (the second-order kernel), against the same with XLA ops."""
+    cx, cv = cts
+    e = s.shape[0]
+    rng = np.random.default_rng(5)
+    directions = [jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)) for x in floats]
+
+    def xla(q, k, u, vec, filters, bias, unit, cut):
+        f = q.shape[1]
+        dk, dv = jax.nn.silu(filters[:, :f] + bias[:f]), jax.nn.silu(filters[:, f:] + bias[f:])
+        if pairs is not None:
+            dk, dv = graph.expand_pair_rows(dk, e), graph.expand_pair_rows(dv, e)
+        return et_lib.message_passing_xla(q, k, u, vec, dk, dv, unit, cut, mask, s, r, heads)
+
+    def second(fn):
+        def phi(*a):
+            x, v = fn(*a)
+            return jnp.sum(x * cx) + jnp.sum(v * cv)
+
+        def outer(*a):  # first derivatives in the loss, and the values too
+            g = jax.grad(phi, argnums=tuple(range(8)))(*a)
+            return sum(jnp.sum(gi * di) for gi, di in zip(g, directions)) + 0.1 * phi(*a)
+
+        return jax.jit(jax.grad(outer, argnums=tuple(range(8))))(*floats)
+
+    fused = lambda *a: fm.message_fused(*a, mask, s, r, heads, pairs=pairs)
+    for name, a, b in zip("q k u vec filters bias unit cut".split(), second(xla), second(fused)):
+        scale = float(jnp.abs(a).max())
+        assert scale > 0, name
+        np.testing.assert_allclose(b, a, atol=2e-5 * scale, rtol=0, err_msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [2, 4, 8])
+def test_fused_second_derivatives_match_xla(heads):
+    """Training on forces differentiates the kernel's backward: per molecule in the pair layout
+    (F = 64: head widths 32 and 16, compiled as constants, and 8), and one big component of
+    random edges with per-edge rows (where the first-order kernel would use its passes
+    schedule; the second-order one always works per component)."""
+    floats, mask, s, r, cts, pairs = _pair_layout_inputs(seed=heads)
+    _assert_second_order_matches_xla(floats, mask, s, r, cts, heads, pairs)
+    floats, mask, s, r, cts = _inputs(seed=heads, n=23, e=160)
+    _assert_second_order_matches_xla(floats, mask, s, r, cts, heads, None)
+
+
+@needs_kernel
+def test_fused_second_derivatives_are_deterministic():
+    floats, mask, s, r, (cx, cv), pairs = _pair_layout_inputs(seed=1, molecules=24)
+
+    @jax.jit
+    def second(*a):
+        def phi(*a):
+            x, v = fm.message_fused(*a, mask, s, r, 4, pairs=pairs)
+            return jnp.sum(x * cx) + jnp.sum(v * cv)
+
+        def outer(*a):
+            return sum(jnp.sum(g ** 2) for g in jax.grad(phi, argnums=tuple(range(8)))(*a))
+
+        return jax.grad(outer, argnums=tuple(range(8)))(*a)
+
+    first = jax.device_get(second(*floats))
+    for _ in range(3):
+        for a, b in zip(first, jax.device_get(second(*floats))):
+            np.testing.assert_array_equal(a, b)
+
+
 @needs_kernel
 @pytest.mark.parametrize("schedule", ["auto", "components", "passes"])
 def test_fused_values_and_gradients_match_xla(schedule):

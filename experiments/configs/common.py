@@ -69,8 +69,8 @@ def model_config(size: str = "qm9") -> ml_collections.ConfigDict:
             # PaiNN only: one filter network for all message blocks (the paper) instead of one
             # per block (schnetpack's default); an error with the ET.
             shared_filters=False,
-            # "xla" | "fused" | "auto" (mspec.kernels.message): the fused CPU kernel gives
-            # first-order gradients only, so training on forces keeps "xla".
+            # "xla" | "fused" | "auto" (mspec.kernels.message): XLA ops, the fused CPU kernels
+            # (first and second derivatives), or the kernels where they run and XLA elsewhere.
             message_passing="xla",
             # Compute dtype (mspec.models.precision): "float32", or "bfloat16" for accelerators
             # (bfloat16 matmuls and messages; float32 parameters, norms, sums and outputs; the

@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if target not in QM9_TARGETS:
         raise ValueError(f"unknown QM9 variant {arg.variant!r}; use one of {QM9_TARGETS} or 'tiny'")
     c = finetune_common.base_config("qm9", "qm9/full", "qm9")
-    # The fused CPU kernels where they run (first-order gradients suffice here; 2-3.5x the
-    # XLA ops' step on 2 cores, BENCHMARKS.md finetune_step), XLA ops elsewhere.
+    # The fused CPU kernels where they run (2-3.5x the XLA ops' step on 2 cores, BENCHMARKS.md
+    # finetune_step), XLA ops elsewhere.
     c.model.message_passing = "auto"
     c.target.name = target
     head = arg.head or _DEFAULT_HEADS.get(target, "scalar")

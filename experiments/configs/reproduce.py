@@ -93,7 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_max_molecules=0, message_passing="auto", log_every=100, extra=(),
     ))
     # MD17 fine-tuning: experiments/configs/finetune_md17.py:aspirin (Frad's loss: smooth-L1,
-    # 0.2 energy EMA + 0.8 forces; forces by autodiff, so the XLA message passing).
+    # 0.2 energy EMA + 0.8 forces by autodiff). Its stages run XLA ops, as when these protocols
+    # were recorded; a new protocol may add message_passing="auto" here (the fused kernels).
     c.md17 = ml_collections.ConfigDict(dict(
         molecule="aspirin", dataset="md17/gfn2_aspirin", real=False, manual_dir="", batch_size=8, steps=0, lr=5e-4,
         warmup_steps=0, schedule="warmup_cosine", eval_every=0, log_every=100, extra=(),

@@ -14,9 +14,10 @@ The cotangents (the centring's derivative included):
 * apply: with ``u = w * g``: ``d M = u vc^T``, ``d v = M^T u - mean_F(M^T u)``,
   ``d w = sum over atoms and components of g * (M vc)``.
 
-float32 on CPU, first-order gradients only (``jax.custom_vjp``); the model uses them on the same
-condition as the fused message passing (:func:`mspec.kernels.message.use_fused`). Tests
-compare values and gradients with the XLA formulation.
+float32 on CPU (``jax.custom_vjp``); the model uses them on the same condition as the fused
+message passing (:func:`mspec.kernels.message.use_fused`). The kernels' backward passes are
+differentiable once more through the XLA formulation (``_twice_differentiable``), as training on
+forces needs. Tests compare values, gradients and second derivatives with the XLA formulation.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-// Fused message passing of one Equivariant Transformer attention layer, forward and backward,
-// for XLA:CPU (XLA FFI custom calls). Python side, semantics and the reference formulas:
+// Fused message passing of one Equivariant Transformer attention layer, forward, backward and the
+// backward's derivative (second order, for training on forces), for XLA:CPU (XLA FFI custom calls). Python side, semantics and the reference formulas:
 // mspec/models/fused_message.py. Compiled on first use by mspec/kernels/build.py.
 //
 // Layouts (row-major float32): q, k [N, F]; u [N, H, 3D] (per head [s | g | t]); vec [N, 3, F];

@@ -595,8 +595,8 @@ class EquivariantTransformer(nn.Module):
             ``"whitened"``; the parameters are the same as without it), so the energy head can
             read the un-normalised stream and the noise head the normalised one.
         message_passing: ``"xla"`` (XLA ops, any backend, any order of differentiation),
-            ``"fused"`` (C++ kernels for XLA:CPU, float32, first-order gradients only; faster on
-            CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
+            ``"fused"`` (C++ kernels for XLA:CPU, float32, first and second derivatives; faster
+            on CPU: the message passing, and the ``[N, 3, F]`` steps of the whitened vector norms)
             or ``"auto"`` (fused on CPU when the kernels build, else XLA). See
             :mod:`mspec.kernels.message` and :mod:`mspec.kernels.eqln`.
         dtype: compute dtype (Flax's ``dtype``; the parameters stay float32). None: float32 (or

@@ -159,11 +159,6 @@ def check_config(config) -> None:
             f"with the {head!r} head)")
     if kind.forces and head != "scalar":
         raise run_config.ConfigError(f"MD17 needs the 'scalar' (energy) head, not {head!r}")
-    if kind.forces and config.model.get("message_passing", "xla") == "fused":
-        raise run_config.ConfigError(
-            "config.model.message_passing='fused' cannot train on MD17: the loss differentiates "
-            "the forces (a second-order gradient) and the fused CPU kernels are first-order only; "
-            "use 'xla' or 'auto'")
     if (config.model.get("separate_noise_vectors", False)
             and config.model.get("vector_norm", "whitened") != "whitened"):
         raise run_config.ConfigError(
@@ -422,16 +417,11 @@ def message_passing_of(config) -> str:
     """The message-passing implementation a fine-tuning run uses, printed with the reason.
 
     ``"auto"`` is the fused CPU kernels where they run (CPU backend, float32, the kernels build;
-    see :func:`mspec.kernels.message.use_fused`), except for MD17: its loss differentiates
-    the forces, a second-order gradient, which only the XLA ops have.
+    see :func:`mspec.kernels.message.use_fused`), for QM9 and for MD17 alike: the kernels are
+    differentiable twice, as training on forces needs.
     """
-    chosen = config.model.get("message_passing", "xla")
-    if chosen == "auto" and downstream.of(config.task).forces and config.model.get("name", "et") == "et":
-        train.note("message passing: XLA ops (model.message_passing='auto'; MD17 trains on "
-                   "forces, a second-order gradient, and the fused CPU kernels are first-order only)")
-        return "xla"
     train.note_message_passing(config)
-    return chosen
+    return config.model.get("message_passing", "xla")
 
 
 def zero_scalar_readout(params: dict) -> dict:
