@@ -305,7 +305,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}")
-    p.add_argument("--paths", default="config,auto",
+    p.add_argument("--paths", default="config,xla",
                    help="comma list of mspec message-passing settings: config (the config's own, "
                    "xla), xla, auto, fused")
     p.add_argument("--steps", type=int, default=0, help="timed steps (0: per-workload default)")
