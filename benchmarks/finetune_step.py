@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}")
     p.add_argument("--paths", default="config,xla",
                    help="comma list of mspec message-passing settings: config (the config's own, "
-                   "xla), xla, auto, fused")
+                   "auto), xla, auto, fused")
     p.add_argument("--steps", type=int, default=0, help="timed steps (0: per-workload default)")
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (-1: per-workload default)")
     p.add_argument("--threads", type=int, default=2, help="reference torch threads")
