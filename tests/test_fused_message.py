@@ -132,6 +132,39 @@ def test_fused_second_derivatives_match_xla(heads):
 
 
 @needs_kernel
+def test_fused_second_derivatives_equal_finite_differences_of_the_kernels():
+    """Independently of the XLA formulation: the second-order kernel's two outputs are the
+    directional derivatives of the first-order kernels, ``H t = d/dh backward(x + h t)`` and
+    ``J t = d/dh forward(x + h t)``, checked by central differences of the fused kernels
+    themselves (float32, Richardson-extrapolated central differences on inputs of order 1)."""
+    floats, mask, s, r, cts, pairs = _pair_layout_inputs(seed=7, molecules=4)
+    rng = np.random.default_rng(8)
+    t = [jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)) for x in floats]
+    fwd = lambda *a: fm.message_fused(*a, mask, s, r, 4, pairs=pairs)
+    bwd = jax.jit(lambda *a: jax.vjp(fwd, *a)[1](cts))
+    shifted = lambda h: [x + h * d for x, d in zip(floats, t)]
+
+    # Reverse mode through the backward: the gradient of <backward(x, c), t> is H t in x and J t
+    # in c (the second-order kernel; H is symmetric).
+    def along_t(xs, c):
+        return sum(jnp.sum(g * d) for g, d in zip(jax.vjp(fwd, *xs)[1](c), t))
+
+    ht, jt = jax.jit(jax.grad(along_t, argnums=(0, 1)))(floats, cts)
+    def central(fn, h):
+        return [(a - b) / (2 * h) for a, b in zip(fn(*shifted(h)), fn(*shifted(-h)))]
+
+    def richardson(fn, h=2e-2):  # error O(h^4): the logits' SiLU curves too fast for O(h^2)
+        return [(4 * a - b) / 3 for a, b in zip(central(fn, h / 2), central(fn, h))]
+
+    fd_ht, fd_jt = richardson(bwd), richardson(jax.jit(fwd))
+    for name, got, want in zip("q k u vec filters bias unit cut x_agg vec_agg".split(),
+                               [*ht, *jt], [*fd_ht, *fd_jt]):
+        scale = float(jnp.abs(want).max())
+        assert scale > 0, name
+        np.testing.assert_allclose(got, want, atol=2e-3 * scale, rtol=0, err_msg=name)
+
+
+@needs_kernel
 def test_fused_second_derivatives_are_deterministic():
     floats, mask, s, r, (cx, cv), pairs = _pair_layout_inputs(seed=1, molecules=24)
 
