@@ -418,23 +418,78 @@ inline void backward_edge(const Graph& g, const Grads& o, int64_t e, const float
   o.dC[e] = dcut;
 }
 
+// The end of the run of component u's edges, from position p on, that share p's filter row
+// (the edges are in row order within a component), and whether any of them is active.
+inline int32_t row_run_end(const Graph& g, const Components& comp, int64_t u, int32_t p,
+                           bool* active) {
+  const int32_t row = g.FR[comp.edges[p]];
+  int32_t end = p;
+  while (end < comp.edge_ptr[u + 1] && g.FR[comp.edges[end]] == row) {
+    *active |= g.M[comp.edges[end]] != 0.f;
+    ++end;
+  }
+  return end;
+}
+
+// The filter-row and bias cotangents of the components schedule. A row's edges in one component
+// are summed by that component's thread; a row whose edges lie in several components (the pair
+// layout's row shared by all self-loops) gets one partial sum per component, added up in
+// component order after the parallel loop. Each component's share of the bias cotangent (the sum
+// of its row cotangents) is added while each row's sum is still in cache (a second pass over
+// [R, 4F], as the passes schedule does, would cost as much as the reduction XLA did before).
+struct RowSums {
+  int64_t F;
+  std::vector<std::vector<int32_t>> partial_rows;  // per component
+  std::vector<std::vector<float>> partials;        // per component: [rows, 4F]
+  std::vector<float> bias_parts;                   // [count, 4F]
+
+  RowSums(const Graph& g, const Components& comp, float* dPKV)
+      : F(g.F), partial_rows(comp.count), partials(comp.count), bias_parts(comp.count * 4 * g.F, 0.f) {
+    // Rows with no edge at all get zero cotangents (the parallel loop only writes rows it sees).
+    for (int64_t row = 0; row < g.NR; ++row) {
+      if (g.ROWPTR[row + 1] == g.ROWPTR[row]) std::memset(dPKV + row * 4 * F, 0, 4 * F * sizeof(float));
+    }
+  }
+
+  // Component u's sum over `count` edges of filter row `row`: final when those are all its edges.
+  void add(const Graph& g, int64_t u, int64_t row, int64_t count, const float* sum, float* dPKV) {
+    if (count == g.ROWPTR[row + 1] - g.ROWPTR[row]) {
+      std::memcpy(dPKV + row * 4 * F, sum, 4 * F * sizeof(float));
+    } else {
+      partial_rows[u].push_back(static_cast<int32_t>(row));
+      partials[u].insert(partials[u].end(), sum, sum + 4 * F);
+    }
+    float* bias_part = bias_parts.data() + u * 4 * F;
+#pragma omp simd
+    for (int64_t c = 0; c < 4 * F; ++c) bias_part[c] += sum[c];
+  }
+
+  // After the parallel loop: the shared rows and the bias, in component order.
+  void finish(const Graph& g, int64_t count, float* dPKV, float* dBIAS) const {
+    std::vector<char> started(g.NR, 0);
+    std::memset(dBIAS, 0, 4 * F * sizeof(float));
+    for (int64_t u = 0; u < count; ++u) {
+      for (size_t n = 0; n < partial_rows[u].size(); ++n) {
+        const int64_t row = partial_rows[u][n];
+        const float* part = partials[u].data() + n * 4 * F;
+        float* dpkv = dPKV + row * 4 * F;
+        if (!started[row]) {
+          started[row] = 1;
+          std::memcpy(dpkv, part, 4 * F * sizeof(float));
+        } else {
+          for (int64_t c = 0; c < 4 * F; ++c) dpkv[c] += part[c];
+        }
+      }
+      const float* bias_part = bias_parts.data() + u * 4 * F;
+      for (int64_t c = 0; c < 4 * F; ++c) dBIAS[c] += bias_part[c];
+    }
+  }
+};
+
 void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
                          const Components& comp) {
   const int64_t F = g.F;
-  // Rows with no edge at all get zero cotangents (the parallel loop only writes rows it sees).
-  for (int64_t row = 0; row < g.NR; ++row) {
-    if (g.ROWPTR[row + 1] == g.ROWPTR[row]) {
-      std::memset(o.dPKV + row * 4 * F, 0, 4 * F * sizeof(float));
-    }
-  }
-  // Rows whose edges lie in several components: one [4F] partial sum per (component, row).
-  std::vector<std::vector<int32_t>> partial_rows(comp.count);
-  std::vector<std::vector<float>> partials(comp.count);
-  // Each component's share of the bias cotangent (the sum of its row cotangents), [count, 4F],
-  // added while each row's cotangent is still in cache (the passes schedule instead sums the
-  // finished rows in a second pass; here that pass over [R, 4F] would cost as much as the
-  // reduction XLA did before).
-  std::vector<float> bias_parts(comp.count * 4 * F, 0.f);
+  RowSums sums(g, comp, o.dPKV);
   // Scratch: this thread's filter row: activation [dk | dv], SiLU', cotangent; 4F each.
   parallel_for(pool, comp.count, 1, 12 * F, [&](int64_t n0, int64_t n1, float* buf) {
     float *ak = buf, *av = ak + F, *gk = buf + 4 * F, *gvr = gk + F, *ddk = buf + 8 * F;
@@ -449,12 +504,8 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
       for (int32_t p = comp.edge_ptr[u]; p < comp.edge_ptr[u + 1];) {
         // The edges [p, end) of this component that share one filter row.
         const int64_t row = g.FR[comp.edges[p]];
-        int32_t end = p;
         bool active = false;
-        while (end < comp.edge_ptr[u + 1] && g.FR[comp.edges[end]] == row) {
-          active |= g.M[comp.edges[end]] != 0.f;
-          ++end;
-        }
+        const int32_t end = row_run_end(g, comp, u, p, &active);
         std::memset(ddk, 0, 4 * F * sizeof(float));
         if (active) g.activate_row(row, ak, gk);
         for (int32_t q = p; q < end; ++q) {
@@ -470,37 +521,12 @@ void backward_components(ffi::ThreadPool& pool, const Graph& g, const Grads& o,
             backward_edge<0>(g, o, e, ak, av, gk, gvr, ddk, ddv);
           }
         }
-        if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {  // all of the row's edges: final
-          std::memcpy(o.dPKV + row * 4 * F, ddk, 4 * F * sizeof(float));
-        } else {
-          partial_rows[u].push_back(static_cast<int32_t>(row));
-          partials[u].insert(partials[u].end(), ddk, ddk + 4 * F);
-        }
-        float* bias_part = bias_parts.data() + u * 4 * F;
-#pragma omp simd
-        for (int64_t c = 0; c < 4 * F; ++c) bias_part[c] += ddk[c];
+        sums.add(g, u, row, end - p, ddk, o.dPKV);
         p = end;
       }
     }
   });
-  // Shared rows: the components' partial sums, in component order; the same for the bias.
-  std::vector<char> started(g.NR, 0);
-  std::memset(o.dBIAS, 0, 4 * F * sizeof(float));
-  for (int64_t u = 0; u < comp.count; ++u) {
-    for (size_t n = 0; n < partial_rows[u].size(); ++n) {
-      const int64_t row = partial_rows[u][n];
-      const float* part = partials[u].data() + n * 4 * F;
-      float* dpkv = o.dPKV + row * 4 * F;
-      if (!started[row]) {
-        started[row] = 1;
-        std::memcpy(dpkv, part, 4 * F * sizeof(float));
-      } else {
-        for (int64_t c = 0; c < 4 * F; ++c) dpkv[c] += part[c];
-      }
-    }
-    const float* bias_part = bias_parts.data() + u * 4 * F;
-    for (int64_t c = 0; c < 4 * F; ++c) o.dBIAS[c] += bias_part[c];
-  }
+  sums.finish(g, comp.count, o.dPKV, o.dBIAS);
 }
 
 // The passes schedule (see the top of the file).
@@ -809,12 +835,10 @@ inline void second_order_edge(const Graph& g, const Grads& y, const Tangents& t,
 void second_order_components(ffi::ThreadPool& pool, const Graph& g, const Grads& y,
                              const Tangents& t, const SecondOrder& o, const Components& comp) {
   const int64_t F = g.F;
-  for (int64_t row = 0; row < g.NR; ++row) {
-    if (g.ROWPTR[row + 1] == g.ROWPTR[row]) std::memset(o.dPKV + row * 4 * F, 0, 4 * F * sizeof(float));
-  }
-  std::vector<std::vector<int32_t>> partial_rows(comp.count);
-  std::vector<std::vector<float>> partials(comp.count);
-  std::vector<float> bias_parts(comp.count * 4 * F, 0.f);
+  RowSums sums(g, comp, o.dPKV);
+  // The head widths of the MD17 (16) and QM9 (32) models compiled as constants, any other at run time.
+  const auto edge = g.D == 32 ? &second_order_edge<32>
+                              : (g.D == 16 ? &second_order_edge<16> : &second_order_edge<0>);
   // Scratch per thread: a filter row's SiLU, SiLU', their tangents and the row's H t; 4F each.
   parallel_for(pool, comp.count, 1, 20 * F, [&](int64_t n0, int64_t n1, float* buf) {
     float *ak = buf, *gk = buf + 4 * F, *tak = buf + 8 * F, *tgk = buf + 12 * F;
@@ -826,12 +850,8 @@ void second_order_components(ffi::ThreadPool& pool, const Graph& g, const Grads&
       for (float* out : {o.TVA, o.dU, o.dV}) std::memset(out + lo * 3 * F, 0, (hi - lo) * 3 * F * sizeof(float));
       for (int32_t p = comp.edge_ptr[u]; p < comp.edge_ptr[u + 1];) {
         const int64_t row = g.FR[comp.edges[p]];
-        int32_t end = p;
         bool active = false;
-        while (end < comp.edge_ptr[u + 1] && g.FR[comp.edges[end]] == row) {
-          active |= g.M[comp.edges[end]] != 0.f;
-          ++end;
-        }
+        const int32_t end = row_run_end(g, comp, u, p, &active);
         std::memset(tddk, 0, 4 * F * sizeof(float));
         if (active) activate_row_tangent(g, t, row, ak, gk, tak, tgk);
         for (int32_t q = p; q < end; ++q) {
@@ -841,44 +861,14 @@ void second_order_components(ffi::ThreadPool& pool, const Graph& g, const Grads&
             o.dC[e] = 0.f;
             continue;
           }
-          if (g.D == 32) {
-            second_order_edge<32>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
-          } else if (g.D == 16) {
-            second_order_edge<16>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
-          } else {
-            second_order_edge<0>(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
-          }
+          edge(g, y, t, o, e, ak, ak + F, gk, gk + F, tak, tak + F, tgk, tgk + F, tddk, tddk + F);
         }
-        if (end - p == g.ROWPTR[row + 1] - g.ROWPTR[row]) {
-          std::memcpy(o.dPKV + row * 4 * F, tddk, 4 * F * sizeof(float));
-        } else {
-          partial_rows[u].push_back(static_cast<int32_t>(row));
-          partials[u].insert(partials[u].end(), tddk, tddk + 4 * F);
-        }
-        float* bias_part = bias_parts.data() + u * 4 * F;
-#pragma omp simd
-        for (int64_t c = 0; c < 4 * F; ++c) bias_part[c] += tddk[c];
+        sums.add(g, u, row, end - p, tddk, o.dPKV);
         p = end;
       }
     }
   });
-  std::vector<char> started(g.NR, 0);
-  std::memset(o.dBIAS, 0, 4 * F * sizeof(float));
-  for (int64_t u = 0; u < comp.count; ++u) {
-    for (size_t n = 0; n < partial_rows[u].size(); ++n) {
-      const int64_t row = partial_rows[u][n];
-      const float* part = partials[u].data() + n * 4 * F;
-      float* dpkv = o.dPKV + row * 4 * F;
-      if (!started[row]) {
-        started[row] = 1;
-        std::memcpy(dpkv, part, 4 * F * sizeof(float));
-      } else {
-        for (int64_t c = 0; c < 4 * F; ++c) dpkv[c] += part[c];
-      }
-    }
-    const float* bias_part = bias_parts.data() + u * 4 * F;
-    for (int64_t c = 0; c < 4 * F; ++c) o.dBIAS[c] += bias_part[c];
-  }
+  sums.finish(g, comp.count, o.dPKV, o.dBIAS);
 }
 
 ffi::Error SecondOrderImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B bias, B unit,
@@ -902,34 +892,34 @@ ffi::Error SecondOrderImpl(ffi::ThreadPool pool, B q, B k, B u, B vec, B pkv, B 
 
 }  // namespace
 
+// The arguments every kernel takes first: q, k, u, vec, pkv, bias, unit, cut, mask and the
+// int32 senders, receivers, frow, rowperm, rowptr.
+static auto bind_graph() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
+      .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>();
+}
+
+// Forward: -> x_agg, vec_agg.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                              bind_graph()
                                   .Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("schedule"));
 
+// Backward: + gx, gv -> the cotangents of q, k, u, vec, pkv, bias, unit, cut.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                              bind_graph()
                                   .Arg<B>().Arg<B>()
                                   .Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>().Ret<B>()
                                   .Ret<B>().Ret<B>()
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("schedule"));
 
+// Second order: + gx, gv and a tangent of the eight float inputs -> J t (2), H t (8).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EtMessageSecondOrder, SecondOrderImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<B>().Arg<B>().Arg<B>()
-                                  .Arg<I>().Arg<I>().Arg<I>().Arg<I>().Arg<I>()
+                              bind_graph()
                                   .Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>().Arg<B>()
                                   .Arg<B>().Arg<B>()
