@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.heads = ("scalar", "noise") if arg.noisy else ("scalar",)
     c.model.separate_noise_vectors = arg.separate_noise
     # The fused CPU kernels where they run (differentiable twice, as the force loss needs:
-    # 2.5-2.7x the XLA ops' step on 2 cores, BENCHMARKS.md finetune_step), XLA ops elsewhere.
+    # 2-3x the XLA ops' speed on 2 cores, BENCHMARKS.md finetune_step), XLA ops elsewhere.
     c.model.message_passing = "auto"
     c.init.subtrees = ("representation", "noise_head") if arg.noisy else ("representation",)
     c.noise = ml_collections.ConfigDict(dict(type="frad", tau=0.005, sigma_deg=20.0, fractional=True))

@@ -30,7 +30,7 @@ gradient): its VJP is a third kernel (``mspec_et_message_2nd``), which for a dir
 the inputs computes, in one pass per molecule, the forward's tangent ``J t`` (the cotangent of
 the output cotangents) and the tangent of every backward output, ``H t`` for the Hessian of
 ``<cotangents, forward>`` (the cotangent of the inputs; ``H`` is symmetric). A third derivative
-is not implemented. The MD17 force step runs 2.5-2.7x faster than with XLA ops (BENCHMARKS.md).
+is not implemented. The MD17 force step runs 2-3x faster than with XLA ops (BENCHMARKS.md).
 """
 
 from __future__ import annotations
