@@ -88,6 +88,36 @@ class MaskedBatchNorm(nn.Module):
         )(x, mask=mask)
 
 
+@jax.custom_vjp
+def _attend(scores: Array, v: Array) -> Array:
+    """``softmax(scores) @ v`` per head: ``scores [B, H, T, T]``, ``v [B, H, T, c]`` ->
+    ``[B, H, T, c]``, the same values as ``jax.nn.softmax`` and an einsum.
+
+    Its gradient is written out (as FlashAttention's backward): with ``P`` the probabilities and
+    ``O`` the output, ``dS = P * (dO V^T - rowsum(dO * O))`` and ``dV = P^T dO``. The row sum
+    comes from ``[B, H, T, c]`` tensors, where autodiff through softmax's exp / sum / divide
+    reduces over ``[B, H, T, T]`` ones and keeps more of them for the backward; the scores are
+    the biggest tensors of stage 2 (BENCHMARKS.md, stage2_step).
+    """
+    return jnp.einsum("bhqk,bhkc->bhqc", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _attend_fwd(scores, v):
+    p = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bhqk,bhkc->bhqc", p, v)
+    return o, (p, v, o)
+
+
+def _attend_bwd(res, do):
+    p, v, o = res
+    row = jnp.sum(do * o, axis=-1, keepdims=True)  # = rowsum(P * dP)
+    dscores = p * (jnp.einsum("bhqc,bhkc->bhqk", do, v) - row)
+    return dscores, jnp.einsum("bhqk,bhqc->bhkc", p, do)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class EncoderLayer(nn.Module):
     """Post-norm Transformer layer with BatchNorm and residual attention scores (spec §4.4).
 
@@ -130,8 +160,7 @@ class EncoderLayer(nn.Module):
         scores = jnp.einsum("bhqc,bhkc->bhqk", q, k) * (dk**-0.5)
         if prev_scores is not None:
             scores = scores + prev_scores
-        attn = jax.nn.softmax(scores, axis=-1)
-        o = jnp.einsum("bhqk,bhkc->bhqc", attn, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        o = _attend(scores, v).transpose(0, 2, 1, 3).reshape(b, t, d)
         o = _torch_default_dense(d, d, name="out_proj")(o)
         z = MaskedBatchNorm(self.bn_momentum, name="norm_attn")(z + o, row_mask, train)
         ff = dense(d, name="ff_out")(nn.gelu(dense(self.d_ff, name="ff_in")(z), approximate=False))
