@@ -291,17 +291,25 @@ def stage2_parts(trainer, state, batch):
     }
 
 
-def run_parts_worker(batches_path: str, batch_size: int, path: str, steps: int, warmup: int) -> dict:
+def _stage2_on_first_batch(batches_path: str, batch_size: int, path: str):
+    """``(config, trainer, fresh state, first device batch, molecules per batch)`` of stage 2."""
     import jax
 
-    from benchmarks.harness import cost_analysis, peak_rss_gb, step_stats, time_steps
     from mspec import graph
 
     c = get_config("stage2", batch_size, path)
     packed, budget, n_mol = host_batches(c, batches_path, with_spectra=True)
     trainer = make_trainer(c, budget.spectra)
-    batch = trainer.global_batch(packed[0])
     state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
+    return c, trainer, state, trainer.global_batch(packed[0]), n_mol
+
+
+def run_parts_worker(batches_path: str, batch_size: int, path: str, steps: int, warmup: int) -> dict:
+    import jax
+
+    from benchmarks.harness import cost_analysis, peak_rss_gb, step_stats, time_steps
+
+    c, trainer, state, batch, n_mol = _stage2_on_first_batch(batches_path, batch_size, path)
     parts = {}
     for name, (fn, args) in stage2_parts(trainer, state, batch).items():
         t0 = time.perf_counter()
@@ -321,13 +329,8 @@ def run_bound_worker(batches_path: str, batch_size: int, path: str) -> dict:
     import jax
 
     from benchmarks.harness import best_gemm_gflops, matmul_gflop, peak_rss_gb
-    from mspec import graph
 
-    c = get_config("stage2", batch_size, path)
-    packed, budget, n_mol = host_batches(c, batches_path, with_spectra=True)
-    trainer = make_trainer(c, budget.spectra)
-    batch = trainer.global_batch(packed[0])
-    state = trainer.init_state(jax.random.key(0), graph.pack([], budget))
+    c, trainer, state, batch, n_mol = _stage2_on_first_batch(batches_path, batch_size, path)
     fn, args = stage2_parts(trainer, state, batch)["specformer"]
     gflop = matmul_gflop(fn, *args)
     del state, batch, args

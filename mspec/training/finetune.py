@@ -408,7 +408,8 @@ def build(config, mesh=None) -> Setup:
         standardizer = targets.Standardizer(**config.target.fixed_standardizer)
     featurizer = dataclasses.replace(unshifted, mean=standardizer.mean)
     budget = train.choose_budget(config, builder, featurizer, sources["train"])
-    model = models.get_model(config.model).clone(message_passing=message_passing_of(config))
+    message_passing_of(config)  # prints which implementation runs
+    model = models.get_model(config.model)
     trainer = FinetuneTrainer(config, model, mesh, std=standardizer.std)
     return Setup(config, builder, sources, featurizer, standardizer, fitted, budget, trainer)
 
